@@ -1,0 +1,270 @@
+"""Typed run configuration: model, data, training, checkpoints and parallelism.
+
+A run is described by one YAML file (see configs/), validated into `RunConfig` before any
+work starts; `--set section.field=value` overrides are applied to the raw YAML first so
+they are validated the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
+
+from .errors import UserError
+
+
+def _count(value: Any) -> Any:
+    """Accept token counts written as 2e6, "2e6" or 2_000_000 (YAML reads "2e6" as a string)."""
+    if isinstance(value, str):
+        try:
+            value = float(value.replace("_", ""))
+        except ValueError:
+            return value  # let pydantic report the field
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be a whole number")
+        return int(value)
+    return value
+
+
+Count = Annotated[int, BeforeValidator(_count)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    """A MiniCPM-style decoder (muP scalings as in the Sparsing Law paper)."""
+
+    name: str = "custom"
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    activation: Literal["relu", "silu", "gelu"] = "relu"
+    scale_emb: float = 12.0
+    scale_depth: float = 1.4
+    dim_model_base: int = 256
+    init_std: float = 0.1
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        for field in ("d_model", "n_layers", "n_heads", "d_ff"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{field} must be positive")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError("head dimension d_model/n_heads must be even for RoPE")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def width_depth_ratio(self) -> float:
+        return self.d_model / self.n_layers
+
+    def non_embedding_params(self) -> int:
+        """Attention q,k,v,o + gated FFN (gate, up, down) + two RMSNorms per layer, final norm."""
+        h, f = self.d_model, self.d_ff
+        per_layer = 4 * h * h + 3 * h * f + 2 * h
+        return self.n_layers * per_layer + h
+
+
+class DataConfig(_Section):
+    """Where tokens come from. `corpus: stdlib` is the embedded default (no download)."""
+
+    corpus: str = "stdlib"
+    vocab_size: int = 4096
+    tokenizer: Optional[str] = None  # an existing sentencepiece .model instead of training one
+    train_prefix: Optional[str] = None  # a Megatron .bin/.idx prefix prepared elsewhere
+    valid_prefix: Optional[str] = None
+    seq_len: int = 256
+    val_fraction: float = 0.05
+    val_tokens: Count = 65536
+    max_corpus_bytes: Count = 0  # 0 = the whole corpus
+    cache_dir: Optional[str] = None  # default: $SPARSITY_SCALING_CACHE or ~/.cache/sparsity-scaling
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ValueError("val_fraction must be in (0, 0.5)")
+        if self.vocab_size < 64:
+            raise ValueError("vocab_size must be at least 64")
+        if self.seq_len < 8:
+            raise ValueError("seq_len must be at least 8")
+        if (self.train_prefix is None) != (self.valid_prefix is None):
+            raise ValueError("train_prefix and valid_prefix go together")
+        if self.train_prefix and not self.tokenizer:
+            raise ValueError("a prebuilt train_prefix needs the tokenizer it was made with")
+        return self
+
+
+class TrainConfig(_Section):
+    """Optimisation: AdamW with the paper's betas and a WSD (warm-up, stable, decay) schedule."""
+
+    tokens: Count
+    batch_tokens: Count  # global batch, in tokens
+    micro_batch_size: int = 4  # sequences per rank per micro-step
+    lr: float = 0.01
+    warmup_fraction: float = 0.01
+    decay_fraction: float = 0.1
+    decay_shape: Literal["linear", "cosine", "exp"] = "exp"
+    final_lr_ratio: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    mup_lr_scaling: bool = True
+    zero_stage: Literal[0, 1, 2] = 0
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    seed: int = 1234
+    log_every: int = 10  # steps
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.tokens <= 0 or self.batch_tokens <= 0:
+            raise ValueError("tokens and batch_tokens must be positive")
+        if self.warmup_fraction < 0 or self.decay_fraction < 0:
+            raise ValueError("warmup_fraction and decay_fraction must be >= 0")
+        if self.warmup_fraction + self.decay_fraction > 1:
+            raise ValueError("warmup_fraction + decay_fraction must be at most 1")
+        if not 0 <= self.final_lr_ratio <= 1:
+            raise ValueError("final_lr_ratio must be in [0, 1]")
+        return self
+
+
+class CheckpointConfig(_Section):
+    """Checkpoints at log-spaced token counts, plus a dense final stretch.
+
+    The stabilising strategy of the paper averages the PPL ratio over a run's last five
+    checkpoints, so `final_count` of them are placed evenly in the last `final_fraction`.
+    """
+
+    first_tokens: Count
+    count: int = 16
+    final_count: int = 5
+    final_fraction: float = 0.1
+
+    @model_validator(mode="after")
+    def _check(self) -> "CheckpointConfig":
+        if self.first_tokens <= 0 or self.count < 1 or self.final_count < 0:
+            raise ValueError("first_tokens and count must be positive, final_count >= 0")
+        if not 0 < self.final_fraction < 1:
+            raise ValueError("final_fraction must be in (0, 1)")
+        return self
+
+
+class ParallelConfig(_Section):
+    tp: int = 1
+
+
+class RunConfig(_Section):
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    train: TrainConfig
+    checkpoint: CheckpointConfig
+    parallel: ParallelConfig = ParallelConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        tp = self.parallel.tp
+        if tp < 1:
+            raise ValueError("parallel.tp must be at least 1")
+        if self.model.n_heads % tp:
+            raise ValueError(f"parallel.tp {tp} does not divide model.n_heads {self.model.n_heads}")
+        if self.model.d_ff % tp:
+            raise ValueError(f"parallel.tp {tp} does not divide model.d_ff {self.model.d_ff}")
+        if self.train.batch_tokens % self.data.seq_len:
+            raise ValueError(
+                f"train.batch_tokens {self.train.batch_tokens} is not a multiple of "
+                f"data.seq_len {self.data.seq_len}"
+            )
+        if self.checkpoint.first_tokens > self.train.tokens:
+            raise ValueError("checkpoint.first_tokens exceeds train.tokens")
+        return self
+
+    def hash(self) -> str:
+        """Identity of a run: the same config always trains the same model."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _apply_override(raw: dict, assignment: str) -> None:
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise UserError(f"--set {assignment!r}: expected section.field=value")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {key}: {part} is not a section")
+    node[leaf] = yaml.safe_load(text)
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)
+
+
+def parse_config(raw: Any, source: str = "<config>") -> RunConfig:
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of sections (model, data, train, ...)")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise UserError(f"{source}: {_describe(error)}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read, override and validate a run config; raise UserError naming file and field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such config file") from None
+    except (OSError, yaml.YAMLError) as error:
+        raise UserError(f"{path}: cannot read YAML ({str(error).splitlines()[0]})") from None
+    raw = raw if raw is not None else {}
+    for assignment in overrides:
+        if isinstance(raw, dict):
+            _apply_override(raw, assignment)
+    return parse_config(raw, str(path))
+
+
+def checkpoint_tokens(config: RunConfig) -> list[int]:
+    """Token counts at which checkpoints are written, snapped to whole optimizer steps."""
+    step = config.train.batch_tokens
+    total_steps = max(1, config.train.tokens // step)
+    ck = config.checkpoint
+    first = max(1, round(ck.first_tokens / step))
+    steps = set()
+    if ck.count == 1 or first >= total_steps:
+        steps.add(total_steps)
+    else:
+        ratio = math.log(total_steps / first) / (ck.count - 1)
+        steps.update(round(first * math.exp(ratio * i)) for i in range(ck.count))
+    final_start = total_steps * (1 - ck.final_fraction)
+    for i in range(ck.final_count):
+        steps.add(round(final_start + (total_steps - final_start) * (i + 1) / ck.final_count))
+    steps.add(total_steps)
+    return sorted(s * step for s in steps if 1 <= s <= total_steps)

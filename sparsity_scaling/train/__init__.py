@@ -1,0 +1,1 @@
+"""Pretraining: WSD schedule, atomic checkpoints and the DeepSpeed training loop."""
