@@ -113,12 +113,6 @@ class Bootstrap:
     samples: np.ndarray
     failed: int
 
-    def interval(self, values, level: float):
-        """Percentile interval of per-sample values (inf allowed: an open end)."""
-        tail = 50.0 * (1.0 - level)
-        low, high = np.percentile(np.asarray(values, float), [tail, 100.0 - tail])
-        return float(low), float(high)
-
 
 def bootstrap(fit: LawFit, n_samples: int, seed: int = 0) -> Bootstrap:
     """Residual bootstrap: refit the law on fitted values plus resampled residuals.

@@ -1,0 +1,29 @@
+"""Shared fixtures: one data cache for the whole session, helpers to run ranks and the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MICRO = REPO / "configs" / "models" / "micro.yaml"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory) -> Path:
+    """Tokenizers and datasets are cached by content: build them once per test session."""
+    cache = tmp_path_factory.mktemp("cache")
+    os.environ["SPARSITY_SCALING_CACHE"] = str(cache)
+    return cache
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `sparsity-scaling ARGS` as a user would, capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "sparsity_scaling.cli", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+    )
