@@ -8,7 +8,7 @@ reported, a `LawError`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -85,7 +85,6 @@ class CurveFit:
     form_source: str  # "activation" or "trend"
     bootstrap_failed: int
     alternatives: dict[str, LawFit | str]  # a string says why the alternative failed
-    A0_identified: bool
     published: dict | None = None  # published coefficients with their MAE/MSE on these points
     warnings: list[str] = field(default_factory=list)
 
@@ -100,7 +99,6 @@ class CurveFit:
             "points_used": len(self.fit.D),
             "points_dropped": self.first_kept,
             "window": self.window.describe(),
-            "A0_identified": self.A0_identified,
             "warnings": self.warnings,
             "alternatives": {name: _quality_json(alt) for name, alt in self.alternatives.items()},
             "published": self.published,
@@ -192,10 +190,11 @@ def fit_curve(curve: Curve, window: Window = DEFAULT_WINDOW, published: dict | N
     resampled = bootstrap(fit, n_bootstrap, seed)
     if len(resampled.samples) == 0:
         raise LawError(f"{name}: none of the {n_bootstrap} bootstrap refits converged")
-    fitted = FittedLaw(name, law, fit.params, resampled.samples, level, float(D.max()),
+    fitted = FittedLaw(name, law, fit.params, resampled.samples, level, float(D.min()), float(D.max()),
                        curve.params, curve.width_depth_ratio,
                        None if curve.loss is None else float(curve.loss[-1]))
     reasons = unidentified_A0_reasons(fitted)
+    fitted = replace(fitted, A0_identified=not reasons)
     warnings = ["A0 not identified: " + "; ".join(reasons)] if reasons else []
     alpha_low, _ = fitted.coefficient_interval("alpha")
     if fitted.coefficient("alpha") >= ALPHA_RANGE[0] and alpha_low < ALPHA_RANGE[0]:
@@ -210,7 +209,7 @@ def fit_curve(curve: Curve, window: Window = DEFAULT_WINDOW, published: dict | N
         warnings += [warning] if warning else []
     alternatives = {alt: _fit_alternative(alt, D, A) for alt in ALTERNATIVES}
     return CurveFit(curve, window, first, fit, fitted, form_source, resampled.failed,
-                    alternatives, not reasons, published_errors, warnings)
+                    alternatives, published_errors, warnings)
 
 
 def fit_curves(curves: dict[str, Curve], window: Window = DEFAULT_WINDOW,

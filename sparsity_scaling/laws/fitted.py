@@ -24,10 +24,12 @@ class FittedLaw:
     params: np.ndarray
     samples: np.ndarray
     level: float  # coverage of the percentile intervals
-    max_D: float  # largest observed D, in units of 1e9 tokens
+    min_D: float  # the fitted data's range, in units of 1e9 tokens
+    max_D: float
     model_params: float | None = None
     width_depth_ratio: float | None = None
     final_loss: float | None = None
+    A0_identified: bool = True
 
     def coefficient(self, name: str) -> float:
         return float(self.params[self.law.coefficients.index(name)])
@@ -54,10 +56,11 @@ class FittedLaw:
             **coefficients,
             "ci": {name: list(self.coefficient_interval(name)) for name in self.law.coefficients},
             "level": self.level,
-            "max_tokens": self.max_D * TOKENS_PER_UNIT,
+            "tokens_fitted": [self.min_D * TOKENS_PER_UNIT, self.max_D * TOKENS_PER_UNIT],
             "params": self.model_params,
             "width_depth_ratio": self.width_depth_ratio,
             "final_loss": self.final_loss,
+            "A0_identified": self.A0_identified,
             "bootstrap": {"coefficients": list(self.law.coefficients),
                           "samples": self.samples.tolist()},
         }
@@ -73,9 +76,10 @@ class FittedLaw:
         try:
             params = np.array([float(entry[c]) for c in law.coefficients])
             samples = np.array(entry["bootstrap"]["samples"], float).reshape(-1, law.n_free)
-            return cls(name, law, params, samples, float(entry["level"]),
-                       float(entry["max_tokens"]) / TOKENS_PER_UNIT,
-                       entry.get("params"), entry.get("width_depth_ratio"), entry.get("final_loss"))
+            first, last = (float(t) / TOKENS_PER_UNIT for t in entry["tokens_fitted"])
+            return cls(name, law, params, samples, float(entry["level"]), first, last,
+                       entry.get("params"), entry.get("width_depth_ratio"), entry.get("final_loss"),
+                       bool(entry.get("A0_identified", True)))
         except KeyError as error:
             raise LawError(f"{where}: missing field {error.args[0]!r}") from None
         except (TypeError, ValueError) as error:

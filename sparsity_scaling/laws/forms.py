@@ -33,9 +33,10 @@ def _logit(p):
 
 
 def _columns(p, n):
-    """Split coefficient vectors (last axis) into n arrays that broadcast against D."""
+    """Split coefficients into n values; a stack of vectors (rows) gives columns, which
+    broadcast against D into one row per vector."""
     p = np.asarray(p, float)
-    return [p[..., i][..., None] for i in range(n)]
+    return [p[..., i] if p.ndim == 1 else p[..., i, None] for i in range(n)]
 
 
 def _linear_fit(y, *columns):
@@ -125,7 +126,8 @@ class ReluLaw(SparsityLaw):
     def from_free(self, theta):
         t_alpha, u, t_v, t_A0 = theta
         alpha, v = _exp(t_alpha), _exp(t_v)
-        return np.array([alpha, u + v / alpha, v / alpha, _logistic(t_A0)])
+        with np.errstate(over="ignore"):  # alpha -> 0: b and c overflow, the fit rejects them
+            return np.array([alpha, u + v / alpha, v / alpha, _logistic(t_A0)])
 
     def evaluate_free(self, D, theta):
         t_alpha, u, t_v, t_A0 = theta
@@ -226,7 +228,7 @@ class LogLaw(Law):
     """A0 + c log(a D + b). b is fixed at 1: for b > 0 it only shifts A0 by c log b."""
 
     name = "log"
-    formula = "A(D) = A0 + c log(a D + b)"
+    formula = "A(D) = A0 + c log(a D + b), b = 1"
     coefficients = ("A0", "c", "a")
     fixed = {"b": 1.0}
 
@@ -255,7 +257,7 @@ class SigmoidLaw(Law):
     """a - 1/(1 + b exp(c D + d)). b is fixed at 1: for b > 0 it only shifts d by log b."""
 
     name = "sigmoid"
-    formula = "A(D) = a - 1/(1 + b exp(c D + d))"
+    formula = "A(D) = a - 1/(1 + b exp(c D + d)), b = 1"
     coefficients = ("a", "c", "d")
     fixed = {"b": 1.0}
 

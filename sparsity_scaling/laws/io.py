@@ -233,9 +233,13 @@ def write_atomic(path, data: str | bytes) -> None:
         raise
 
 
+def json_text(data) -> str:
+    """Indented JSON with infinities and nan written as null (JSON has neither)."""
+    return json.dumps(_finite_or_null(data), indent=2) + "\n"
+
+
 def write_json(path, data) -> None:
-    """JSON with infinities written as null (JSON has no infinity)."""
-    write_atomic(path, json.dumps(_finite_or_null(data), indent=2) + "\n")
+    write_atomic(path, json_text(data))
 
 
 def _finite_or_null(value):

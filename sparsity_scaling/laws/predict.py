@@ -35,6 +35,8 @@ class Prediction:
     unreachable_share: float
     extrapolated: bool
     tokens_per_param: float | None
+    level: float
+    A0_identified: bool
 
     @property
     def reachable(self) -> bool:
@@ -48,7 +50,8 @@ class Prediction:
         return {"form": self.form, "tokens": self.tokens, "ci": list(self.ci),
                 "reachable": self.reachable, "crossing": self.crossing, "limit": self.limit,
                 "limit_ci": list(self.limit_ci), "unreachable_share": self.unreachable_share,
-                "extrapolated": self.extrapolated, "tokens_per_param": self.tokens_per_param}
+                "extrapolated": self.extrapolated, "tokens_per_param": self.tokens_per_param,
+                "level": self.level, "A0_identified": self.A0_identified}
 
 
 def check_target(target: float) -> float:
@@ -71,5 +74,5 @@ def predict_tokens(fitted: FittedLaw, target: float) -> Prediction:
         limit=fitted.coefficient("A0"), limit_ci=fitted.coefficient_interval("A0"),
         unreachable_share=float(np.mean(np.isinf(sample_D))) if sample_D.size else float("nan"),
         extrapolated=math.isfinite(D) and D > EXTRAPOLATION_FACTOR * fitted.max_D,
-        tokens_per_param=per_param,
+        tokens_per_param=per_param, level=fitted.level, A0_identified=fitted.A0_identified,
     )

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import math
 
+from .analysis import Convergence, ScaleTrend, WidthDepthAnalysis
 from .curvefit import CurveFit
 from .forms import ALTERNATIVES
 from .predict import Prediction
 
 
 def sci(value, digits: int = 3) -> str:
-    """The paper's number style, 1.01e-1; '-' for a missing value."""
+    """The paper's number style, 1.01e-1 and 3.20e+0; '-' for a missing value."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if math.isinf(value):
         return "inf" if value > 0 else "-inf"
     mantissa, exponent = f"{value:.{digits - 1}e}".split("e")
-    return f"{mantissa}e{int(exponent)}"
+    return f"{mantissa}e{int(exponent):+d}"
 
 
 def interval(low, high) -> str:
@@ -81,15 +82,83 @@ def warning_lines(fits: dict[str, CurveFit]) -> str:
 def prediction_table(predictions: list[Prediction]) -> str:
     rows = []
     for p in predictions:
-        if p.reachable:
-            note = "extrapolated (beyond twice the observed data)" if p.extrapolated else ""
-            tokens = sci(p.tokens)
-        else:
-            tokens = "unreachable"
-            note = f"limit A0 = {p.limit:.4g} {interval(*p.limit_ci)}"
-        ratio = "-" if p.tokens_per_param is None else f"{p.tokens_per_param:.1f}"
-        rows.append([p.name, p.form, p.crossing, tokens, interval(*p.ci),
-                     f"{p.unreachable_share:.1%}", ratio, note])
-    level_note = "interval: bootstrap percentile"
-    headers = ["model", "law", "ratio", "tokens", "interval", "unreachable", "tokens/params", "note"]
-    return table(headers, rows) + f"\n({level_note}; 'unreachable' = share of bootstrap fits that never reach the target)"
+        notes = []
+        if not p.reachable:
+            notes.append(f"limit A0 = {p.limit:.4g} {interval(*p.limit_ci)}")
+        if p.extrapolated:
+            notes.append("extrapolated (beyond twice the observed data)")
+        if not p.A0_identified:
+            notes.append("A0 not identified: unreliable")
+        rows.append([p.name, p.form, p.crossing, sci(p.tokens) if p.reachable else "unreachable",
+                     interval(*p.ci), f"{p.unreachable_share:.1%}",
+                     "-" if p.tokens_per_param is None else f"{p.tokens_per_param:.1f}", "; ".join(notes)])
+    level = predictions[0].level if predictions else 0.95
+    headers = ["model", "law", "ratio", "tokens", f"{level:.0%} interval", "unreachable",
+               "tokens/params", "note"]
+    return table(headers, rows) + ("\n(interval: bootstrap percentiles; unreachable: share of "
+                                   "bootstrap fits that never reach the target)")
+
+
+def width_depth_report(result: WidthDepthAnalysis) -> tuple[str, dict]:
+    rows = [[name, f"{ratio:.4g}", sci(limit), interval(*ci), "-" if loss is None else f"{loss:.4f}"]
+            for name, ratio, limit, ci, loss in zip(result.names, result.ratios, result.limits,
+                                                     result.limit_cis, result.losses)]
+    b = result.bottleneck
+    best = result.best_loss_interval
+    lines = [
+        "Limit activation ratio against width-depth ratio",
+        table(["model", "width/depth", "A0", "A0 CI", "final loss"], rows),
+        f"bottleneck at width-depth ratio {b.x:.4g} {interval(*result.bottleneck_ci)}: "
+        f"A0 slope {b.slope_below:+.3g} per unit below it, {b.slope_above:+.3g} above; A0 there {b.level:.4g}",
+        "lowest training loss at width-depth ratios "
+        + ("unknown (no final losses)" if best is None else f"{best[0]:.4g} to {best[1]:.4g}"),
+    ]
+    if result.excluded:
+        lines.append(f"left out (A0 not identified): {', '.join(result.excluded)}")
+    data = {
+        "models": {name: {"width_depth_ratio": r, "A0": a, "A0_ci": list(ci), "final_loss": loss}
+                   for name, r, a, ci, loss in zip(result.names, result.ratios, result.limits,
+                                                    result.limit_cis, result.losses)},
+        "bottleneck": b.x, "bottleneck_ci": list(result.bottleneck_ci), "level_at_bottleneck": b.level,
+        "slope_below": b.slope_below, "slope_above": b.slope_above,
+        "best_loss_interval": None if best is None else list(best),
+        "excluded": result.excluded,
+    }
+    return "\n".join(lines), data
+
+
+def scale_report(trends: list[ScaleTrend]) -> tuple[str, dict]:
+    rows, data = [], {}
+    for trend in trends:
+        for name, params, limit, ci in zip(trend.names, trend.params, trend.limits, trend.limit_cis):
+            rows.append([name, trend.law, sci(params), sci(limit), interval(*ci)])
+        data[trend.law] = {
+            "models": {name: {"params": p, "A0": a, "A0_ci": list(ci)} for name, p, a, ci
+                       in zip(trend.names, trend.params, trend.limits, trend.limit_cis)},
+            "slope_per_decade": trend.slope,
+            "slope_ci": None if trend.slope_ci is None else list(trend.slope_ci),
+            "excluded": trend.excluded,
+        }
+    lines = ["Limit activation ratio against parameter scale", table(["model", "law", "params", "A0", "A0 CI"], rows)]
+    for trend in trends:
+        if trend.slope is not None:
+            lines.append(f"{trend.law}: A0 changes by {trend.slope:+.3g} {interval(*trend.slope_ci)} "
+                         "per tenfold parameters")
+        if trend.excluded:
+            lines.append(f"{trend.law}: left out (A0 not identified): {', '.join(trend.excluded)}")
+    return "\n".join(lines), data
+
+
+def convergence_report(convergence: list[Convergence]) -> tuple[str, dict]:
+    ratios = convergence[0].ratios
+    rows = [[c.name, f"{c.observed[0]:.3g}-{c.observed[1]:.3g}"]
+            + [sci(d) + ("" if c.observed[0] <= r <= c.observed[1] else "*")
+               for r, d in zip(c.ratios, c.derivatives)]
+            for c in convergence]
+    lines = ["dA/d(D/N): change of activation ratio per unit data-to-parameter ratio "
+             "(* outside the fitted data)",
+             table(["model", "fitted D/N"] + [f"D/N={r:g}" for r in ratios], rows)]
+    data = {c.name: {"fitted_ratio_range": list(c.observed),
+                     "derivatives": dict(zip(map(str, c.ratios.tolist()), c.derivatives.tolist()))}
+            for c in convergence}
+    return "\n".join(lines), data

@@ -205,7 +205,9 @@ def train(config: RunConfig, run_dir: str | Path, data: PreparedData) -> Path:
         engine.load_checkpoint(str(latest.path), tag="engine")
         step = latest.step
         metrics.truncate_after(latest.tokens)
-        if is_main:
+        if is_main and step >= total_steps:
+            print(f"already complete: {latest.path.name}; nothing to train", flush=True)
+        elif is_main:
             print(f"resuming from {latest.path.name} (step {step})", flush=True)
     if is_main:
         params = config.model.non_embedding_params()

@@ -1,0 +1,233 @@
+"""Command lines of tools/fit_laws.py, tools/predict_tokens.py and tools/analyze_laws.py.
+
+Every user mistake (bad file, field, argument, or data a law cannot be fitted to) ends in one
+line `PROG: error: ...` on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from . import analysis, plots, report
+from .curvefit import DEFAULT_WINDOW, LEVEL, N_BOOTSTRAP, Window, fit_curves
+from .errors import LawError
+from .fitted import read_fit_file
+from .io import file_source, json_text, write_json
+from .predict import check_target, predict_tokens
+from .presets import PRESETS
+
+
+class ToolParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other error of the tools."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _run(parser: ToolParser, body, argv) -> int:
+    args = parser.parse_args(argv)
+    try:
+        body(args)
+    except LawError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"{parser.prog}: error: {error.filename or ''}: {error.strerror}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def _fraction(text):
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), not {text}")
+    return value
+
+
+def _file_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+# --- fit_laws.py -------------------------------------------------------------------------
+
+def fit_parser() -> ToolParser:
+    parser = ToolParser(
+        prog="fit_laws.py",
+        description="Fit the sparsing law of each model's activation-ratio curve, with bootstrap "
+                    "intervals and the logarithmic and sigmoid alternatives on the same points.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="DIR|FILE",
+                        help="JSON curves in the reference format (a directory of them, each file "
+                             "one model named by its stem) or CSV (model,tokens,activation_ratio)")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="the paper's windows and published coefficients for its models")
+    window = parser.add_mutually_exclusive_group()
+    window.add_argument("--drop-first", type=int, metavar="K", help="drop the first K checkpoints")
+    window.add_argument("--min-tokens", type=float, metavar="D",
+                        help="drop checkpoints before D raw tokens (e.g. 5e9)")
+    window.add_argument("--min-fraction", type=float, metavar="F",
+                        help="drop checkpoints before this fraction of the run's last token count")
+    parser.add_argument("--json", required=True, metavar="OUT", help="fit file to write")
+    parser.add_argument("--plots", metavar="DIR", help="write one figure per model here")
+    parser.add_argument("--bootstrap", type=_positive_int, default=N_BOOTSTRAP, metavar="N",
+                        help=f"bootstrap refits per model (default {N_BOOTSTRAP})")
+    parser.add_argument("--level", type=_fraction, default=LEVEL,
+                        help=f"interval coverage (default {LEVEL})")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.epilog = (f"Default window: {DEFAULT_WINDOW.describe()}. A preset's own windows apply to "
+                     "its models; --drop-first, --min-tokens or --min-fraction set the others'.")
+    return parser
+
+
+def _window(args) -> Window:
+    if args.drop_first is not None:
+        return Window(drop_first=args.drop_first)
+    if args.min_tokens is not None:
+        return Window(min_tokens=args.min_tokens)
+    if args.min_fraction is not None:
+        return Window(min_fraction=args.min_fraction)
+    return DEFAULT_WINDOW
+
+
+def _table_order(fitted):
+    """As in the paper: by law, then by model size (unknown sizes last), then by name."""
+    return fitted.law.name, fitted.model_params or float("inf"), fitted.name
+
+
+def _fit(args) -> None:
+    curves = file_source(args.inputs)()
+    fits = fit_curves(curves, _window(args), PRESETS.get(args.preset), n_bootstrap=args.bootstrap,
+                      level=args.level, seed=args.seed)
+    fits = dict(sorted(fits.items(), key=lambda item: _table_order(item[1].fitted)))
+    print("Coefficients (D in units of 1e9 tokens; relu: A = exp(-c D^alpha + b) + A0, "
+          "silu: A = -c / D^alpha + A0)")
+    print(report.coefficient_table(fits))
+    print("\nBootstrap intervals")
+    print(report.interval_table(fits))
+    print("\nFit quality on the fitted points (dAIC: against the law)")
+    print(report.quality_table(fits))
+    warnings = report.warning_lines(fits)
+    if warnings:
+        print("\nWarnings\n" + warnings)
+    write_json(args.json, {
+        "preset": args.preset, "bootstrap_samples": args.bootstrap, "level": args.level,
+        "seed": args.seed, "models": {name: result.to_json() for name, result in fits.items()},
+    })
+    if args.plots:
+        for name, result in fits.items():
+            plots.save(plots.fit_figure(result), Path(args.plots) / f"{_file_name(name)}.png")
+
+
+def fit_main(argv=None) -> int:
+    return _run(fit_parser(), _fit, argv)
+
+
+# --- predict_tokens.py -------------------------------------------------------------------
+
+def predict_parser() -> ToolParser:
+    parser = ToolParser(
+        prog="predict_tokens.py",
+        description="Tokens each model needs before its activation ratio reaches a target "
+                    "(ReLU: falls below it; SiLU: rises above it), from a fit file.",
+    )
+    parser.add_argument("--target", type=float, required=True, help="activation ratio in (0, 1)")
+    parser.add_argument("--law", required=True, metavar="FIT.json", help="written by fit_laws.py")
+    parser.add_argument("--model", metavar="NAME", help="only this model")
+    parser.add_argument("--json", nargs="?", const="-", metavar="OUT",
+                        help="write JSON (to OUT, or stdout without it) instead of the table")
+    return parser
+
+
+def _predict(args) -> None:
+    target = check_target(args.target)
+    laws = read_fit_file(args.law)
+    if args.model is not None:
+        if args.model not in laws:
+            raise LawError(f"{args.law}: no model {args.model!r} (models: {', '.join(laws)})")
+        laws = {args.model: laws[args.model]}
+    predictions = [predict_tokens(fitted, target)
+                   for fitted in sorted(laws.values(), key=_table_order)]
+    if args.json is None:
+        print(f"Tokens until the activation ratio reaches {target:g}")
+        print(report.prediction_table(predictions))
+        return
+    data = {"target": target, "models": {p.name: p.to_json() for p in predictions}}
+    if args.json == "-":
+        print(json_text(data), end="")
+    else:
+        write_json(args.json, data)
+
+
+def predict_main(argv=None) -> int:
+    return _run(predict_parser(), _predict, argv)
+
+
+# --- analyze_laws.py ---------------------------------------------------------------------
+
+def analyze_parser() -> ToolParser:
+    parser = ToolParser(
+        prog="analyze_laws.py",
+        description="Limit activation ratio against width-depth ratio (bottleneck, best-loss "
+                    "ratios) and parameter scale, and convergence speed against data-to-parameter "
+                    "ratio, from a fit file.",
+    )
+    parser.add_argument("fit", metavar="FIT.json", help="written by fit_laws.py")
+    parser.add_argument("--plots", metavar="DIR", help="write one figure per analysis here")
+    parser.add_argument("--json", metavar="OUT", help="write the tables as JSON")
+    parser.add_argument("--ratios", default=",".join(map(str, analysis.DEFAULT_RATIOS)),
+                        help="data-to-parameter ratios for the convergence table (comma-separated)")
+    parser.add_argument("--loss-tolerance", type=float, default=analysis.LOSS_TOLERANCE,
+                        help="relative loss margin of the best width-depth ratios (default 0.005)")
+    return parser
+
+
+def _analyze(args) -> None:
+    try:
+        ratios = [float(r) for r in args.ratios.split(",")]
+    except ValueError:
+        raise LawError(f"--ratios: not a comma-separated list of numbers: {args.ratios!r}") from None
+    if any(r <= 0 for r in ratios):
+        raise LawError(f"--ratios: data-to-parameter ratios must be positive: {args.ratios!r}")
+    laws = list(read_fit_file(args.fit).values())
+    sections = {
+        "width_depth": lambda: analysis.width_depth_analysis(laws, args.loss_tolerance),
+        "scale": lambda: analysis.scale_analysis(laws),
+        "convergence": lambda: analysis.convergence_analysis(laws, ratios),
+    }
+    results, output = {}, {}
+    for name, compute in sections.items():
+        try:
+            results[name] = compute()
+        except LawError as error:  # the fit file lacks what this analysis needs
+            output[name] = {"skipped": str(error)}
+            print(f"{error}: skipped\n")
+    if "width_depth" in results:
+        text, output["width_depth"] = report.width_depth_report(results["width_depth"])
+        print(text + "\n")
+    if "scale" in results:
+        text, output["scale"] = report.scale_report(results["scale"])
+        print(text + "\n")
+    if "convergence" in results:
+        text, output["convergence"] = report.convergence_report(results["convergence"])
+        print(text)
+    if args.json:
+        write_json(args.json, output)
+    if args.plots:
+        figures = {"width_depth": plots.width_depth_figure, "scale": plots.scale_figure,
+                   "convergence": lambda result: plots.convergence_figure(result, laws)}
+        for name, result in results.items():
+            plots.save(figures[name](result), Path(args.plots) / f"{name}.png")
+
+
+def analyze_main(argv=None) -> int:
+    return _run(analyze_parser(), _analyze, argv)

@@ -1,0 +1,119 @@
+"""Training: parallel layouts agree, resume is exact, checkpoints are atomic, runs are guarded."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import MICRO, REPO, run_cli
+from sparsity_scaling.train.checkpoint import list_checkpoints, sha256_file, start_checkpoint
+
+
+def _points(run: Path, kind: str) -> dict[int, float]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    points = [json.loads(line) for line in lines if line.strip()]
+    steps = [p["step"] for p in points if p["kind"] == kind]
+    assert len(steps) == len(set(steps)), f"{kind} points logged twice: {steps}"
+    return {p["step"]: p["loss"] for p in points if p["kind"] == kind}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """One uninterrupted single-process run of the micro config."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = run_cli("train", str(MICRO), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_training_lowers_validation_loss_and_writes_checkpoints(reference_run):
+    val = _points(reference_run, "val")
+    losses = [val[s] for s in sorted(val)]
+    assert losses[-1] < losses[0] - 0.5
+    checkpoints = list_checkpoints(reference_run)
+    assert [c.tokens for c in checkpoints] == [4096, 11264, 30720, 32768]
+    for ck in checkpoints:
+        ck.verify()  # every file matches the manifest's checksum
+        assert ck.manifest["config_hash"] == json.loads((reference_run / "run.json").read_text())["config_hash"]
+        assert {"model.pt", "config.yaml"} <= set(ck.manifest["files"])
+    assert (reference_run / "tokenizer.model").is_file()
+
+
+# A gentler learning rate than the micro config's 0.01 keeps float reassociation noise (which
+# differs between layouts and which Adam amplifies) from growing over the run.
+GENTLE = ("--set", "train.lr=0.002")
+
+
+@pytest.fixture(scope="module")
+def gentle_reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gentle") / "run"
+    result = run_cli("train", str(MICRO), "--out", str(out), *GENTLE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("nproc, tp", [(2, 1), (2, 2)], ids=["dp2", "tp2"])
+def test_parallel_layouts_match_one_process(gentle_reference, tmp_path, nproc, tp):
+    out = tmp_path / "run"
+    result = run_cli("train", str(MICRO), "--out", str(out), "--nproc", str(nproc), "--tp", str(tp), *GENTLE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours, reference = _points(out, "train"), _points(gentle_reference, "train")
+    assert ours.keys() == reference.keys()
+    first = min(reference)
+    assert ours[first] == pytest.approx(reference[first], abs=1e-5)
+    for step in reference:
+        assert ours[step] == pytest.approx(reference[step], rel=5e-4), step
+    final = torch.load(list_checkpoints(out)[-1].path / "model.pt")
+    expected = torch.load(list_checkpoints(gentle_reference)[-1].path / "model.pt")
+    for name in expected:  # elementwise, Adam turns noise into +-lr steps; compare as wholes
+        assert (final[name] - expected[name]).norm() < 1e-2 * expected[name].norm(), name
+
+
+def test_resume_after_kill_reproduces_the_uninterrupted_run(reference_run, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "sparsity_scaling.cli", "train", str(MICRO), "--out", str(out)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(list_checkpoints(out)) < 2 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    survivors = list_checkpoints(out)
+    assert 2 <= len(survivors) < 4, "the run was not killed between checkpoints"
+    # and as if it had also died half-way through writing the next checkpoint:
+    partial = start_checkpoint(out, 30720)
+    (partial / "model.pt").write_bytes(b"truncated")
+    assert [c.tokens for c in list_checkpoints(out)] == [c.tokens for c in survivors]
+
+    result = run_cli("train", str(MICRO), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {survivors[-1].path.name}" in result.stdout
+    assert not partial.exists()
+    assert _points(out, "train") == _points(reference_run, "train")  # exactly, not approximately
+    assert _points(out, "val") == _points(reference_run, "val")
+    final, expected = list_checkpoints(out)[-1], list_checkpoints(reference_run)[-1]
+    assert sha256_file(final.path / "model.pt") == sha256_file(expected.path / "model.pt")
+
+
+def test_finished_run_is_not_retrained(reference_run):
+    before = {c.path.name: c.manifest["files"] for c in list_checkpoints(reference_run)}
+    result = run_cli("train", str(MICRO), "--out", str(reference_run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "already complete" in result.stdout and "ETA" not in result.stdout
+    assert {c.path.name: c.manifest["files"] for c in list_checkpoints(reference_run)} == before
+
+
+def test_out_dir_of_another_run_is_refused_untouched(reference_run):
+    before = {p: sha256_file(p) for p in reference_run.rglob("*") if p.is_file()}
+    result = run_cli("train", str(MICRO), "--out", str(reference_run), "--set", "train.lr=0.02")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "another run" in result.stderr and "Traceback" not in result.stderr
+    assert {p: sha256_file(p) for p in reference_run.rglob("*") if p.is_file()} == before
