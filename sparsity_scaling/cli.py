@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--tp", type=int, help="tensor-parallel size (overrides parallel.tp)")
     train.add_argument("--nproc", type=int, default=1,
                        help="ranks to start on this machine (gloo on CPU, NCCL on GPU)")
+    # the `deepspeed` launcher appends --local_rank; LOCAL_RANK in the environment is what we use
+    train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     train.set_defaults(run=_train)
     return parser
 

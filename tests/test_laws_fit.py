@@ -92,8 +92,14 @@ def test_constant_ratio_is_an_error():
 
 def test_data_against_the_laws_direction_are_not_fitted():
     rising = LAWS["silu"].evaluate(TOKENS / 1e9, TRUE["silu"]) * 0.2
-    with pytest.raises(LawError, match=r"m_relu: the relu law \(falling ratio\) explains only"):
+    with pytest.raises(LawError, match="m_relu: the relu law has no valid starting point .* direction"):
         fit_curve(curve("m_relu", rising, activation="relu"), Window(drop_first=0))
+
+
+def test_trendless_noise_is_not_fitted():
+    noise = 0.08 + np.random.default_rng(3).normal(0, 1e-3, TOKENS.size)
+    with pytest.raises(LawError, match=r"m_relu: the relu law \(falling ratio\) explains only \d+% .* too flat"):
+        fit_curve(curve("m_relu", noise, activation="relu"), Window(drop_first=0))
 
 
 def test_negative_tokens_are_an_error():

@@ -117,3 +117,16 @@ def test_out_dir_of_another_run_is_refused_untouched(reference_run):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "another run" in result.stderr and "Traceback" not in result.stderr
     assert {p: sha256_file(p) for p in reference_run.rglob("*") if p.is_file()} == before
+
+
+def test_runs_under_torchrun(gentle_reference, tmp_path):
+    out = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "-m", "sparsity_scaling.cli", "train", str(MICRO),
+         "--out", str(out), "--tp", "2", *GENTLE],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _points(out, "val").keys() == _points(gentle_reference, "val").keys()
+    assert list_checkpoints(out)[-1].manifest["tp"] == 2

@@ -66,9 +66,14 @@ def _levenberg_marquardt(law: Law, D, A, start):
         r = law.evaluate_free(D, theta) - A
         return np.nan_to_num(r, nan=_BAD_RESIDUAL, posinf=_BAD_RESIDUAL, neginf=-_BAD_RESIDUAL)
 
+    def jacobian(theta):
+        return np.nan_to_num(law.jacobian_free(D, theta), nan=0.0, posinf=0.0, neginf=0.0)
+
+    has_jacobian = law.jacobian_free(D, law.to_free(start)) is not None
     try:
         solution = least_squares(
-            residuals, law.to_free(start), method="lm", x_scale="jac",
+            residuals, law.to_free(start), jac=jacobian if has_jacobian else "2-point",
+            method="lm", x_scale="jac",
             ftol=_TOLERANCE, xtol=_TOLERANCE, gtol=_TOLERANCE, max_nfev=_MAX_NFEV,
         )
     except (ValueError, np.linalg.LinAlgError):
@@ -97,6 +102,9 @@ def fit_law(law: Law, D, A, n_starts: int = N_STARTS, starts=None) -> LawFit:
     """Least-squares fit of law to (D, A) from the law's starting grid (or given starts)."""
     D, A = np.asarray(D, float), np.asarray(A, float)
     starts = _chosen_starts(law, D, A, n_starts) if starts is None else starts
+    if not starts:
+        raise LawError(f"the {law.name} law has no valid starting point on these data: they do not "
+                       "follow its shape or direction")
     runs = [r for r in (_levenberg_marquardt(law, D, A, s) for s in starts) if r is not None]
     if not runs:
         raise LawError(

@@ -20,7 +20,8 @@ ALPHA_GRID = np.geomspace(0.02, 5.0, 48)
 
 
 def _exp(t):
-    return np.exp(np.clip(t, -700.0, 700.0))
+    """exp that neither overflows nor underflows to exactly 0."""
+    return np.exp(np.minimum(np.maximum(t, -700.0), 700.0))
 
 
 def _logistic(t):
@@ -70,6 +71,10 @@ class Law:
     def evaluate_free(self, D, theta):
         """A(D) from free parameters: what the fit evaluates."""
         return self.evaluate(D, self.from_free(theta))
+
+    def jacobian_free(self, D, theta):
+        """d A(D) / d theta (rows: D), or None to let the fit use finite differences."""
+        return None
 
     def starting_points(self, D, A) -> list[np.ndarray]:
         """Candidate coefficient vectors along a one-dimensional profile grid."""
@@ -129,12 +134,24 @@ class ReluLaw(SparsityLaw):
         with np.errstate(over="ignore"):  # alpha -> 0: b and c overflow, the fit rejects them
             return np.array([alpha, u + v / alpha, v / alpha, _logistic(t_A0)])
 
-    def evaluate_free(self, D, theta):
+    def _terms(self, D, theta):
         t_alpha, u, t_v, t_A0 = theta
-        alpha = _exp(t_alpha)
+        alpha, v = _exp(t_alpha), _exp(t_v)
+        log_D = np.log(D)
         with np.errstate(over="ignore", invalid="ignore"):
-            growth = np.expm1(alpha * np.log(D)) / alpha  # (D^alpha - 1) / alpha
-            return _exp(u - _exp(t_v) * growth) + _logistic(t_A0)
+            growth = np.expm1(alpha * log_D) / alpha  # (D^alpha - 1) / alpha
+            return alpha, v, log_D, growth, _exp(u - v * growth), _logistic(t_A0)
+
+    def evaluate_free(self, D, theta):
+        *_, excess, A0 = self._terms(D, theta)
+        return excess + A0
+
+    def jacobian_free(self, D, theta):
+        alpha, v, log_D, growth, excess, A0 = self._terms(D, theta)
+        with np.errstate(over="ignore", invalid="ignore"):
+            d_growth = log_D * (alpha * growth + 1) - growth  # d growth / d ln alpha
+            return np.column_stack([-excess * v * d_growth, excess, -excess * v * growth,
+                                    np.full_like(excess, A0 * (1 - A0))])
 
     def starting_points(self, D, A):
         # For fixed alpha and A0, log(A - A0) = b - c D^alpha is linear in (b, c): profile
@@ -143,19 +160,15 @@ class ReluLaw(SparsityLaw):
         offsets = spread * np.geomspace(3e-3, 30.0, 24)
         limits = np.concatenate([A.min() - offsets, A.min() * np.array([0.5, 0.1, 0.01])])
         limits = limits[limits > 0]
+        logs = np.log(A[:, None] - limits[None, :])  # one column per candidate A0
         points = []
         for alpha in ALPHA_GRID:
-            best = None
-            for A0 in limits:
-                b, minus_c = _linear_fit(np.log(A - A0), np.ones_like(D), D**alpha)
-                if minus_c >= 0:
-                    continue
-                p = np.array([alpha, b, -minus_c, A0])
-                sse = np.sum((self.evaluate(D, p) - A) ** 2)
-                if np.isfinite(sse) and (best is None or sse < best[0]):
-                    best = (sse, p)
-            if best is not None:
-                points.append(best[1])
+            (b, minus_c), *_ = np.linalg.lstsq(np.column_stack([np.ones_like(D), D**alpha]), logs, rcond=None)
+            candidates = np.column_stack([np.full_like(b, alpha), b, -minus_c, limits])[minus_c < 0]
+            if len(candidates):
+                sse = np.sum((self.evaluate(D, candidates) - A) ** 2, axis=1)
+                if np.any(np.isfinite(sse)):
+                    points.append(candidates[np.nanargmin(np.where(np.isfinite(sse), sse, np.nan))])
         return points
 
     def inverse(self, p, target):
@@ -196,6 +209,12 @@ class SiluLaw(SparsityLaw):
     def from_free(self, theta):
         t_alpha, t_c, t_A0 = theta
         return np.array([_exp(t_alpha), _exp(t_c), _logistic(t_A0)])
+
+    def jacobian_free(self, D, theta):
+        alpha, c, A0 = self.from_free(theta)
+        with np.errstate(over="ignore", invalid="ignore"):
+            term = c * np.asarray(D, float) ** (-alpha)  # c D^-alpha
+            return np.column_stack([term * alpha * np.log(D), -term, np.full_like(term, A0 * (1 - A0))])
 
     def starting_points(self, D, A):
         # For fixed alpha the law is linear in (A0, c): exact least squares on the grid.
