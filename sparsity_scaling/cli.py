@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     # the `deepspeed` launcher appends --local_rank; LOCAL_RANK in the environment is what we use
     train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     train.set_defaults(run=_train)
+
+    from .evaluate import add_arguments
+
+    add_arguments(commands)
     return parser
 
 

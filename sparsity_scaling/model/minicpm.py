@@ -113,9 +113,13 @@ class FFN(torch.nn.Module):
         self.neuron_offset = ps.get_tensor_model_parallel_rank() * self.local_neurons
         self.probe: Probe | None = None
 
+    def output_weight(self) -> torch.Tensor:
+        """W_out over the local neurons, [d_model, local_neurons]: neuron i writes column i."""
+        return self.down.weight.detach().float()
+
     def output_weight_norms(self) -> torch.Tensor:
         """||W_out[:, i]|| for each local neuron i: neuron i's output norm is |a_i| times this."""
-        return self.down.weight.detach().float().norm(dim=0)
+        return self.output_weight().norm(dim=0)
 
     def forward(self, x):
         probe = self.probe

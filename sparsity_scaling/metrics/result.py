@@ -1,0 +1,66 @@
+"""One output schema for every sparsity measurement, and the reusable thresholds artifact."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..model.probe import ThresholdNeurons
+from .comm import gather_neurons, local_slice
+
+
+@dataclass
+class SparsityResult:
+    metric: str
+    params: dict
+    activation_ratio: float
+    layer_activation_ratios: list[float]
+    dense_ppl: float
+    sparse_ppl: float
+    ppl_ratio: float
+    tokens: int
+    forward_passes: float
+    seconds: float
+    cett: float | None = None
+    thresholds: list[float] | None = None  # per-layer eps (CETT metrics)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def sparsity_ratio(self) -> float:
+        return 1.0 - self.activation_ratio
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "sparsity_ratio": self.sparsity_ratio}
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    """Write JSON so that readers see the old file or the new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def thresholds_artifact(neuron_thresholds: dict[int, torch.Tensor], key: dict) -> dict:
+    """Full per-neuron thresholds (gathered across TP) with what they were computed for."""
+    layers = {str(k): gather_neurons(v.float()).tolist() for k, v in sorted(neuron_thresholds.items())}
+    return {"key": key, "rule": "|a_i| >= threshold_i", "thresholds": layers}
+
+
+def load_thresholds(path: str | Path) -> ThresholdNeurons:
+    """A probe that applies saved thresholds to a model of any TP size (for later inference)."""
+    data = json.loads(Path(path).read_text())
+    return ThresholdNeurons(
+        {int(k): local_slice(torch.tensor(v)) for k, v in data["thresholds"].items()}
+    )

@@ -1,0 +1,180 @@
+"""Searches over sparsity settings: PPL-p%, the stabilising strategy, critical sparsity.
+
+All searches share one dense pass per model (`Evaluator`) and count their cost in
+forward-pass equivalents: sparse passes, plus the threshold searches' matrix products
+relative to one forward pass over the validation data.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from ..errors import UserError
+from .cett import CETTSearch
+from .measure import EvalData, SparsePass, check_vocab, dense_pass, matmul_params, sparse_pass
+from .result import SparsityResult
+from .rules import PerNeuronThreshold, Rule
+from .target import SparsityTarget
+
+
+class Evaluator:
+    """One model on one validation set: the dense pass once, then any rule measured on it."""
+
+    def __init__(self, target: SparsityTarget, data: EvalData, calibration_tokens: int = 8192):
+        check_vocab(data, target)
+        self.started = time.time()
+        self.target, self.data = target, data
+        self.dense = dense_pass(target, data, calibration_tokens)
+        self.passes = 1
+        self.cett = CETTSearch(target, self.dense.calibration)
+        self.forward_flops = 2.0 * matmul_params(target) * data.my_tokens()
+
+    def forward_passes(self) -> float:
+        return self.passes + self.cett.flops / self.forward_flops
+
+    def measure(self, rule: Rule) -> SparsePass:
+        self.passes += 1
+        return sparse_pass(self.target, self.data, rule)
+
+    def cett_rule(self, value: float) -> PerNeuronThreshold:
+        eps = self.cett.thresholds(value)
+        return PerNeuronThreshold(
+            thresholds=self.cett.neuron_thresholds(eps), cett=value, layer_eps=[eps[k] for k in sorted(eps)]
+        )
+
+    def result(self, metric: str, rule: Rule, sparse: SparsePass, **extra) -> SparsityResult:
+        cett = getattr(rule, "cett", None)
+        return SparsityResult(
+            metric=metric,
+            params=rule.params(),
+            activation_ratio=sparse.activation_ratio,
+            layer_activation_ratios=sparse.layer_ratios(),
+            dense_ppl=self.dense.ppl,
+            sparse_ppl=sparse.ppl,
+            ppl_ratio=sparse.ppl / self.dense.ppl,
+            tokens=self.data.tokens,
+            forward_passes=round(self.forward_passes(), 3),
+            seconds=round(time.time() - self.started, 3),
+            cett=cett,
+            thresholds=getattr(rule, "layer_eps", None),
+            extra=extra,
+        )
+
+
+@dataclass
+class Point:
+    x: float  # the searched parameter (a CETT value here)
+    ratio: float  # PPL ratio
+    activation: float
+
+
+def solve_ppl_ratio(measure: Callable[[float], Point], target: float, act_tol: float = 1e-3,
+                    ratio_tol: float = 1e-6, max_steps: int = 16, start: float = 0.1) -> Point:
+    """Find the CETT value whose PPL ratio is `target`.
+
+    PPL ratio and activation ratio are monotone in CETT. Bracket the target by doubling,
+    then interpolate in log PPL ratio (regula falsi with the Illinois rule); stop when the
+    bracket's activation ratios differ by at most act_tol, so the reported activation
+    ratio is within act_tol of the one at the exact CETT.
+    """
+    lo, hi = Point(0.0, 1.0, 1.0), None
+    x = start
+    for _ in range(max_steps):
+        point = measure(x)
+        if point.ratio <= target:
+            lo = point
+        else:
+            hi = point
+        if abs(point.ratio - target) <= ratio_tol or (hi and lo.activation - hi.activation <= act_tol):
+            break
+        if hi is None:
+            if x >= 1.0:
+                raise UserError(
+                    f"the PPL ratio stays at {point.ratio:.5f} < {target:.5f} even with every "
+                    f"neuron below threshold; the validation set is too small to move the perplexity"
+                )
+            x = min(1.0, 2 * x)
+            continue
+        fraction = math.log(target / lo.ratio) / math.log(hi.ratio / lo.ratio)
+        fraction = min(max(fraction, 0.05), 0.95)  # keep shrinking the bracket from both sides
+        x = lo.x + fraction * (hi.x - lo.x)
+    candidates = [p for p in (lo, hi) if p is not None]
+    return min(candidates, key=lambda p: abs(p.ratio - target))
+
+
+def ppl_p(evaluator: Evaluator, p: float) -> SparsityResult:
+    """PPL-p% sparsity: the CETT at which PPL is (1 + p/100) times the dense PPL."""
+    check_p(p)
+    measured: dict[float, tuple[PerNeuronThreshold, SparsePass]] = {}
+
+    def measure(c: float) -> Point:
+        rule = evaluator.cett_rule(c)
+        sparse = evaluator.measure(rule)
+        measured[c] = (rule, sparse)
+        return Point(c, sparse.ppl / evaluator.dense.ppl, sparse.activation_ratio)
+
+    best = solve_ppl_ratio(measure, 1 + p / 100)
+    if best.x == 0.0:
+        rule = evaluator.cett_rule(0.0)
+        measured[0.0] = (rule, evaluator.measure(rule))
+    rule, sparse = measured[best.x]
+    result = evaluator.result("ppl-p", rule, sparse)
+    result.params["p"] = p
+    return result
+
+
+def stabilised_cett(evaluators: Sequence[Evaluator], p: float) -> float:
+    """The paper's stabilising strategy: one CETT whose PPL ratio, averaged over the given
+    (last five) checkpoints, is 1 + p/100."""
+    check_p(p)
+
+    def measure(c: float) -> Point:
+        ratios, acts = [], []
+        for ev in evaluators:
+            sparse = ev.measure(ev.cett_rule(c))
+            ratios.append(sparse.ppl / ev.dense.ppl)
+            acts.append(sparse.activation_ratio)
+        return Point(c, sum(ratios) / len(ratios), sum(acts) / len(acts))
+
+    return solve_ppl_ratio(measure, 1 + p / 100).x
+
+
+def critical(evaluator: Evaluator, make_rule: Callable[[float], Rule], low: float, high: float,
+             sparser_when_larger: bool, tolerance: float = 0.01, integer: bool = False,
+             steps: int = 14) -> SparsityResult:
+    """Highest sparsity a one-parameter rule reaches with PPL ratio <= 1 + tolerance.
+
+    Bisection on the parameter between a dense end and a sparse end (the PPL ratio grows
+    with sparsity), keeping the sparsest setting seen within the tolerance.
+    """
+    limit = 1 + tolerance
+    dense_end, sparse_end = (low, high) if sparser_when_larger else (high, low)
+    best = None
+    for _ in range(steps):
+        x = (dense_end + sparse_end) / 2
+        if integer:
+            x = round(x)
+            if x in (dense_end, sparse_end):
+                break
+        rule = make_rule(x)
+        sparse = evaluator.measure(rule)
+        ok = sparse.ppl / evaluator.dense.ppl <= limit
+        if ok and (best is None or sparse.activation_ratio < best[1].activation_ratio):
+            best = (rule, sparse)
+        if ok:
+            dense_end = x
+        else:
+            sparse_end = x
+    if best is None:
+        raise UserError(f"no setting of this rule keeps the PPL ratio within {limit:.4f}")
+    result = evaluator.result("critical", *best)
+    result.params["tolerance"] = tolerance
+    return result
+
+
+def check_p(p: float) -> None:
+    if not 0 < p <= 100:
+        raise UserError(f"--p {p}: must be in (0, 100]")
