@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sparsity_scaling.laws import PRESETS, fit_curves, predict_tokens, read_curves
-from sparsity_scaling.laws.fit import _levenberg_marquardt
+from sparsity_scaling.laws.fit import levenberg_marquardt
 
 DATA = Path(__file__).parent / "data" / "sparsinglaw"
 PRESET = PRESETS["sparsing-law"]
@@ -74,7 +74,7 @@ def test_default_start_reaches_the_best_of_100_random_starts(fits):
     rng = np.random.default_rng(2024)
     for name, result in fits.items():
         fit = result.fit
-        runs = [_levenberg_marquardt(fit.law, fit.D, fit.A, random_start(fit.law, fit.A, rng)) for _ in range(100)]
+        runs = [levenberg_marquardt(fit.law, fit.D, fit.A, random_start(fit.law, fit.A, rng)) for _ in range(100)]
         best = min(sse for _, sse in filter(None, runs))
         assert fit.sse <= best * 1.001, name
 

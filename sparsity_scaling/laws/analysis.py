@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.optimize import minimize_scalar
 
 from .errors import LawError
 from .fitted import FittedLaw
@@ -33,25 +34,45 @@ class Breakpoint:
 
     def evaluate(self, x):
         offset = np.asarray(x, float) - self.x
-        return self.level + self.slope_below * np.minimum(offset, 0) + self.slope_above * np.maximum(offset, 0)
+        below, above = np.minimum(offset, 0), np.maximum(offset, 0)
+        return self.level + self.slope_below * below + self.slope_above * above
+
+
+def _breakpoint_grid(x):
+    """Candidate breakpoints between the second and the second-last x, so that each segment
+    rests on at least two points."""
+    if len(x) < MIN_WIDTH_DEPTH_MODELS:
+        raise LawError(f"a piecewise-linear fit needs at least {MIN_WIDTH_DEPTH_MODELS} points, "
+                       f"not {len(x)}")
+    xs = np.sort(x)
+    return np.unique(np.concatenate([np.linspace(xs[1], xs[-2], 400), xs[1:-1]]))
+
+
+def _segments(x, Y, x_b):
+    """Least-squares two-segment lines through every column of Y: (coefficients, sse)."""
+    offset = x - x_b
+    design = np.column_stack([np.ones_like(x), np.minimum(offset, 0), np.maximum(offset, 0)])
+    beta, *_ = np.linalg.lstsq(design, Y, rcond=None)
+    return beta, np.sum((design @ beta - Y) ** 2, axis=0)
 
 
 def piecewise_linear_fit(x, y) -> Breakpoint:
-    """Least-squares two-segment line. The breakpoint is searched between the second and the
-    second-last x, so each segment rests on at least two points; the rest is linear."""
+    """Least-squares continuous two-segment line: grid search, then a bounded refinement."""
     x, y = np.asarray(x, float), np.asarray(y, float)
-    if len(x) < MIN_WIDTH_DEPTH_MODELS:
-        raise LawError(f"a piecewise-linear fit needs at least {MIN_WIDTH_DEPTH_MODELS} points, not {len(x)}")
-    xs = np.sort(x)
-    best = None
-    for x_b in np.unique(np.concatenate([np.linspace(xs[1], xs[-2], 400), xs[1:-1]])):
-        offset = x - x_b
-        design = np.column_stack([np.ones_like(x), np.minimum(offset, 0), np.maximum(offset, 0)])
-        beta, *_ = np.linalg.lstsq(design, y, rcond=None)
-        sse = float(np.sum((design @ beta - y) ** 2))
-        if best is None or sse < best[0]:
-            best = (sse, Breakpoint(float(x_b), *map(float, beta)))
-    return best[1]
+    grid = _breakpoint_grid(x)
+    i = int(np.argmin([_segments(x, y, x_b)[1] for x_b in grid]))
+    low, high = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    x_b = minimize_scalar(lambda b: _segments(x, y, b)[1], bounds=(low, high), method="bounded",
+                          options={"xatol": 1e-9 * max(1.0, abs(high))}).x if high > low else low
+    return Breakpoint(float(x_b), *map(float, _segments(x, y, x_b)[0]))
+
+
+def breakpoints(x, Y) -> np.ndarray:
+    """Grid-search breakpoints of many series at once (columns of Y), for bootstrap draws."""
+    x = np.asarray(x, float)
+    grid = _breakpoint_grid(x)
+    sse = np.array([_segments(x, Y, x_b)[1] for x_b in grid])
+    return grid[np.argmin(sse, axis=0)]
 
 
 def _limit_draws(models: list[FittedLaw]) -> np.ndarray:
@@ -78,7 +99,8 @@ class WidthDepthAnalysis:
     excluded: list[str]  # models whose A0 is not identified
 
 
-def width_depth_analysis(models: list[FittedLaw], loss_tolerance: float = LOSS_TOLERANCE) -> WidthDepthAnalysis:
+def width_depth_analysis(models: list[FittedLaw],
+                         loss_tolerance: float = LOSS_TOLERANCE) -> WidthDepthAnalysis:
     """Limit activation ratio against width-depth ratio with its bottleneck, and the range of
     ratios whose final training loss is within loss_tolerance (relative) of the lowest."""
     models, excluded = _split_identified([m for m in models if m.width_depth_ratio])
@@ -89,7 +111,7 @@ def width_depth_analysis(models: list[FittedLaw], loss_tolerance: float = LOSS_T
     ratios = np.array([m.width_depth_ratio for m in models])
     limits = np.array([m.coefficient("A0") for m in models])
     bottleneck = piecewise_linear_fit(ratios, limits)
-    draws = [piecewise_linear_fit(ratios, row).x for row in _limit_draws(models)]
+    draws = breakpoints(ratios, _limit_draws(models).T)
     losses = [m.final_loss for m in models]
     best = None
     if all(loss is not None for loss in losses):
@@ -118,7 +140,8 @@ def scale_analysis(models: list[FittedLaw]) -> list[ScaleTrend]:
     """A0 against parameter count, per law, with a linear trend in log10(params)."""
     trends = []
     for law_name in sorted({m.law.name for m in models if m.model_params}):
-        group, excluded = _split_identified([m for m in models if m.model_params and m.law.name == law_name])
+        of_law = [m for m in models if m.model_params and m.law.name == law_name]
+        group, excluded = _split_identified(of_law)
         group.sort(key=lambda m: m.model_params)
         params = np.array([m.model_params for m in group], float)
         limits = np.array([m.coefficient("A0") for m in group])
@@ -127,8 +150,9 @@ def scale_analysis(models: list[FittedLaw]) -> list[ScaleTrend]:
             decades = np.log10(params)
             slope = float(np.polyfit(decades, limits, 1)[0])
             slope_ci = group[0].interval([np.polyfit(decades, row, 1)[0] for row in _limit_draws(group)])
-        trends.append(ScaleTrend(law_name, [m.name for m in group], params, limits,
-                                 [m.coefficient_interval("A0") for m in group], slope, slope_ci, excluded))
+        intervals = [m.coefficient_interval("A0") for m in group]
+        trends.append(ScaleTrend(law_name, [m.name for m in group], params, limits, intervals,
+                                 slope, slope_ci, excluded))
     if not trends:
         raise LawError("scale analysis needs models with a known parameter count")
     return trends
@@ -154,7 +178,8 @@ def convergence_analysis(models: list[FittedLaw], ratios=DEFAULT_RATIOS) -> list
     if ratios.size == 0 or np.any(ratios <= 0):
         raise LawError("data-to-parameter ratios must be positive")
     result = []
-    for model in sorted((m for m in models if m.model_params), key=lambda m: (m.law.name, m.model_params)):
+    sized = sorted((m for m in models if m.model_params), key=lambda m: (m.law.name, m.model_params))
+    for model in sized:
         scale = model.model_params / TOKENS_PER_UNIT  # D per unit of ratio
         derivatives = model.law.derivative(ratios * scale, model.params) * scale
         result.append(Convergence(model.name, model.law.name, ratios, derivatives,

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from . import analysis, plots, report
+from . import analysis, report
 from .curvefit import DEFAULT_WINDOW, LEVEL, N_BOOTSTRAP, Window, fit_curves
 from .errors import LawError
 from .fitted import read_fit_file
@@ -35,7 +36,8 @@ def _run(parser: ToolParser, body, argv) -> int:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:
-        print(f"{parser.prog}: error: {error.filename or ''}: {error.strerror}", file=sys.stderr)
+        where = f"{error.filename}: {error.strerror}" if error.filename else str(error)
+        print(f"{parser.prog}: error: {where}", file=sys.stderr)
         return 2
     return 0
 
@@ -44,6 +46,13 @@ def _positive_int(text):
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def _non_negative(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, not {text}")
     return value
 
 
@@ -84,8 +93,8 @@ def fit_parser() -> ToolParser:
     parser.add_argument("--level", type=_fraction, default=LEVEL,
                         help=f"interval coverage (default {LEVEL})")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.epilog = (f"Default window: {DEFAULT_WINDOW.describe()}. A preset's own windows apply to "
-                     "its models; --drop-first, --min-tokens or --min-fraction set the others'.")
+    parser.epilog = (f"Without a window option: {replace(DEFAULT_WINDOW, label='').describe()}. A "
+                     "preset's own windows apply to its models; a window option sets the others'.")
     return parser
 
 
@@ -124,6 +133,8 @@ def _fit(args) -> None:
         "seed": args.seed, "models": {name: result.to_json() for name, result in fits.items()},
     })
     if args.plots:
+        from . import plots  # matplotlib only when figures are asked for
+
         for name, result in fits.items():
             plots.save(plots.fit_figure(result), Path(args.plots) / f"{_file_name(name)}.png")
 
@@ -186,7 +197,7 @@ def analyze_parser() -> ToolParser:
     parser.add_argument("--json", metavar="OUT", help="write the tables as JSON")
     parser.add_argument("--ratios", default=",".join(map(str, analysis.DEFAULT_RATIOS)),
                         help="data-to-parameter ratios for the convergence table (comma-separated)")
-    parser.add_argument("--loss-tolerance", type=float, default=analysis.LOSS_TOLERANCE,
+    parser.add_argument("--loss-tolerance", type=_non_negative, default=analysis.LOSS_TOLERANCE,
                         help="relative loss margin of the best width-depth ratios (default 0.005)")
     return parser
 
@@ -211,18 +222,16 @@ def _analyze(args) -> None:
         except LawError as error:  # the fit file lacks what this analysis needs
             output[name] = {"skipped": str(error)}
             print(f"{error}: skipped\n")
-    if "width_depth" in results:
-        text, output["width_depth"] = report.width_depth_report(results["width_depth"])
+    reports = {"width_depth": report.width_depth_report, "scale": report.scale_report,
+               "convergence": report.convergence_report}
+    for name, result in results.items():
+        text, output[name] = reports[name](result)
         print(text + "\n")
-    if "scale" in results:
-        text, output["scale"] = report.scale_report(results["scale"])
-        print(text + "\n")
-    if "convergence" in results:
-        text, output["convergence"] = report.convergence_report(results["convergence"])
-        print(text)
     if args.json:
         write_json(args.json, output)
     if args.plots:
+        from . import plots  # matplotlib only when figures are asked for
+
         figures = {"width_depth": plots.width_depth_figure, "scale": plots.scale_figure,
                    "convergence": lambda result: plots.convergence_figure(result, laws)}
         for name, result in results.items():

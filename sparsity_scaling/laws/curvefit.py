@@ -130,13 +130,17 @@ def unidentified_A0_reasons(fitted: FittedLaw) -> list[str]:
     elif alpha > ALPHA_RANGE[1]:
         reasons.append(f"the exponent alpha = {alpha:.3g} exceeds {ALPHA_RANGE[1]:g} (a step)")
     if not (BOUND_TOLERANCE < low and high < 1 - BOUND_TOLERANCE):
-        reasons.append(f"its {fitted.level:.0%} interval [{low:.3g}, {high:.3g}] is open (reaches a bound)")
+        reasons.append(f"its {fitted.level:.0%} interval [{low:.3g}, {high:.3g}] is open "
+                       "(reaches a bound)")
     return reasons
 
 
-def compare_published(fit: LawFit, published: dict[str, float]) -> tuple[dict, str | None]:
-    """The published coefficients' errors on the fitted points, and a warning if they are
-    clearly not a least-squares optimum of them."""
+def compare_published(fit: LawFit, published: dict[str, float]) -> tuple[dict | None, str | None]:
+    """The published coefficients with their errors on the fitted points, and a warning if
+    they are clearly not a least-squares optimum of them (or are another law's)."""
+    if set(published) != set(fit.law.coefficients):
+        return None, (f"published coefficients {sorted(published)} are not the "
+                      f"{fit.law.name} law's: not compared")
     params = np.array([published[name] for name in fit.law.coefficients])
     residuals = fit.A - fit.law.evaluate(fit.D, params)
     mae, mse = float(np.mean(np.abs(residuals))), float(np.mean(residuals**2))
@@ -155,49 +159,53 @@ def _fit_alternative(name, D, A) -> LawFit | str:
         return str(error)
 
 
-def fit_curve(curve: Curve, window: Window = DEFAULT_WINDOW, published: dict | None = None,
-              n_bootstrap: int = N_BOOTSTRAP, level: float = LEVEL, seed: int = 0) -> CurveFit:
-    """Fit the curve's sparsity law; LawError (naming the model) when it cannot be identified."""
-    name = curve.name
-    if n_bootstrap < 1 or not 0 < level < 1:
-        raise LawError(f"need at least one bootstrap sample and a level in (0, 1), not "
-                       f"{n_bootstrap} and {level:g}")
-    first = window.first_kept(curve.tokens)
-    D, A = curve.tokens[first:] / TOKENS_PER_UNIT, curve.activation_ratio[first:]
+def _fit_identifiable(curve: Curve, window: Window, D, A) -> tuple[LawFit, str]:
+    """The curve's law fitted to the kept points, or LawError if they cannot identify it."""
     if len(D) < 2:
-        raise LawError(f"{name}: {len(D)} checkpoint(s) left after the window ({window.describe()}); "
+        raise LawError(f"{len(D)} checkpoint(s) left after the window ({window.describe()}); "
                        "a law needs several")
     law, form_source = law_for_activation(curve.activation), "activation"
     if law is None:
         law, form_source = law_for_trend(D, A), "trend"
     needed = law.n_free + 2
     if len(D) < needed:
-        raise LawError(f"{name}: {len(D)} checkpoints left after the window ({window.describe()}); "
+        raise LawError(f"{len(D)} checkpoints left after the window ({window.describe()}); "
                        f"the {law.name} law has {law.n_free} coefficients and needs at least {needed}")
     if np.ptp(A) <= 1e-12:
-        raise LawError(f"{name}: the activation ratio is constant ({A[0]:.6g}) over the fitted "
-                       "checkpoints: there is no trend to fit a law to")
-    try:
-        fit = fit_law(law, D, A)
-    except LawError as error:
-        raise LawError(f"{name}: {error}") from None
+        raise LawError(f"the activation ratio is constant ({A[0]:.6g}) over the fitted checkpoints: "
+                       "there is no trend to fit a law to")
+    fit = fit_law(law, D, A)
     r2 = _r_squared(fit)
     if r2 < MIN_R2:
         direction = "rising" if law.increasing else "falling"
-        raise LawError(f"{name}: the {law.name} law ({direction} ratio) explains only {max(r2, 0):.0%} "
-                       "of the variance: the data are too flat or noisy, or trend the other way, "
+        raise LawError(f"the {law.name} law ({direction} ratio) explains only {max(r2, 0):.0%} of "
+                       "the variance: the data are too flat or noisy, or trend the other way, "
                        "to identify it")
+    return fit, form_source
+
+
+def fit_curve(curve: Curve, window: Window = DEFAULT_WINDOW, published: dict | None = None,
+              n_bootstrap: int = N_BOOTSTRAP, level: float = LEVEL, seed: int = 0) -> CurveFit:
+    """Fit the curve's sparsity law; LawError (naming the model) when it cannot be identified."""
+    if n_bootstrap < 1 or not 0 < level < 1:
+        raise LawError(f"need at least one bootstrap sample and a level in (0, 1), not "
+                       f"{n_bootstrap} and {level:g}")
+    first = window.first_kept(curve.tokens)
+    D, A = curve.tokens[first:] / TOKENS_PER_UNIT, curve.activation_ratio[first:]
+    try:
+        fit, form_source = _fit_identifiable(curve, window, D, A)
+    except LawError as error:
+        raise LawError(f"{curve.name}: {error}") from None
     resampled = bootstrap(fit, n_bootstrap, seed)
     if len(resampled.samples) == 0:
-        raise LawError(f"{name}: none of the {n_bootstrap} bootstrap refits converged")
-    fitted = FittedLaw(name, law, fit.params, resampled.samples, level, float(D.min()), float(D.max()),
-                       curve.params, curve.width_depth_ratio,
+        raise LawError(f"{curve.name}: none of the {n_bootstrap} bootstrap refits converged")
+    fitted = FittedLaw(curve.name, fit.law, fit.params, resampled.samples, level, float(D.min()),
+                       float(D.max()), curve.params, curve.width_depth_ratio,
                        None if curve.loss is None else float(curve.loss[-1]))
     reasons = unidentified_A0_reasons(fitted)
     fitted = replace(fitted, A0_identified=not reasons)
     warnings = ["A0 not identified: " + "; ".join(reasons)] if reasons else []
-    alpha_low, _ = fitted.coefficient_interval("alpha")
-    if fitted.coefficient("alpha") >= ALPHA_RANGE[0] and alpha_low < ALPHA_RANGE[0]:
+    if fitted.coefficient("alpha") >= ALPHA_RANGE[0] > fitted.coefficient_interval("alpha")[0]:
         warnings.append(f"alpha's {level:.0%} interval reaches the power-law limit alpha -> 0, "
                         "so b and c are poorly determined")
     if resampled.failed:

@@ -17,8 +17,8 @@ from .errors import LawError
 from .forms import Law
 
 N_STARTS = 6  # best profile points refined by LM, besides the profile's local minima
-_MAX_NFEV = 4000
-_TOLERANCE = 1e-12
+_MAX_NFEV = 1000
+_TOLERANCE = 1e-10
 _BAD_RESIDUAL = 1e3  # stands in for a non-finite residual so MINPACK backs off
 
 
@@ -59,8 +59,8 @@ class LawFit:
         return float(n * np.log(self.mse) + self.law.n_free * np.log(n))
 
 
-def _levenberg_marquardt(law: Law, D, A, start):
-    """One LM run from a coefficient vector; (coefficients, sse) or None if it failed."""
+def levenberg_marquardt(law: Law, D, A, start):
+    """One LM run from a coefficient vector: (coefficients, sse), or None if it failed."""
 
     def residuals(theta):
         r = law.evaluate_free(D, theta) - A
@@ -69,10 +69,9 @@ def _levenberg_marquardt(law: Law, D, A, start):
     def jacobian(theta):
         return np.nan_to_num(law.jacobian_free(D, theta), nan=0.0, posinf=0.0, neginf=0.0)
 
-    has_jacobian = law.jacobian_free(D, law.to_free(start)) is not None
     try:
         solution = least_squares(
-            residuals, law.to_free(start), jac=jacobian if has_jacobian else "2-point",
+            residuals, law.to_free(start), jac=jacobian if law.jacobian_free else "2-point",
             method="lm", x_scale="jac",
             ftol=_TOLERANCE, xtol=_TOLERANCE, gtol=_TOLERANCE, max_nfev=_MAX_NFEV,
         )
@@ -98,18 +97,17 @@ def _chosen_starts(law: Law, D, A, n_starts: int) -> list[np.ndarray]:
     return [points[i] for i in sorted(chosen) if np.isfinite(sse[i])]
 
 
-def fit_law(law: Law, D, A, n_starts: int = N_STARTS, starts=None) -> LawFit:
-    """Least-squares fit of law to (D, A) from the law's starting grid (or given starts)."""
+def fit_law(law: Law, D, A, n_starts: int = N_STARTS) -> LawFit:
+    """Least-squares fit of law to (D, A), from the best points of the law's starting grid."""
     D, A = np.asarray(D, float), np.asarray(A, float)
-    starts = _chosen_starts(law, D, A, n_starts) if starts is None else starts
+    starts = _chosen_starts(law, D, A, n_starts)
     if not starts:
         raise LawError(f"the {law.name} law has no valid starting point on these data: they do not "
                        "follow its shape or direction")
-    runs = [r for r in (_levenberg_marquardt(law, D, A, s) for s in starts) if r is not None]
+    runs = [r for r in (levenberg_marquardt(law, D, A, s) for s in starts) if r is not None]
     if not runs:
-        raise LawError(
-            f"the {law.name} law did not converge from any of its {len(starts)} starting points"
-        )
+        raise LawError(f"the {law.name} law did not converge from any of its {len(starts)} starting "
+                       "points: the data may be too noisy or flat, or not of its shape")
     params, _ = min(runs, key=lambda run: run[1])
     return LawFit(law, params, D, A)
 
@@ -136,7 +134,7 @@ def bootstrap(fit: LawFit, n_samples: int, seed: int = 0) -> Bootstrap:
     samples, failed = [], 0
     for _ in range(n_samples):
         resampled = fitted + rng.choice(residuals, size=n, replace=True)
-        run = _levenberg_marquardt(fit.law, fit.D, resampled, fit.params)
+        run = levenberg_marquardt(fit.law, fit.D, resampled, fit.params)
         if run is None:
             failed += 1
         else:

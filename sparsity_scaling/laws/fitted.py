@@ -71,7 +71,8 @@ class FittedLaw:
         if not isinstance(entry, dict):
             raise LawError(f"{where}: expected an object")
         if entry.get("form") not in SPARSITY_LAWS:
-            raise LawError(f"{where}: 'form' must be one of {', '.join(SPARSITY_LAWS)}, not {entry.get('form')!r}")
+            raise LawError(f"{where}: 'form' must be one of {', '.join(SPARSITY_LAWS)}, "
+                           f"not {entry.get('form')!r}")
         law = LAWS[entry["form"]]
         try:
             params = np.array([float(entry[c]) for c in law.coefficients])

@@ -72,9 +72,9 @@ class Law:
         """A(D) from free parameters: what the fit evaluates."""
         return self.evaluate(D, self.from_free(theta))
 
-    def jacobian_free(self, D, theta):
-        """d A(D) / d theta (rows: D), or None to let the fit use finite differences."""
-        return None
+    # d A(D) / d theta (one row per D) as a method jacobian_free(D, theta); a law without
+    # one leaves it None and the fit uses finite differences.
+    jacobian_free = None
 
     def starting_points(self, D, A) -> list[np.ndarray]:
         """Candidate coefficient vectors along a one-dimensional profile grid."""
@@ -93,9 +93,6 @@ class SparsityLaw(Law):
     def limit(self, p):
         return np.asarray(p, float)[..., self.coefficients.index("A0")]
 
-    def exponent(self, p):
-        return np.asarray(p, float)[..., self.coefficients.index("alpha")]
-
     def inverse(self, p, target):
         """D at which A(D) crosses target; inf where it never does (one or many p)."""
         raise NotImplementedError
@@ -105,7 +102,7 @@ class SparsityLaw(Law):
         raise NotImplementedError
 
     def linearised(self, D, A, p):
-        """(x, y, x_label, y_label, slope, intercept): the law as a straight line y = slope x + intercept."""
+        """(x, y, x_label, y_label, slope, intercept): the law as the line y = slope x + intercept."""
         raise NotImplementedError
 
 
@@ -163,7 +160,8 @@ class ReluLaw(SparsityLaw):
         logs = np.log(A[:, None] - limits[None, :])  # one column per candidate A0
         points = []
         for alpha in ALPHA_GRID:
-            (b, minus_c), *_ = np.linalg.lstsq(np.column_stack([np.ones_like(D), D**alpha]), logs, rcond=None)
+            design = np.column_stack([np.ones_like(D), D**alpha])
+            (b, minus_c), *_ = np.linalg.lstsq(design, logs, rcond=None)
             candidates = np.column_stack([np.full_like(b, alpha), b, -minus_c, limits])[minus_c < 0]
             if len(candidates):
                 sse = np.sum((self.evaluate(D, candidates) - A) ** 2, axis=1)

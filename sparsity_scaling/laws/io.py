@@ -40,7 +40,8 @@ class Curve:
         ratio = np.asarray(self.activation_ratio, float)
         loss = None if self.loss is None else np.asarray(self.loss, float)
         if tokens.ndim != 1 or ratio.shape != tokens.shape:
-            raise LawError(f"tokens ({tokens.size}) and activation ratios ({ratio.size}) differ in length")
+            raise LawError(f"tokens ({tokens.size}) and activation ratios ({ratio.size}) "
+                           "differ in length")
         if loss is not None and loss.shape != tokens.shape:
             raise LawError(f"loss has {loss.size} values for {tokens.size} checkpoints")
         _check_finite("tokens", tokens)
@@ -56,7 +57,8 @@ class Curve:
         order = np.argsort(tokens, kind="stable")
         if np.any(np.diff(tokens[order]) == 0):
             raise LawError("two checkpoints have the same token count")
-        for field_name, value in (("params", self.params), ("width_depth_ratio", self.width_depth_ratio)):
+        for field_name in ("params", "width_depth_ratio"):
+            value = getattr(self, field_name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise LawError(f"{field_name} must be a positive number, not {value!r}")
         object.__setattr__(self, "tokens", tokens[order])
@@ -235,7 +237,19 @@ def write_atomic(path, data: str | bytes) -> None:
 
 def json_text(data) -> str:
     """Indented JSON with infinities and nan written as null (JSON has neither)."""
-    return json.dumps(_finite_or_null(data), indent=2) + "\n"
+    return _indented(_finite_or_null(data)) + "\n"
+
+
+def _indented(value, indent=""):
+    """Like json.dumps(indent=2), but a list of plain values stays on one line, so that
+    bootstrap samples take one line per sample."""
+    inner = indent + "  "
+    if isinstance(value, dict) and value:
+        items = (f"{inner}{json.dumps(key)}: {_indented(v, inner)}" for key, v in value.items())
+        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        return "[\n" + ",\n".join(inner + _indented(v, inner) for v in value) + "\n" + indent + "]"
+    return json.dumps(value)
 
 
 def write_json(path, data) -> None:

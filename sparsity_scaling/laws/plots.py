@@ -30,7 +30,8 @@ def _band(result: CurveFit, grid):
     curves = fitted.law.evaluate(grid, fitted.samples)
     tail = 50.0 * (1.0 - fitted.level)
     with np.errstate(invalid="ignore"):
-        return np.nanpercentile(np.where(np.isfinite(curves), curves, np.nan), [tail, 100 - tail], axis=0)
+        curves = np.where(np.isfinite(curves), curves, np.nan)
+        return np.nanpercentile(curves, [tail, 100 - tail], axis=0)
 
 
 def fit_figure(result: CurveFit) -> Figure:
@@ -46,7 +47,8 @@ def fit_figure(result: CurveFit) -> Figure:
     low, high = _band(result, grid)
     top.fill_between(grid, low, high, color=LAW_COLOUR, alpha=0.2,
                      label=f"{result.fitted.level:.0%} bootstrap band")
-    top.plot(grid, law.evaluate(grid, params), color=LAW_COLOUR, lw=2, label=f"{law.name} law: {law.formula}")
+    top.plot(grid, law.evaluate(grid, params), color=LAW_COLOUR, lw=2,
+             label=f"{law.name} law: {law.formula}")
     for name in ALTERNATIVES:
         alternative = result.alternatives[name]
         if not isinstance(alternative, str):
@@ -58,11 +60,10 @@ def fit_figure(result: CurveFit) -> Figure:
     top.plot(D_all[dropped], curve.activation_ratio[dropped], "o", mfc="none", color="grey",
              label=f"dropped (warm-up): {result.first_kept}")
     top.plot(fit.D, fit.A, "o", ms=4, color=DATA_COLOUR, label=f"fitted points: {len(fit.D)}")
-    top.set(xlabel="training data D (1e9 tokens)", ylabel="activation ratio A",
-            title=f"{curve.name}: {law.name} law, MAE {fit.mae:.2e}")
-    if not result.fitted.A0_identified:
-        top.text(0.5, 0.02, "A0 not identified", transform=top.transAxes, ha="center",
-                 color="red", fontsize=12)
+    identified = result.fitted.A0_identified
+    top.set(xlabel="training data D (1e9 tokens)", ylabel="activation ratio A")
+    top.set_title(f"{curve.name}: {law.name} law, MAE {fit.mae:.2e}"
+                  + ("" if identified else " (A0 not identified)"), color="black" if identified else "red")
     top.legend(fontsize=8)
 
     left.axhline(0, color="grey", lw=1)
@@ -76,8 +77,8 @@ def fit_figure(result: CurveFit) -> Figure:
     line_x = np.linspace(x[shown].min(), x[shown].max(), 50) if shown.any() else x
     right.plot(line_x, slope * line_x + intercept, color=LAW_COLOUR, label="law (a straight line)")
     hidden = int((~shown).sum())
-    right.set(xlabel=x_label, ylabel=y_label,
-              title="linearised view" + (f" ({hidden} points past the limit not shown)" if hidden else ""))
+    hidden_note = f" ({hidden} points past the limit not shown)" if hidden else ""
+    right.set(xlabel=x_label, ylabel=y_label, title="linearised view" + hidden_note)
     right.legend(fontsize=8)
     return figure
 
@@ -125,7 +126,7 @@ def scale_figure(trends: list[ScaleTrend]) -> Figure:
 
 def convergence_figure(convergence: list[Convergence], laws) -> Figure:
     """|dA/d(D/N)| over the data-to-parameter range of each model's fitted data."""
-    laws = {l.name: l for l in laws}
+    laws = {fitted.name: fitted for fitted in laws}
     groups = sorted({c.law for c in convergence})
     figure = Figure(figsize=(6 * len(groups), 5), layout="constrained")
     axes = figure.subplots(1, len(groups), squeeze=False)[0]

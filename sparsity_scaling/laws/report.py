@@ -89,9 +89,9 @@ def prediction_table(predictions: list[Prediction]) -> str:
             notes.append("extrapolated (beyond twice the observed data)")
         if not p.A0_identified:
             notes.append("A0 not identified: unreliable")
+        per_param = "-" if p.tokens_per_param is None else f"{p.tokens_per_param:.1f}"
         rows.append([p.name, p.form, p.crossing, sci(p.tokens) if p.reachable else "unreachable",
-                     interval(*p.ci), f"{p.unreachable_share:.1%}",
-                     "-" if p.tokens_per_param is None else f"{p.tokens_per_param:.1f}", "; ".join(notes)])
+                     interval(*p.ci), f"{p.unreachable_share:.1%}", per_param, "; ".join(notes)])
     level = predictions[0].level if predictions else 0.95
     headers = ["model", "law", "ratio", "tokens", f"{level:.0%} interval", "unreachable",
                "tokens/params", "note"]
@@ -109,7 +109,8 @@ def width_depth_report(result: WidthDepthAnalysis) -> tuple[str, dict]:
         "Limit activation ratio against width-depth ratio",
         table(["model", "width/depth", "A0", "A0 CI", "final loss"], rows),
         f"bottleneck at width-depth ratio {b.x:.4g} {interval(*result.bottleneck_ci)}: "
-        f"A0 slope {b.slope_below:+.3g} per unit below it, {b.slope_above:+.3g} above; A0 there {b.level:.4g}",
+        f"A0 slope {b.slope_below:+.3g} per unit below it, {b.slope_above:+.3g} above; "
+        f"A0 there {b.level:.4g}",
         "lowest training loss at width-depth ratios "
         + ("unknown (no final losses)" if best is None else f"{best[0]:.4g} to {best[1]:.4g}"),
     ]
@@ -139,7 +140,8 @@ def scale_report(trends: list[ScaleTrend]) -> tuple[str, dict]:
             "slope_ci": None if trend.slope_ci is None else list(trend.slope_ci),
             "excluded": trend.excluded,
         }
-    lines = ["Limit activation ratio against parameter scale", table(["model", "law", "params", "A0", "A0 CI"], rows)]
+    lines = ["Limit activation ratio against parameter scale",
+             table(["model", "law", "params", "A0", "A0 CI"], rows)]
     for trend in trends:
         if trend.slope is not None:
             lines.append(f"{trend.law}: A0 changes by {trend.slope:+.3g} {interval(*trend.slope_ci)} "
