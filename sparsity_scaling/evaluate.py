@@ -226,7 +226,9 @@ def _evaluate_run_on_rank(args: Namespace) -> None:
         )
         rule = evaluator.cett_rule(cett)
         result = evaluator.result("ppl-p-stabilised", rule, evaluator.measure(rule))
-        points.append({"checkpoint": ck.path.name, "tokens": ck.tokens, "step": ck.step, **result.to_dict()})
+        record = result.to_dict()
+        record["eval_tokens"] = record.pop("tokens")  # "tokens" is the training-token count here
+        points.append({"checkpoint": ck.path.name, "tokens": ck.tokens, "step": ck.step, **record})
         if dist.get_rank() == 0:
             print(f"{ck.path.name}: activation ratio {result.activation_ratio:.4f}, "
                   f"PPL ratio {result.ppl_ratio:.4f}", flush=True)

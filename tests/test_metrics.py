@@ -1,0 +1,239 @@
+"""The evaluator against brute-force computation on a trained micro model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import MICRO, run_cli
+from distributed import run_ranks
+from sparsity_scaling.train.checkpoint import list_checkpoints
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("metrics") / "run"
+    result = run_cli("train", str(MICRO), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokens_file(micro_run, tmp_path_factory) -> Path:
+    """Validation sequences from the run's own split, as a user would pass with --tokens."""
+    from sparsity_scaling.config import load_config
+    from sparsity_scaling.data import prepare_data
+    from sparsity_scaling.data.indexed import open_token_stream
+
+    config = load_config(micro_run / "config.yaml")
+    stream = open_token_stream(prepare_data(config.data).valid_prefix)
+    length = config.data.seq_len + 1
+    count = min(len(stream) // length, 96)
+    path = tmp_path_factory.mktemp("tokens") / "valid.npy"
+    np.save(path, np.asarray(stream[: count * length], dtype=np.int64).reshape(count, length))
+    return path
+
+
+def _evaluator(checkpoint, tokens_path, tp=1):
+    from sparsity_scaling.hf import load_target
+    from sparsity_scaling.metrics.measure import EvalData
+    from sparsity_scaling.metrics.search import Evaluator
+    from sparsity_scaling.parallel import init_parallel
+
+    init_parallel(tp)
+    model = load_target(checkpoint=checkpoint, tp=tp)
+    return Evaluator(model, EvalData(torch.from_numpy(np.load(tokens_path)))), model
+
+
+def _brute_force_cett(a: torch.Tensor, w_out: torch.Tensor, eps: float) -> float:
+    """Mean over tokens of ||sum of inactive n_i|| / ||sum of all n_i||, neuron by neuron."""
+    values = []
+    for token in a:
+        n = w_out * token  # [d, f]: column i is n_i = W_out[:, i] a_i
+        inactive = n.norm(dim=0) < eps
+        total = n.sum(dim=1).norm()
+        if total > 0:
+            values.append((n[:, inactive].sum(dim=1).norm() / total).item())
+    return float(np.mean(values))
+
+
+def _cett_checks(checkpoint, tokens_path):
+    from sparsity_scaling.metrics.search import ppl_p, solve_ppl_ratio
+
+    ev, model = _evaluator(checkpoint, tokens_path)
+    out = {"result": ppl_p(ev, 1.0).to_dict()}  # first: its cost counts from the dense pass
+    eps = ev.cett.thresholds(0.2)
+    out["brute"] = [
+        _brute_force_cett(ev.dense.calibration[f.layer][:300], f.output_weight(), eps[f.layer]) for f in model.ffns
+    ]
+    # on all calibration tokens (what the search used) the match is within its tolerance
+    out["search"] = [ev.cett.cett(f.layer, eps[f.layer]) for f in model.ffns]
+    sweep = []
+    for c in (0.05, 0.1, 0.2, 0.4, 0.8):
+        sparse = ev.measure(ev.cett_rule(c))
+        sweep.append((c, sparse.activation_ratio, sparse.ppl / ev.dense.ppl))
+    out["sweep"] = sweep
+
+    # the same search driven to a far tighter bracket: the reported ratio must be within 0.001
+    def measure(c):
+        from sparsity_scaling.metrics.search import Point
+
+        sparse = ev.measure(ev.cett_rule(c))
+        return Point(c, sparse.ppl / ev.dense.ppl, sparse.activation_ratio)
+
+    exact = solve_ppl_ratio(measure, 1.01, act_tol=1e-5, ratio_tol=1e-9, max_steps=40)
+    out["exact_activation"] = exact.activation
+    return out
+
+
+def test_cett_thresholds_and_ppl_p_match_brute_force(micro_run, tokens_file):
+    checkpoint = list_checkpoints(micro_run)[-1].path
+    out = run_ranks(1, _cett_checks, checkpoint, tokens_file)[0]
+    for value in out["search"]:
+        assert value == pytest.approx(0.2, abs=1e-4)
+    for value in out["brute"]:  # a subset of tokens: same definition, sampling noise only
+        assert value == pytest.approx(0.2, abs=0.03)
+    cetts, acts, ratios = zip(*out["sweep"])
+    assert all(a > b for a, b in zip(acts, acts[1:])), acts  # activation falls with CETT
+    assert all(a <= b + 1e-4 for a, b in zip(ratios, ratios[1:])), ratios  # PPL rises
+    result = out["result"]
+    assert result["ppl_ratio"] == pytest.approx(1.01, abs=2e-3)
+    assert abs(result["activation_ratio"] - out["exact_activation"]) <= 1e-3
+    assert result["forward_passes"] <= 15
+    assert len(result["thresholds"]) == len(result["layer_activation_ratios"]) == 2
+
+
+def _tp_result(checkpoint, tokens_path, tp):
+    from sparsity_scaling.metrics.search import ppl_p
+
+    ev, _ = _evaluator(checkpoint, tokens_path, tp)
+    return ppl_p(ev, 1.0).to_dict()
+
+
+def test_tensor_parallel_gives_the_same_answer(micro_run, tokens_file):
+    checkpoint = list_checkpoints(micro_run)[-1].path
+    one = run_ranks(1, _tp_result, checkpoint, tokens_file, 1)[0]
+    two = run_ranks(2, _tp_result, checkpoint, tokens_file, 2)
+    assert two[0] == two[1] or two[0]["activation_ratio"] == two[1]["activation_ratio"]
+    assert two[0]["activation_ratio"] == pytest.approx(one["activation_ratio"], abs=1e-3)
+    assert two[0]["cett"] == pytest.approx(one["cett"], abs=1e-3)
+    assert two[0]["dense_ppl"] == pytest.approx(one["dense_ppl"], rel=1e-5)
+
+
+def _rule_checks(checkpoint, tokens_path):
+    from sparsity_scaling.model import ActivationRecorder
+    from sparsity_scaling.metrics.rules import ReluZero, TopK, TopP
+
+    ev, model = _evaluator(checkpoint, tokens_path)
+    gates = {}
+
+    class Gates(ActivationRecorder):
+        def on_activation(self, ffn, trace):
+            gates.setdefault(trace.layer, []).append((trace.gate > 0).sum().item())
+            gates.setdefault(f"n{trace.layer}", []).append(trace.gate.numel())
+
+    from sparsity_scaling.metrics.measure import loss_pass
+
+    loss_pass(model, ev.data, Gates())
+    positive = sum(sum(gates[f.layer]) for f in model.ffns) / sum(sum(gates[f"n{f.layer}"]) for f in model.ffns)
+    relu = ev.measure(ReluZero())
+    topk = ev.measure(TopK(k=16))
+    top_p = ev.measure(TopP(p=0.5))
+    return {
+        "positive": positive, "relu": relu.activation_ratio, "relu_ppl_ratio": relu.ppl / ev.dense.ppl,
+        "topk": topk.activation_ratio, "top_p": top_p.activation_ratio,
+    }
+
+
+def test_relu_zero_and_topk_count_what_they_should(micro_run, tokens_file):
+    checkpoint = list_checkpoints(micro_run)[-1].path
+    out = run_ranks(1, _rule_checks, checkpoint, tokens_file)[0]
+    assert out["relu"] == pytest.approx(out["positive"], abs=1e-12)
+    assert out["relu_ppl_ratio"] == pytest.approx(1.0, abs=1e-6)  # zeros masked: nothing changes
+    assert out["topk"] == pytest.approx(16 / 160)
+    assert 0 < out["top_p"] < out["relu"]
+
+
+def test_top_p_keeps_the_minimal_set():
+    from sparsity_scaling.metrics.rules import TopP
+
+    scores = torch.rand(64, 50, dtype=torch.float64) ** 3
+    for p in (0.1, 0.5, 0.9, 1.0):
+        keep = TopP(p=p).keep(scores, layer=0, sharded=False)
+        for row, kept in zip(scores, keep):
+            total = row.sum()
+            assert row[kept].sum() >= p * total - 1e-12
+            assert row[kept].min() >= row[~kept].max() if (~kept).any() else True
+            smallest = row[kept].min()  # without its smallest member the set falls short
+            assert row[kept].sum() - smallest < p * total or kept.sum() == 1
+
+
+def test_evaluate_cli_writes_result_and_reusable_thresholds(micro_run, tokens_file, tmp_path):
+    checkpoint = list_checkpoints(micro_run)[-1].path
+    out = tmp_path / "result.json"
+    result = run_cli("evaluate", "--checkpoint", str(checkpoint), "--tokens", str(tokens_file), "--json", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(out.read_text())
+    for key in ("metric", "params", "cett", "thresholds", "layer_activation_ratios", "activation_ratio",
+                "dense_ppl", "sparse_ppl", "ppl_ratio", "tokens", "forward_passes", "seconds"):
+        assert key in record
+    artifact = json.loads((tmp_path / "result.thresholds.json").read_text())
+    assert artifact["key"]["p"] == 1.0 and artifact["key"]["data_hash"] == record["data_hash"]
+    assert [len(v) for v in artifact["thresholds"].values()] == [160, 160]
+    ratio = run_ranks(1, _apply_saved, checkpoint, tokens_file, tmp_path / "result.thresholds.json")[0]
+    assert ratio == pytest.approx(record["activation_ratio"], abs=1e-9)
+
+
+def _apply_saved(checkpoint, tokens_path, thresholds):
+    from sparsity_scaling.metrics.result import load_thresholds
+    from sparsity_scaling.metrics.rules import PerNeuronThreshold
+
+    ev, _ = _evaluator(checkpoint, tokens_path)
+    saved = load_thresholds(thresholds)
+    return ev.measure(PerNeuronThreshold(thresholds=saved.thresholds)).activation_ratio
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--p", "0"], "--p 0.0: must be in (0, 100]"),
+        (["--p", "150"], "must be in (0, 100]"),
+        (["--metric", "topk"], "needs --value"),
+    ],
+)
+def test_evaluate_cli_bad_input(micro_run, tokens_file, tmp_path, args, message):
+    checkpoint = list_checkpoints(micro_run)[-1].path
+    out = tmp_path / "result.json"
+    result = run_cli("evaluate", "--checkpoint", str(checkpoint), "--tokens", str(tokens_file),
+                     "--json", str(out), *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_evaluate_cli_refuses_incomplete_checkpoint_and_foreign_tokens(micro_run, tmp_path):
+    incomplete = tmp_path / "tokens_000000000000001"
+    incomplete.mkdir()
+    result = run_cli("evaluate", "--checkpoint", str(incomplete))
+    assert result.returncode == 2 and "not a complete checkpoint" in result.stderr
+    big = tmp_path / "big.npy"
+    np.save(big, np.full((2, 65), 10_000, dtype=np.int64))
+    checkpoint = list_checkpoints(micro_run)[-1].path
+    result = run_cli("evaluate", "--checkpoint", str(checkpoint), "--tokens", str(big))
+    assert result.returncode == 2 and "does not match the model" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_evaluate_run_applies_one_stabilised_cett(micro_run):
+    result = run_cli("evaluate-run", str(micro_run), "--eval-tokens", "4096")
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((micro_run / "sparsity.json").read_text())
+    points = record["checkpoints"]
+    assert [p["tokens"] for p in points] == [c.tokens for c in list_checkpoints(micro_run)]
+    assert {p["cett"] for p in points} == {record["cett"]}
+    last = points[-record["last"]:]
+    mean_ratio = sum(p["ppl_ratio"] for p in last) / len(last)
+    assert mean_ratio == pytest.approx(1.01, abs=3e-3)
