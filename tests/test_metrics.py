@@ -237,3 +237,18 @@ def test_evaluate_run_applies_one_stabilised_cett(micro_run):
     last = points[-record["last"]:]
     mean_ratio = sum(p["ppl_ratio"] for p in last) / len(last)
     assert mean_ratio == pytest.approx(1.01, abs=3e-3)
+
+
+def test_exported_llama_gives_the_same_ppl_p_as_our_checkpoint(micro_run, tokens_file, tmp_path):
+    from sparsity_scaling.hf import export_llama
+
+    checkpoint = list_checkpoints(micro_run)[-1].path
+    exported = export_llama(checkpoint, tmp_path / "llama")
+    ours, theirs = tmp_path / "ours.json", tmp_path / "theirs.json"
+    for flag, path, out in (("--checkpoint", checkpoint, ours), ("--hf-model", exported, theirs)):
+        result = run_cli("evaluate", flag, str(path), "--tokens", str(tokens_file), "--json", str(out))
+        assert result.returncode == 0, result.stderr[-3000:]
+    ours, theirs = json.loads(ours.read_text()), json.loads(theirs.read_text())
+    assert theirs["dense_ppl"] == pytest.approx(ours["dense_ppl"], rel=1e-4)
+    assert theirs["activation_ratio"] == pytest.approx(ours["activation_ratio"], abs=1e-3)
+    assert theirs["cett"] == pytest.approx(ours["cett"], abs=1e-3)

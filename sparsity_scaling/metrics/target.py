@@ -6,7 +6,7 @@ Both `sparsity_scaling.model.MiniCPM` and `sparsity_scaling.hf.HFCausalLM` satis
 
 from __future__ import annotations
 
-from typing import ContextManager, Protocol, Sequence
+from typing import ContextManager, Iterator, Protocol, Sequence
 
 import torch
 
@@ -36,3 +36,6 @@ class SparsityTarget(Protocol):
 
     def token_losses(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token cross entropy [batch, seq] (fp32) of next-token prediction."""
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        """The model's (local) parameters: their device, and the cost of a forward pass."""

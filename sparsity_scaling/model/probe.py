@@ -19,7 +19,11 @@ import torch
 
 @dataclass
 class FFNTrace:
-    """What one FFN computed, shapes [seq, batch, features] with local neurons last."""
+    """What one FFN computed; features (local neurons) are the last dimension.
+
+    Our model uses [seq, batch, features]; Hugging Face models their own leading dimensions
+    ([batch, seq], or flattened tokens for OPT). Rules only rely on the last dimension.
+    """
 
     layer: int
     input: torch.Tensor  # x: the FFN input (after RMSNorm), full d_h

@@ -1,0 +1,12 @@
+"""Hugging Face interoperability: measure any local HF causal LM, export ours to Llama format.
+
+    HFCausalLM     a local Hugging Face causal LM as a `SparsityTarget`
+    export_llama   one of our checkpoints as a Llama directory, muP scalings folded in
+    load_target    our checkpoint (at any TP size) or an HF directory, as a `SparsityTarget`
+"""
+
+from .causal_lm import HFCausalLM
+from .export import export_llama
+from .load import load_target
+
+__all__ = ["HFCausalLM", "export_llama", "load_target"]
