@@ -15,7 +15,8 @@ import torch.distributed as dist
 from .config import load_config
 from .errors import UserError
 from .metrics.measure import EvalData
-from .metrics.result import thresholds_artifact, write_json_atomic
+from .files import write_json_atomic
+from .metrics.result import thresholds_artifact
 from .metrics.rules import FixedThreshold, MaxP, ReluZero, TopK, TopP
 from .metrics.search import Evaluator, check_p, critical, ppl_p, stabilised_cett
 from .parallel import init_parallel
@@ -243,6 +244,32 @@ def _evaluate_run_on_rank(args: Namespace) -> None:
 
 def _run_data(args: Namespace, checkpoint: Path) -> EvalData:
     return load_eval_data(Namespace(**{**vars(args), "checkpoint": str(checkpoint), "hf_model": None}))
+
+
+def settings(p: float = 1.0, eval_tokens: int = 65536, calibration_tokens: int = 8192, last: int = 5,
+             **extra) -> Namespace:
+    """The arguments of evaluate / evaluate-run for programmatic use (the launcher's jobs)."""
+    return Namespace(p=p, eval_tokens=eval_tokens, calibration_tokens=calibration_tokens, last=last, tp=1,
+                     json=None, seq_len=None, batch_size=8, data=None, tokens=None, hf_model=None,
+                     checkpoint=None, metric="ppl-p", **extra)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, args: Namespace) -> dict:
+    """PPL-p% of one of our checkpoints on its run's validation split (this process, TP 1)."""
+    from .hf import load_target
+
+    init_parallel(1)
+    ck = read_checkpoint(checkpoint)
+    target = load_target(checkpoint=ck.path)
+    result = ppl_p(Evaluator(target, _run_data(args, ck.path), args.calibration_tokens), args.p)
+    record = result.to_dict()
+    record["eval_tokens"] = record.pop("tokens")
+    return {"checkpoint": ck.path.name, "train_tokens": ck.tokens, "step": ck.step, **record}
+
+
+def evaluate_run(run_dir: str | Path, args: Namespace) -> None:
+    """The stabilising strategy over a run's checkpoints, in this process (TP 1)."""
+    _evaluate_run_on_rank(Namespace(**{**vars(args), "run_dir": str(run_dir)}))
 
 
 def evaluate_run_command(args: Namespace) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,20 +34,6 @@ class SparsityResult:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "sparsity_ratio": self.sparsity_ratio}
-
-
-def write_json_atomic(path: str | Path, data) -> None:
-    """Write JSON so that readers see the old file or the new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def thresholds_artifact(neuron_thresholds: dict[int, torch.Tensor], key: dict) -> dict:

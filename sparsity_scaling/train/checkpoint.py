@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import write_json_atomic, write_text_atomic
 
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
@@ -38,15 +39,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -149,6 +141,5 @@ def claim_run_dir(run_dir: str | Path, config_hash: str, config_yaml: str) -> No
     if list_checkpoints(run_dir):
         raise UserError(f"--out {run_dir}: holds checkpoints of an unknown run; choose a new directory")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml.tmp").write_text(config_yaml)
-    os.replace(run_dir / "config.yaml.tmp", run_dir / "config.yaml")
+    write_text_atomic(run_dir / "config.yaml", config_yaml)
     write_json_atomic(identity, {"config_hash": config_hash})

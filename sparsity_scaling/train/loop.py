@@ -161,8 +161,14 @@ def validation_loss(model: MiniCPM, sampler: WindowSampler, num_samples: int, mi
     return (total[0] / total[1]).item()
 
 
-def train(config: RunConfig, run_dir: str | Path, data: PreparedData) -> Path:
-    """Train (or resume) one run into run_dir; return the newest checkpoint's path."""
+def train(config: RunConfig, run_dir: str | Path, data: PreparedData, on_event=None) -> Path:
+    """Train (or resume) one run into run_dir; return the newest checkpoint's path.
+
+    `on_event(kind, path)` is called on rank 0 after points are logged ("log") and after a
+    checkpoint is complete ("checkpoint"): the launcher delivers metrics and queues
+    evaluations from it.
+    """
+    notify = on_event if (on_event is not None and dist.get_rank() == 0) else (lambda kind, path: None)
     init_parallel(config.parallel.tp)
     run_dir = Path(run_dir)
     is_main = dist.get_rank() == 0
@@ -240,6 +246,7 @@ def train(config: RunConfig, run_dir: str | Path, data: PreparedData) -> Path:
             rate = (step - start_step) * batch_tokens / max(time.time() - started, 1e-9)
             lr = base_lrs[1] * factor
             metrics.log(kind="train", step=step, tokens=tokens, loss=train_loss, lr=lr, tokens_per_s=rate)
+            notify("log", run_dir)
             if is_main:
                 eta = (total_steps - step) * batch_tokens / max(rate, 1e-9)
                 print(
@@ -253,6 +260,7 @@ def train(config: RunConfig, run_dir: str | Path, data: PreparedData) -> Path:
             path = _save(engine, config, run_dir, layout, data, step, tokens, train_loss, val)
             if is_main:
                 print(f"checkpoint {path.name} | val loss {val:.4f}", flush=True)
+            notify("checkpoint", path)
     final = list_checkpoints(run_dir)[-1].path
     dist.barrier()
     return final

@@ -1,0 +1,188 @@
+"""Grid files: a base run config, axes of overrides, and the resources of each run.
+
+    name: sparsing_law
+    base: ../models/0.1b.yaml          # relative to the grid file
+    axes:                              # a list of blocks, combined as a product
+      - product: {base: [../models/0.1b.yaml, ../models/0.2b.yaml], model.activation: [relu, silu]}
+      - zipped: {label: [wd14, wd21], model.d_model: [512, 576], model.n_layers: [36, 28]}
+      - list: [{model.d_model: 512}, {model.d_model: 768, train.lr: 0.005}]
+    overrides: {train.tokens: 2e6}     # for every run
+    points: {0.1b-relu: {train.lr: 0.005}}   # for one run, by name
+    resources: {tp: 1, dp: 1, cpus_per_worker: 1, gpus_per_worker: 0}
+    evaluation: {p: 1.0, eval_tokens: 65536, last: 5}
+    max_failures: 3
+
+Run names come from the axis values, or an axis' `label` list (no timestamps), so
+resubmitting finds the same runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from sparsity_scaling.config import RunConfig, load_config
+from sparsity_scaling.errors import UserError
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    tp: int = 1
+    dp: int = 1
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
+
+    @property
+    def workers(self) -> int:
+        return self.tp * self.dp
+
+
+class Evaluation(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    p: float = 1.0
+    eval_tokens: int = 65536
+    last: int = 5
+    calibration_tokens: int = 8192
+
+
+class GridFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    base: str
+    axes: list[dict[str, Any]] = []
+    overrides: dict[str, Any] = {}
+    points: dict[str, dict[str, Any]] = {}
+    resources: Resources = Resources()
+    evaluation: Evaluation = Evaluation()
+    max_failures: int = 3
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a grid: its name, resolved config and the tags MLflow gets."""
+
+    name: str
+    config: RunConfig
+    base: str
+    overrides: tuple[str, ...]
+
+    def tags(self, grid: str) -> dict[str, str]:
+        model = self.config.model
+        return {
+            "grid": grid,
+            "run": self.name,
+            "scale": Path(self.base).stem,
+            "activation": model.activation,
+            "width_depth_ratio": f"{model.width_depth_ratio:.1f}",
+            "params": str(model.non_embedding_params()),
+        }
+
+
+@dataclass(frozen=True)
+class Grid:
+    path: Path
+    spec: GridFile
+    runs: list[RunSpec]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def _block_points(block: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    if len(block) != 1:
+        raise UserError(f"{where}: each axis block is one of product, zipped or list")
+    (kind, body), = block.items()
+    if kind == "list":
+        if not isinstance(body, list) or not all(isinstance(p, dict) for p in body):
+            raise UserError(f"{where}.list: expected a list of mappings")
+        return list(body)
+    if not isinstance(body, dict) or not all(isinstance(v, list) and v for v in body.values()):
+        raise UserError(f"{where}.{kind}: expected a mapping of keys to non-empty lists")
+    keys = list(body)
+    if kind == "product":
+        return [dict(zip(keys, values)) for values in itertools.product(*body.values())]
+    if kind == "zipped":
+        lengths = {len(v) for v in body.values()}
+        if len(lengths) != 1:
+            raise UserError(f"{where}.zipped: all lists must have the same length")
+        return [dict(zip(keys, values)) for values in zip(*body.values())]
+    raise UserError(f"{where}: unknown axis kind {kind!r} (product, zipped or list)")
+
+
+def _label(value: Any) -> str:
+    text = Path(value).stem if isinstance(value, str) and value.endswith(".yaml") else str(value)
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", text)
+
+
+def _named(point: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A point's name part ('label' if given, else its values) and its overrides."""
+    point = dict(point)
+    label = point.pop("label", None)
+    return (_label(label) if label is not None else "-".join(_label(v) for v in point.values())), point
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Parse, expand and validate a grid file; every error names the file and the field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such grid file") from None
+    except yaml.YAMLError as error:
+        raise UserError(f"{path}: cannot read YAML ({str(error).splitlines()[0]})") from None
+    try:
+        spec = GridFile.model_validate(raw if isinstance(raw, dict) else {})
+    except ValidationError as error:
+        item = error.errors()[0]
+        raise UserError(f"{path}: {'.'.join(map(str, item['loc']))}: {item['msg']}") from None
+
+    points: list[tuple[str, dict[str, Any]]] = [("", {})]
+    for index, block in enumerate(spec.axes):
+        more = [_named(p) for p in _block_points(block, f"{path}: axes[{index}]")]
+        points = [("-".join(filter(None, (na, nb))), {**a, **b}) for na, a in points for nb, b in more]
+
+    runs, seen = [], {}
+    for name, point in points:
+        name = name or "run"
+        if name in seen:
+            raise UserError(f"{path}: runs {seen[name]} and {point} would share the output directory {name}")
+        seen[name] = point
+        base = str((path.parent / point.get("base", spec.base)).resolve())
+        values = {**spec.overrides, **{k: v for k, v in point.items() if k != "base"}, **spec.points.get(name, {})}
+        values["parallel.tp"] = spec.resources.tp
+        overrides = tuple(f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                          for k, v in values.items())
+        try:
+            config = load_config(base, list(overrides))
+        except UserError as error:
+            raise UserError(f"{path}: run {name}: {error}") from None
+        runs.append(RunSpec(name, config, base, overrides))
+    unknown = set(spec.points) - set(seen)
+    if unknown:
+        raise UserError(f"{path}: points: {sorted(unknown)} match no run of the grid")
+    return Grid(path, spec, runs)
+
+
+def plan_table(grid: Grid) -> str:
+    """What `grid plan` prints: one line per run with its size and token budget."""
+    res = grid.spec.resources
+    lines = [
+        f"grid {grid.name}: {len(grid.runs)} runs, each {res.workers} workers "
+        f"(tp {res.tp} x dp {res.dp}; {res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU per worker)",
+        f"{'run':<28}{'activation':>11}{'d_model':>9}{'layers':>8}{'w/d':>8}{'params':>12}{'tokens':>12}{'tok/param':>11}",
+    ]
+    for run in grid.runs:
+        m, t = run.config.model, run.config.train
+        params = m.non_embedding_params()
+        lines.append(
+            f"{run.name:<28}{m.activation:>11}{m.d_model:>9}{m.n_layers:>8}{m.width_depth_ratio:>8.1f}"
+            f"{params:>12.3e}{t.tokens:>12.3e}{t.tokens / params:>11.1f}"
+        )
+    return "\n".join(lines)

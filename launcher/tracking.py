@@ -1,0 +1,245 @@
+"""MLflow: the local tracking server, one parent run per grid, one child run per training
+run, and the delivery of a run's points from its files.
+
+A run's files are the source of truth (metrics.jsonl, evaluations/, sparsity.json); MLflow
+mirrors them. `sync_run` delivers whatever is new since its cursor, under a file lock, so
+any process may call it at any time: a point is logged exactly once, and points produced
+while the server is unreachable are delivered by a later call.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+from sparsity_scaling.errors import UserError
+from sparsity_scaling.files import write_json_atomic
+
+SERVER_FILE = "server.json"
+
+
+def _healthy(uri: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def start_local_server(workdir: Path, timeout: float = 120) -> str:
+    """Start (or reuse) an MLflow server on 127.0.0.1 backed by SQLite under workdir/mlflow."""
+    root = (workdir / "mlflow").resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    record = root / SERVER_FILE
+    if record.is_file():
+        uri = json.loads(record.read_text())["uri"]
+        if _healthy(uri):
+            return uri
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    mlflow = Path(sys.executable).with_name("mlflow")
+    log = open(root / "server.log", "ab")
+    process = subprocess.Popen(
+        [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=log, start_new_session=True,
+    )
+    deadline = time.time() + timeout
+    while not _healthy(uri):
+        if process.poll() is not None or time.time() > deadline:
+            raise UserError(f"the local MLflow server did not start; see {root / 'server.log'}")
+        time.sleep(0.5)
+    write_json_atomic(record, {"uri": uri, "pid": process.pid})
+    return uri
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail early, in one line, if MLflow cannot be reached at `uri`."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as error:  # MLflow raises many types for a bad URI
+        message = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise UserError(f"MLflow tracking URI {uri}: cannot be opened ({message})") from None
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _find_run(mlflow, experiment_id: str, tags: dict[str, str]) -> str | None:
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    found = mlflow.search_runs([experiment_id], filter_string=query, max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def parent_run(uri: str, grid) -> str:
+    """The grid's parent run (found by its tags, created once)."""
+    mlflow = client(uri)
+    experiment = mlflow.get_experiment_by_name(grid.name)
+    experiment_id = experiment.experiment_id if experiment else mlflow.create_experiment(grid.name)
+    tags = {"sparsity_scaling.grid": grid.name, "sparsity_scaling.role": "parent"}
+    run_id = _find_run(mlflow, experiment_id, tags)
+    if run_id is None:
+        run_id = mlflow.create_run(experiment_id, run_name=grid.name, tags=tags).info.run_id
+        mlflow.log_text(run_id, Path(grid.path).read_text(), "grid.yaml")
+    return run_id
+
+
+def child_run(uri: str, grid, spec, parent_id: str, run_dir: Path) -> str:
+    """The run's MLflow run: the id kept in its directory, so a resumed run logs into it."""
+    id_file = run_dir / "mlflow_run.json"
+    if id_file.is_file():
+        return json.loads(id_file.read_text())["run_id"]
+    mlflow = client(uri)
+    experiment_id = mlflow.get_experiment_by_name(grid.name).experiment_id
+    tags = {"sparsity_scaling.grid": grid.name, "sparsity_scaling.run": spec.name}
+    run_id = _find_run(mlflow, experiment_id, tags)
+    if run_id is None:
+        all_tags = {**tags, **spec.tags(grid.name), "mlflow.parentRunId": parent_id}
+        run_id = mlflow.create_run(experiment_id, run_name=spec.name, tags=all_tags).info.run_id
+        from mlflow.entities import Param
+
+        flat = _flatten(spec.config.model_dump(mode="json"))
+        mlflow.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in flat.items()])
+        mlflow.log_text(run_id, spec.config.to_yaml(), "config.yaml")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(id_file, {"run_id": run_id, "tracking_uri": uri})
+    return run_id
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# ---------------------------------------------------------------- delivery
+
+
+@contextmanager
+def _locked(run_dir: Path, wait: bool):
+    handle = open(run_dir / "mlflow.lock", "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        handle.close()
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def _pending_points(run_dir: Path, cursor: dict) -> tuple[list[tuple[str, float, int]], dict]:
+    """(key, value, step) of every point newer than the cursor, and the advanced cursor."""
+    points, new = [], dict(cursor)
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            if not line.strip():
+                continue
+            point = json.loads(line)
+            kind, tokens = point["kind"], point["tokens"]
+            if tokens <= cursor.get(kind, -1):
+                continue  # delivered before (a resumed run reproduces it exactly)
+            if kind == "train":
+                points += [("train_loss", point["loss"], tokens), ("lr", point["lr"], tokens),
+                           ("tokens_per_s", point["tokens_per_s"], tokens)]
+            else:
+                points.append(("val_loss", point["loss"], tokens))
+            new[kind] = max(new.get(kind, -1), tokens)
+    evaluations = run_dir / "evaluations"
+    if evaluations.is_dir():
+        for file in sorted(evaluations.glob("tokens_*.json")):
+            result = json.loads(file.read_text())
+            tokens = result["train_tokens"]
+            if tokens <= cursor.get("checkpoint_eval", -1):
+                continue
+            points += [("activation_ratio_checkpoint", result["activation_ratio"], tokens),
+                       ("cett_checkpoint", result["cett"], tokens),
+                       ("ppl_ratio_checkpoint", result["ppl_ratio"], tokens)]
+            new["checkpoint_eval"] = max(new.get("checkpoint_eval", -1), tokens)
+    stabilised = run_dir / "sparsity.json"
+    if stabilised.is_file() and not cursor.get("stabilised"):
+        record = json.loads(stabilised.read_text())
+        for point in record["checkpoints"]:
+            tokens = point["tokens"]
+            points += [("activation_ratio", point["activation_ratio"], tokens), ("cett", record["cett"], tokens),
+                       ("ppl_ratio", point["ppl_ratio"], tokens)]
+            points += [(f"layer_activation_ratio/{i}", r, tokens)
+                       for i, r in enumerate(point["layer_activation_ratios"])]
+        new["stabilised"] = True
+    return points, new
+
+
+def sync_run(run_dir: str | Path, wait: bool = False) -> bool:
+    """Deliver the run's new points to its MLflow run. False if the server is unreachable
+    (nothing is lost: the cursor only moves after a successful delivery)."""
+    from mlflow.entities import Metric
+
+    run_dir = Path(run_dir)
+    id_file = run_dir / "mlflow_run.json"
+    if not id_file.is_file():
+        return False
+    identity = json.loads(id_file.read_text())
+    cursor_file = run_dir / "mlflow_cursor.json"
+    with _locked(run_dir, wait) as acquired:
+        if not acquired:
+            return True  # another process is delivering right now
+        cursor = json.loads(cursor_file.read_text()) if cursor_file.is_file() else {}
+        points, new = _pending_points(run_dir, cursor)
+        if not points and new == cursor:
+            return True
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), now, int(step)) for key, value, step in points]
+        try:
+            mlflow = client(identity["tracking_uri"])
+            for i in range(0, len(metrics), 900):
+                mlflow.log_batch(identity["run_id"], metrics=metrics[i : i + 900])
+            if new.get("stabilised") and not cursor.get("stabilised"):
+                mlflow.log_artifact(identity["run_id"], str(run_dir / "sparsity.json"))
+        except Exception as error:  # the server is down or unreachable: try again later
+            print(f"MLflow delivery for {run_dir.name} postponed: {str(error).splitlines()[0][:160]}",
+                  file=sys.stderr, flush=True)
+            return False
+        write_json_atomic(cursor_file, new)
+        return True
+
+
+def sync_until_delivered(run_dir: Path, timeout: float = 600) -> bool:
+    """At the end of a run: keep trying while the server is away, up to `timeout` seconds."""
+    deadline = time.time() + timeout
+    delay = 1.0
+    while not sync_run(run_dir, wait=True):
+        if time.time() > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 30)
+    return True
+
+
+def tracking_uri_for(workdir: Path) -> str:
+    """MLFLOW_TRACKING_URI if set (a shared server), else the local server of this workdir."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return uri if uri else start_local_server(workdir)
