@@ -75,3 +75,18 @@ def write_curves(curves: dict, metric: str, out: str | Path) -> None:
         tmp.replace(out)
     else:
         raise UserError(f"--out {out}: expected a .csv, .json or .png file")
+
+
+def mlflow_curves(uri: str, experiment: str, filter_string: str = "") -> dict:
+    """The law tools' MLflow source: {name: laws.io.Curve} of the stabilised activation curves."""
+    from sparsity_scaling.laws.io import Curve
+
+    curves = {}
+    for name, curve in query_curves(uri, experiment, filter_string).items():
+        tags = curve["tags"]
+        curves[name] = Curve(
+            name, curve["token_passed"], curve["activation_ratio"], activation=tags.get("activation"),
+            params=float(tags["params"]) if tags.get("params") else None,
+            width_depth_ratio=float(tags["width_depth_ratio"]) if tags.get("width_depth_ratio") else None,
+        )
+    return curves

@@ -38,7 +38,26 @@ def evaluate_run_task(run_dir: str, evaluation: dict) -> None:
     from sparsity_scaling.evaluate import evaluate_run, settings
 
     evaluate_run(run_dir, settings(**evaluation))
+    plot_run(Path(run_dir))
     sync_run(run_dir)
+
+
+def plot_run(run_dir: Path) -> None:
+    """activation_curve.png: stabilised and per-checkpoint PPL-1% against training tokens."""
+    import json
+
+    from .curves import write_curves
+
+    stabilised = json.loads((run_dir / "sparsity.json").read_text())["checkpoints"]
+    curves = {"stabilised CETT": {"token_passed": [p["tokens"] for p in stabilised],
+                                  "activation_ratio": [p["activation_ratio"] for p in stabilised], "tags": {}}}
+    evaluations = run_dir / "evaluations"
+    files = evaluations.glob("tokens_*.json") if evaluations.is_dir() else []
+    singles = sorted((json.loads(f.read_text()) for f in files), key=lambda r: r["train_tokens"])
+    if singles:
+        curves["per-checkpoint CETT"] = {"token_passed": [r["train_tokens"] for r in singles],
+                                         "activation_ratio": [r["activation_ratio"] for r in singles], "tags": {}}
+    write_curves(curves, "activation_ratio", run_dir / "activation_curve.png")
 
 
 @ray.remote(num_cpus=0, max_concurrency=4)

@@ -21,7 +21,7 @@ from sparsity_scaling.errors import UserError
 from sparsity_scaling.train.checkpoint import list_checkpoints
 
 from .grid import Grid, RunSpec, load_grid
-from .tracking import check_tracking_uri, child_run, parent_run, sync_run, sync_until_delivered, tracking_uri_for
+from .tracking import check_tracking_uri, child_run, parent_run, sync_run, sync_until_delivered, tracking
 
 
 def run_dir_of(workdir: Path, spec: RunSpec) -> Path:
@@ -39,6 +39,9 @@ def connect_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     if not address or address == "local":
+        # A single-machine instance: keep Ray on the loopback interface (Ray's switch for
+        # laptop clusters), so the embedded default opens nothing to the network.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(include_dashboard=False, log_to_driver=True)
         return
     if address != "auto" and not address.startswith("ray://"):
@@ -133,23 +136,23 @@ def _run_trial(params: dict, specs: dict, grid_spec, workdir: str) -> dict:
 def submit(grid_path: str, address: str | None = None, workdir: str | None = None) -> Path:
     grid = load_grid(grid_path)
     workdir_path = Path(workdir or Path("runs") / grid.name).resolve()
-    uri = tracking_uri_for(workdir_path)
-    check_tracking_uri(uri)
-    connect_ray(address)
-    check_resources(grid)
-    parent = parent_run(uri, grid)
-    for spec in grid.runs:
-        child_run(uri, grid, spec, parent, run_dir_of(workdir_path, spec))
-    print(f"grid {grid.name}: {len(grid.runs)} runs, workdir {workdir_path}, MLflow {uri}", flush=True)
-    trial = tune.with_parameters(
-        _run_trial, specs={s.name: s for s in grid.runs}, grid_spec=grid.spec, workdir=str(workdir_path)
-    )
-    tuner = tune.Tuner(
-        tune.with_resources(trial, {"CPU": 0.01}),
-        param_space={"run": tune.grid_search([s.name for s in grid.runs])},
-        run_config=tune.RunConfig(name=grid.name, storage_path=str(workdir_path / "ray"), verbose=1),
-    )
-    results = tuner.fit()
+    with tracking(workdir_path) as uri:
+        check_tracking_uri(uri)
+        connect_ray(address)
+        check_resources(grid)
+        parent = parent_run(uri, grid)
+        for spec in grid.runs:
+            child_run(uri, grid, spec, parent, run_dir_of(workdir_path, spec))
+        print(f"grid {grid.name}: {len(grid.runs)} runs, workdir {workdir_path}, MLflow {uri}", flush=True)
+        trial = tune.with_parameters(
+            _run_trial, specs={s.name: s for s in grid.runs}, grid_spec=grid.spec, workdir=str(workdir_path)
+        )
+        tuner = tune.Tuner(
+            tune.with_resources(trial, {"CPU": 0.01}),
+            param_space={"run": tune.grid_search([s.name for s in grid.runs])},
+            run_config=tune.RunConfig(name=grid.name, storage_path=str(workdir_path / "ray"), verbose=1),
+        )
+        results = tuner.fit()
     failed = [r for r in results if r.error]
     if failed:
         raise UserError(f"{len(failed)} of {len(grid.runs)} runs failed: {failed[0].error}".splitlines()[0])

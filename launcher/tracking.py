@@ -35,25 +35,36 @@ def _healthy(uri: str) -> bool:
 
 
 def start_local_server(workdir: Path, timeout: float = 120) -> str:
-    """Start (or reuse) an MLflow server on 127.0.0.1 backed by SQLite under workdir/mlflow."""
+    """Start (or reuse) an MLflow server on 127.0.0.1 backed by SQLite under workdir/mlflow.
+
+    A restarted server takes its old port again when it is free, so the runs' recorded
+    tracking URI stays valid and postponed points reach it.
+    """
     root = (workdir / "mlflow").resolve()
     root.mkdir(parents=True, exist_ok=True)
     record = root / SERVER_FILE
+    port = 0
     if record.is_file():
         uri = json.loads(record.read_text())["uri"]
         if _healthy(uri):
             return uri
+        port = int(uri.rsplit(":", 1)[1])
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     uri = f"http://127.0.0.1:{port}"
     mlflow = Path(sys.executable).with_name("mlflow")
     log = open(root / "server.log", "ab")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job runner
     process = subprocess.Popen(
         [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=log, start_new_session=True,
+        stdout=log, stderr=log, start_new_session=True, env=env,
     )
     deadline = time.time() + timeout
     while not _healthy(uri):
@@ -64,10 +75,47 @@ def start_local_server(workdir: Path, timeout: float = 120) -> str:
     return uri
 
 
+def _reachable(uri: str) -> bool:
+    """A quick look before MLflow's own client, which retries for minutes when a server is away."""
+    return not uri.startswith(("http://", "https://")) or _healthy(uri)
+
+
+def stop_local_server(workdir: Path) -> None:
+    """Stop the workdir's MLflow server (its whole process group) if it runs."""
+    import signal
+
+    record = (workdir / "mlflow" / SERVER_FILE).resolve()
+    if record.is_file():
+        try:
+            os.killpg(json.loads(record.read_text())["pid"], signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+@contextmanager
+def tracking(workdir: Path):
+    """The tracking URI for a command: $MLFLOW_TRACKING_URI, or the workdir's local server,
+    started for the command and stopped after it if it was not already running."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        yield uri
+        return
+    record = workdir / "mlflow" / SERVER_FILE
+    was_running = record.is_file() and _healthy(json.loads(record.read_text())["uri"])
+    uri = start_local_server(workdir)
+    try:
+        yield uri
+    finally:
+        if not was_running:
+            stop_local_server(workdir)
+
+
 def check_tracking_uri(uri: str) -> None:
     """Fail early, in one line, if MLflow cannot be reached at `uri`."""
     from mlflow.tracking import MlflowClient
 
+    if not _reachable(uri):
+        raise UserError(f"MLflow tracking URI {uri}: cannot be opened (no server answers there)")
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as error:  # MLflow raises many types for a bad URI
@@ -195,7 +243,12 @@ def _pending_points(run_dir: Path, cursor: dict) -> tuple[list[tuple[str, float,
 
 def sync_run(run_dir: str | Path, wait: bool = False) -> bool:
     """Deliver the run's new points to its MLflow run. False if the server is unreachable
-    (nothing is lost: the cursor only moves after a successful delivery)."""
+    (nothing is lost: the cursor only moves after a successful delivery).
+
+    A delivery cut short after the server took the points but before the cursor moved
+    (a killed process) is marked in flight; the next call skips the points MLflow already
+    holds, so no point is logged twice.
+    """
     from mlflow.entities import Metric
 
     run_dir = Path(run_dir)
@@ -207,23 +260,33 @@ def sync_run(run_dir: str | Path, wait: bool = False) -> bool:
     with _locked(run_dir, wait) as acquired:
         if not acquired:
             return True  # another process is delivering right now
-        cursor = json.loads(cursor_file.read_text()) if cursor_file.is_file() else {}
+        state = json.loads(cursor_file.read_text()) if cursor_file.is_file() else {"delivered": {}}
+        cursor = state["delivered"]
         points, new = _pending_points(run_dir, cursor)
         if not points and new == cursor:
             return True
-        now = int(time.time() * 1000)
-        metrics = [Metric(key, float(value), now, int(step)) for key, value, step in points]
         try:
+            if not _reachable(identity["tracking_uri"]):
+                raise ConnectionError(f"no MLflow server answers at {identity['tracking_uri']}")
             mlflow = client(identity["tracking_uri"])
+            if state.get("in_flight"):
+                held = {(key, m.step) for key in {p[0] for p in points}
+                        for m in mlflow.get_metric_history(identity["run_id"], key)}
+                points = [p for p in points if (p[0], int(p[2])) not in held]
+            write_json_atomic(cursor_file, {"delivered": cursor, "in_flight": True})
+            now = int(time.time() * 1000)
+            metrics = [Metric(key, float(value), now, int(step)) for key, value, step in points]
             for i in range(0, len(metrics), 900):
                 mlflow.log_batch(identity["run_id"], metrics=metrics[i : i + 900])
             if new.get("stabilised") and not cursor.get("stabilised"):
-                mlflow.log_artifact(identity["run_id"], str(run_dir / "sparsity.json"))
+                for artifact in ("sparsity.json", "activation_curve.png"):  # thresholds, curve plot
+                    if (run_dir / artifact).is_file():
+                        mlflow.log_artifact(identity["run_id"], str(run_dir / artifact))
         except Exception as error:  # the server is down or unreachable: try again later
             print(f"MLflow delivery for {run_dir.name} postponed: {str(error).splitlines()[0][:160]}",
                   file=sys.stderr, flush=True)
             return False
-        write_json_atomic(cursor_file, new)
+        write_json_atomic(cursor_file, {"delivered": new, "in_flight": False})
         return True
 
 
@@ -237,9 +300,3 @@ def sync_until_delivered(run_dir: Path, timeout: float = 600) -> bool:
         time.sleep(delay)
         delay = min(delay * 2, 30)
     return True
-
-
-def tracking_uri_for(workdir: Path) -> str:
-    """MLFLOW_TRACKING_URI if set (a shared server), else the local server of this workdir."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    return uri if uri else start_local_server(workdir)

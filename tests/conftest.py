@@ -10,6 +10,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Ray in the tests: one node on the loopback interface, no token handshake between the
+# test's `ray start` and the CLI processes it starts.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 MICRO = REPO / "configs" / "models" / "micro.yaml"
 
 

@@ -60,10 +60,11 @@ def gentle_reference(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("nproc, tp", [(2, 1), (2, 2)], ids=["dp2", "tp2"])
-def test_parallel_layouts_match_one_process(gentle_reference, tmp_path, nproc, tp):
+@pytest.mark.parametrize("nproc, tp, zero", [(2, 1, 0), (2, 2, 0), (2, 1, 2)], ids=["dp2", "tp2", "dp2-zero2"])
+def test_parallel_layouts_match_one_process(gentle_reference, tmp_path, nproc, tp, zero):
     out = tmp_path / "run"
-    result = run_cli("train", str(MICRO), "--out", str(out), "--nproc", str(nproc), "--tp", str(tp), *GENTLE)
+    result = run_cli("train", str(MICRO), "--out", str(out), "--nproc", str(nproc), "--tp", str(tp), *GENTLE,
+                     "--set", f"train.zero_stage={zero}")
     assert result.returncode == 0, result.stderr[-3000:]
     ours, reference = _points(out, "train"), _points(gentle_reference, "train")
     assert ours.keys() == reference.keys()

@@ -7,12 +7,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 from launcher.curves import query_curves, write_curves
+from launcher.tracking import tracking
 from sparsity_scaling.errors import UserError
 
 
@@ -26,15 +25,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="FILE.csv, FILE.json or FILE.png")
     args = parser.parse_args(argv)
     try:
-        uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        if not uri:
-            record = Path(args.workdir or Path("runs") / args.experiment) / "mlflow" / "server.json"
-            if not record.is_file():
-                raise UserError(f"no --tracking-uri and no local MLflow server record at {record}")
-            from launcher.tracking import start_local_server
-
-            uri = start_local_server(record.parent.parent)
-        curves = query_curves(uri, args.experiment, args.filter, args.metric)
+        if args.tracking_uri:
+            curves = query_curves(args.tracking_uri, args.experiment, args.filter, args.metric)
+        else:
+            workdir = Path(args.workdir or Path("runs") / args.experiment)
+            if not (workdir / "mlflow").is_dir():
+                raise UserError(f"no --tracking-uri and no local MLflow store under {workdir}")
+            with tracking(workdir) as uri:
+                curves = query_curves(uri, args.experiment, args.filter, args.metric)
         write_curves(curves, args.metric, args.out)
     except UserError as error:
         print(f"curves.py: error: {error}", file=sys.stderr)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import analysis, report
 from .curvefit import DEFAULT_WINDOW, LEVEL, N_BOOTSTRAP, Window, fit_curves
+from ..errors import UserError
 from .errors import LawError
 from .fitted import read_fit_file
 from .io import file_source, json_text, write_json
@@ -32,7 +33,7 @@ def _run(parser: ToolParser, body, argv) -> int:
     args = parser.parse_args(argv)
     try:
         body(args)
-    except LawError as error:
+    except UserError as error:  # LawError, and the MLflow source's errors
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:
@@ -75,9 +76,10 @@ def fit_parser() -> ToolParser:
         description="Fit the sparsing law of each model's activation-ratio curve, with bootstrap "
                     "intervals and the logarithmic and sigmoid alternatives on the same points.",
     )
-    parser.add_argument("inputs", nargs="+", metavar="DIR|FILE",
+    parser.add_argument("inputs", nargs="*", metavar="DIR|FILE",
                         help="JSON curves in the reference format (a directory of them, each file "
                              "one model named by its stem) or CSV (model,tokens,activation_ratio)")
+    _mlflow_arguments(parser)
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="the paper's windows and published coefficients for its models")
     window = parser.add_mutually_exclusive_group()
@@ -98,6 +100,31 @@ def fit_parser() -> ToolParser:
     return parser
 
 
+def _mlflow_arguments(parser) -> None:
+    group = parser.add_argument_group("curves from MLflow (a grid's experiment)")
+    group.add_argument("--experiment", metavar="NAME", help="the grid's MLflow experiment")
+    group.add_argument("--filter", default="", help="MLflow search filter, e.g. \"tags.activation = 'relu'\"")
+    group.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else the workdir's local MLflow")
+    group.add_argument("--workdir", help="the grid's workdir (default runs/NAME)")
+
+
+def _curves(args) -> dict:
+    """Curves from the input files and, with --experiment, from MLflow."""
+    if not args.inputs and not args.experiment:
+        raise LawError("give input files or directories, or --experiment NAME")
+    curves = file_source(args.inputs)() if args.inputs else {}
+    if args.experiment:
+        from launcher.curves import mlflow_curves
+        from launcher.tracking import tracking
+
+        if args.tracking_uri:
+            curves.update(mlflow_curves(args.tracking_uri, args.experiment, args.filter))
+        else:
+            with tracking(Path(args.workdir or Path("runs") / args.experiment)) as uri:
+                curves.update(mlflow_curves(uri, args.experiment, args.filter))
+    return curves
+
+
 def _window(args) -> Window:
     if args.drop_first is not None:
         return Window(drop_first=args.drop_first)
@@ -114,7 +141,7 @@ def _table_order(fitted):
 
 
 def _fit(args) -> None:
-    curves = file_source(args.inputs)()
+    curves = _curves(args)
     fits = fit_curves(curves, _window(args), PRESETS.get(args.preset), n_bootstrap=args.bootstrap,
                       level=args.level, seed=args.seed)
     fits = dict(sorted(fits.items(), key=lambda item: _table_order(item[1].fitted)))
@@ -152,7 +179,12 @@ def predict_parser() -> ToolParser:
                     "(ReLU: falls below it; SiLU: rises above it), from a fit file.",
     )
     parser.add_argument("--target", type=float, required=True, help="activation ratio in (0, 1)")
-    parser.add_argument("--law", required=True, metavar="FIT.json", help="written by fit_laws.py")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--law", metavar="FIT.json", help="written by fit_laws.py")
+    source.add_argument("--experiment", metavar="NAME", help="fit the curves of a grid's MLflow runs first")
+    parser.add_argument("--filter", default="", help="with --experiment: MLflow search filter")
+    parser.add_argument("--tracking-uri", help="with --experiment: default $MLFLOW_TRACKING_URI or the workdir's")
+    parser.add_argument("--workdir", help="with --experiment: the grid's workdir (default runs/NAME)")
     parser.add_argument("--model", metavar="NAME", help="only this model")
     parser.add_argument("--json", nargs="?", const="-", metavar="OUT",
                         help="write JSON (to OUT, or stdout without it) instead of the table")
@@ -161,7 +193,12 @@ def predict_parser() -> ToolParser:
 
 def _predict(args) -> None:
     target = check_target(args.target)
-    laws = read_fit_file(args.law)
+    if args.law:
+        laws = read_fit_file(args.law)
+    else:
+        args.inputs = []
+        fits = fit_curves(_curves(args), DEFAULT_WINDOW)
+        laws = {name: result.fitted for name, result in fits.items()}
     if args.model is not None:
         if args.model not in laws:
             raise LawError(f"{args.law}: no model {args.model!r} (models: {', '.join(laws)})")

@@ -1,0 +1,204 @@
+"""The launcher on a real local Ray instance and a real MLflow server on SQLite."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import REPO, run_cli
+from sparsity_scaling.parallel import free_port
+from sparsity_scaling.train.checkpoint import list_checkpoints
+
+GRID = REPO / "configs" / "grids" / "cpu_test.yaml"
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory):
+    """One local Ray instance for every test that needs one (a start costs 10-30 s)."""
+    port = free_port()
+    ray = str(Path(sys.executable).with_name("ray"))
+    temp = tmp_path_factory.mktemp("ray")
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                    "--disable-usage-stats", f"--temp-dir={temp}"], check=True, capture_output=True, timeout=180)
+    yield f"127.0.0.1:{port}"
+    subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def _same_points(logged, expected) -> None:
+    assert [s for s, _ in logged] == [s for s, _ in expected]
+    assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6)
+
+
+def _history(workdir: Path, experiment: str) -> dict:
+    """Every run's tags and metric histories, read back through the grid's MLflow server."""
+    from mlflow.tracking import MlflowClient
+
+    from launcher.tracking import tracking
+
+    with tracking(workdir) as uri:
+        mlflow = MlflowClient(uri)
+        exp = mlflow.get_experiment_by_name(experiment)
+        out = {}
+        for run in mlflow.search_runs([exp.experiment_id]):
+            metrics = {
+                key: [(m.step, m.value) for m in sorted(mlflow.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+                for key in run.data.metrics
+            }
+            out[run.info.run_name] = {"tags": run.data.tags, "metrics": metrics, "id": run.info.run_id}
+    return out
+
+
+@pytest.fixture(scope="module")
+def grid_run(ray_address, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("grid") / "work"
+    result = run_cli("grid", "submit", str(GRID), "--address", ray_address, "--workdir", str(workdir), timeout=900)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    return workdir
+
+
+def test_grid_trains_evaluates_and_mirrors_everything_in_mlflow(grid_run):
+    runs = _history(grid_run, "cpu_test")
+    parent = runs.pop("cpu_test")
+    assert set(runs) == {"relu", "silu"}
+    for name, run in runs.items():
+        assert run["tags"]["mlflow.parentRunId"] == parent["id"]
+        assert run["tags"]["activation"] == name and run["tags"]["grid"] == "cpu_test"
+        run_dir = grid_run / "runs" / name
+        stabilised = json.loads((run_dir / "sparsity.json").read_text())
+        expected = [(p["tokens"], p["activation_ratio"]) for p in stabilised["checkpoints"]]
+        _same_points(run["metrics"]["activation_ratio"], expected)
+        assert [s for s, _ in expected] == [c.tokens for c in list_checkpoints(run_dir)]
+        per_checkpoint = sorted(json.loads(f.read_text())["activation_ratio"] for f in (run_dir / "evaluations").glob("*.json"))
+        assert sorted(v for _, v in run["metrics"]["activation_ratio_checkpoint"]) == pytest.approx(per_checkpoint)
+        train = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+        _same_points(run["metrics"]["train_loss"], [(p["tokens"], p["loss"]) for p in train])
+    status = run_cli("grid", "status", str(GRID), "--workdir", str(grid_run))
+    assert status.returncode == 0 and status.stdout.count(" done ") == 2
+    assert not any("mlflow" in " ".join(p.info["cmdline"] or []) and str(grid_run) in " ".join(p.info["cmdline"] or [])
+                   for p in psutil.process_iter(["cmdline"])), "the grid's MLflow server outlived the command"
+
+
+def test_curves_and_laws_read_the_grid_from_mlflow(grid_run, tmp_path):
+    out = tmp_path / "curves.csv"
+    result = subprocess.run([sys.executable, "tools/curves.py", "--experiment", "cpu_test", "--workdir", str(grid_run),
+                             "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = out.read_text().splitlines()
+    stabilised = json.loads((grid_run / "runs" / "relu" / "sparsity.json").read_text())["checkpoints"]
+    relu_rows = [r.split(",") for r in rows[1:] if r.startswith("relu,")]
+    assert [(int(r[1]), float(r[2])) for r in relu_rows] == [(p["tokens"], pytest.approx(p["activation_ratio"])) for p in stabilised]
+    png = tmp_path / "curves.png"
+    assert subprocess.run([sys.executable, "tools/curves.py", "--experiment", "cpu_test", "--workdir", str(grid_run),
+                           "--out", str(png)], capture_output=True, cwd=REPO, timeout=300).returncode == 0
+    assert png.stat().st_size > 10_000
+
+
+def test_resubmitting_is_a_no_op(grid_run, ray_address):
+    before = _history(grid_run, "cpu_test")
+    result = run_cli("grid", "submit", str(GRID), "--address", ray_address, "--workdir", str(grid_run), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ETA" not in result.stdout + result.stderr  # nothing trained again
+    after = _history(grid_run, "cpu_test")
+    assert {k: v["metrics"] for k, v in after.items()} == {k: v["metrics"] for k, v in before.items()}
+
+
+def test_killed_worker_is_restarted_and_the_trajectory_is_unchanged(grid_run, ray_address, tmp_path):
+    grid = tmp_path / "relu_only.yaml"  # the cpu_test grid's ReLU run alone: its only worker is ours
+    grid.write_text(GRID.read_text().replace("name: cpu_test", "name: kill_test").replace(
+        "../models/micro.yaml", str(REPO / "configs/models/micro.yaml")).replace("[relu, silu]", "[relu]"))
+    workdir = tmp_path / "work"
+    command = [sys.executable, "-m", "sparsity_scaling.cli", "grid", "submit", str(grid),
+               "--address", ray_address, "--workdir", str(workdir)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = workdir / "runs" / "relu"
+    deadline, killed = time.time() + 600, None
+    while killed is None and time.time() < deadline and process.poll() is None:
+        if len(list_checkpoints(run_dir)) >= 2:
+            for proc in psutil.process_iter(["cmdline"]):
+                if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                    killed = proc.pid
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+        time.sleep(0.02)
+    output, _ = process.communicate(timeout=900)
+    assert killed is not None, "no training worker was found to kill"
+    assert process.returncode == 0, output[-4000:]
+    assert len(list_checkpoints(run_dir)) == len(list_checkpoints(grid_run / "runs" / "relu"))
+    def trajectory(path):  # everything but the wall-clock throughput
+        points = [json.loads(l) for l in (path / "metrics.jsonl").read_text().splitlines()]
+        return [(p["kind"], p["step"], p["loss"], p.get("lr")) for p in points]
+
+    assert trajectory(run_dir) == trajectory(grid_run / "runs" / "relu")  # exactly, and no point twice
+    for run in _history(workdir, "kill_test").values():
+        for key, points in run["metrics"].items():
+            steps = [s for s, _ in points]
+            assert len(steps) == len(set(steps)), (key, steps)
+
+
+@pytest.mark.parametrize(
+    "grid_text, message",
+    [
+        ("name: g\nbase: ../models/micro.yaml\naxes: [{product: {model.activaton: [relu]}}]\n", "model.activaton"),
+        ("name: g\nbase: ../models/micro.yaml\naxes: [{list: [{train.lr: 0.1}, {train.lr: 0.1}]}]\n", "share the output directory"),
+        ("name: g\nbase: ../models/micro.yaml\naxes: [{triangle: {train.lr: [1]}}]\n", "unknown axis kind"),
+    ],
+)
+def test_invalid_grids_are_refused_before_anything_runs(tmp_path, grid_text, message):
+    grid = REPO / "configs" / "grids" / f".test-{os.getpid()}-{abs(hash(grid_text))}.yaml"
+    grid.write_text(grid_text)
+    try:
+        result = run_cli("grid", "plan", str(grid))
+    finally:
+        grid.unlink()
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_unreachable_ray_and_mlflow_are_clear_errors(tmp_path, ray_address):
+    dead = f"127.0.0.1:{free_port()}"
+    result = run_cli("grid", "submit", str(GRID), "--address", dead, "--workdir", str(tmp_path / "w"))
+    assert result.returncode == 2 and "no Ray cluster reachable" in result.stderr
+    env_uri = f"http://127.0.0.1:{free_port()}"
+    result = subprocess.run(
+        [sys.executable, "-m", "sparsity_scaling.cli", "grid", "submit", str(GRID), "--address", ray_address,
+         "--workdir", str(tmp_path / "w")],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "MLFLOW_TRACKING_URI": env_uri}, timeout=300,
+    )
+    assert result.returncode == 2 and "cannot be opened" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "w" / "runs").exists()
+
+
+def test_points_logged_while_the_server_is_down_arrive_later(grid_run, tmp_path):
+    from launcher.tracking import start_local_server, sync_run
+
+    run_dir = tmp_path / "run"
+    source = grid_run / "runs" / "relu"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text((source / "metrics.jsonl").read_text())
+    workdir = tmp_path / "work"
+    uri = start_local_server(workdir)
+    from mlflow.tracking import MlflowClient
+
+    mlflow = MlflowClient(uri)
+    run_id = mlflow.create_run(mlflow.create_experiment("outage")).info.run_id
+    (run_dir / "mlflow_run.json").write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    pid = json.loads((workdir / "mlflow" / "server.json").read_text())["pid"]
+    os.killpg(pid, signal.SIGKILL)
+    time.sleep(1)
+    assert sync_run(run_dir, wait=True) is False  # postponed, not lost
+    cursor = run_dir / "mlflow_cursor.json"
+    assert not cursor.exists() or json.loads(cursor.read_text())["delivered"] == {}
+    assert start_local_server(workdir) == uri  # the server returns on its port
+    assert sync_run(run_dir, wait=True) is True and sync_run(run_dir, wait=True) is True
+    train = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    history = MlflowClient(uri).get_metric_history(run_id, "train_loss")
+    _same_points(sorted((m.step, m.value) for m in history), [(p["tokens"], p["loss"]) for p in train])
+    os.killpg(json.loads((workdir / "mlflow" / "server.json").read_text())["pid"], signal.SIGKILL)
