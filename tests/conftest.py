@@ -33,3 +33,12 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "sparsity_scaling.cli", *args],
         capture_output=True, text=True, timeout=timeout, cwd=REPO,
     )
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory) -> Path:
+    """One uninterrupted single-process run of the micro config, shared by the tests."""
+    out = tmp_path_factory.mktemp("micro") / "run"
+    result = run_cli("train", str(MICRO), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out

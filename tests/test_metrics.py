@@ -9,17 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MICRO, run_cli
+from conftest import run_cli
 from distributed import run_ranks
 from sparsity_scaling.train.checkpoint import list_checkpoints
-
-
-@pytest.fixture(scope="module")
-def micro_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("metrics") / "run"
-    result = run_cli("train", str(MICRO), "--out", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,10 @@ def _points(run: Path, kind: str) -> dict[int, float]:
     return {p["step"]: p["loss"] for p in points if p["kind"] == kind}
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory) -> Path:
-    """One uninterrupted single-process run of the micro config."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    result = run_cli("train", str(MICRO), "--out", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+@pytest.fixture
+def reference_run(micro_run) -> Path:
+    """The shared uninterrupted micro run (conftest)."""
+    return micro_run
 
 
 def test_training_lowers_validation_loss_and_writes_checkpoints(reference_run):
