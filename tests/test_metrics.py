@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -244,3 +246,21 @@ def test_exported_llama_gives_the_same_ppl_p_as_our_checkpoint(micro_run, tokens
     assert theirs["dense_ppl"] == pytest.approx(ours["dense_ppl"], rel=1e-4)
     assert theirs["activation_ratio"] == pytest.approx(ours["activation_ratio"], abs=1e-3)
     assert theirs["cett"] == pytest.approx(ours["cett"], abs=1e-3)
+
+
+def test_data_parallel_evaluation_under_torchrun_matches_one_process(micro_run, tokens_file, tmp_path):
+    checkpoint = list_checkpoints(micro_run)[-1].path
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    result = run_cli("evaluate", "--checkpoint", str(checkpoint), "--tokens", str(tokens_file), "--json", str(one))
+    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "-m", "sparsity_scaling.cli", "evaluate", "--checkpoint",
+         str(checkpoint), "--tokens", str(tokens_file), "--json", str(two)],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = json.loads(one.read_text()), json.loads(two.read_text())
+    assert two["dense_ppl"] == pytest.approx(one["dense_ppl"], rel=1e-9)  # batches split, sums reduced
+    assert two["tokens"] == one["tokens"]
+    assert two["activation_ratio"] == pytest.approx(one["activation_ratio"], abs=2e-3)
