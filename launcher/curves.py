@@ -19,8 +19,10 @@ def query_curves(uri: str, experiment: str, filter_string: str = "", metric: str
     found = mlflow.get_experiment_by_name(experiment)
     if found is None:
         raise UserError(f"--experiment {experiment}: no such MLflow experiment at {uri}")
-    query = "tags.`sparsity_scaling.role` != 'parent'"
-    runs = mlflow.search_runs([found.experiment_id], filter_string=filter_string or "", max_results=10000)
+    try:
+        runs = mlflow.search_runs([found.experiment_id], filter_string=filter_string or "", max_results=10000)
+    except Exception as error:  # MlflowException for a malformed filter
+        raise UserError(f"--filter {filter_string!r}: {str(error).splitlines()[0][:200]}") from None
     curves = {}
     for run in runs:
         if run.data.tags.get("sparsity_scaling.role") == "parent":
@@ -33,7 +35,6 @@ def query_curves(uri: str, experiment: str, filter_string: str = "", metric: str
                 metric: [m.value for m in history],
                 "tags": {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")},
             }
-    del query
     if not curves:
         raise UserError(f"--experiment {experiment}: no run with a {metric} curve matches {filter_string!r}")
     return curves

@@ -7,6 +7,7 @@ reuses it instead of running the dense model again.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -52,8 +53,6 @@ class EvalData:
         return self.sequences[rank::dp].shape[0] * (self.sequences.shape[1] - 1)
 
     def digest(self) -> str:
-        import hashlib
-
         return hashlib.sha256(np.ascontiguousarray(self.sequences.numpy()).tobytes()).hexdigest()[:16]
 
 
