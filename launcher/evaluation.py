@@ -68,10 +68,11 @@ class EvaluationQueue:
         self.run_dir = Path(run_dir)
         self.evaluation = evaluation
         self.tasks: dict[str, ray.ObjectRef] = {}
+        self.placement = {**OUTSIDE_TRIAL, "num_cpus": evaluation.get("cpus", 1)}
 
     def checkpoint_ready(self, checkpoint: str) -> None:
         if checkpoint not in self.tasks and not result_path(Path(checkpoint)).is_file():
-            self.tasks[checkpoint] = evaluate_checkpoint_task.options(**OUTSIDE_TRIAL).remote(
+            self.tasks[checkpoint] = evaluate_checkpoint_task.options(**self.placement).remote(
                 checkpoint, self.evaluation
             )
 
@@ -79,4 +80,4 @@ class EvaluationQueue:
         """Wait for the per-checkpoint jobs, then apply the stabilising strategy once."""
         ray.get(list(self.tasks.values()))
         if not (self.run_dir / "sparsity.json").is_file():
-            ray.get(evaluate_run_task.options(**OUTSIDE_TRIAL).remote(str(self.run_dir), self.evaluation))
+            ray.get(evaluate_run_task.options(**self.placement).remote(str(self.run_dir), self.evaluation))

@@ -9,7 +9,7 @@
     overrides: {train.tokens: 2e6}     # for every run
     points: {0.1b-relu: {train.lr: 0.005}}   # for one run, by name
     resources: {tp: 1, dp: 1, cpus_per_worker: 1, gpus_per_worker: 0}
-    evaluation: {p: 1.0, eval_tokens: 65536, last: 5}
+    evaluation: {p: 1.0, eval_tokens: 65536, last: 5, cpus: 1}
     max_failures: 3
 
 Run names come from the axis values, or an axis' `label` list (no timestamps), so
@@ -49,6 +49,7 @@ class Evaluation(BaseModel):
     eval_tokens: int = 65536
     last: int = 5
     calibration_tokens: int = 8192
+    cpus: float = 1  # logical CPUs of one evaluation job (below 1 to share cores with training)
 
 
 class GridFile(BaseModel):

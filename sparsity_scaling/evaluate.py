@@ -247,11 +247,11 @@ def _run_data(args: Namespace, checkpoint: Path) -> EvalData:
 
 
 def settings(p: float = 1.0, eval_tokens: int = 65536, calibration_tokens: int = 8192, last: int = 5,
-             **extra) -> Namespace:
+             **_scheduling) -> Namespace:
     """The arguments of evaluate / evaluate-run for programmatic use (the launcher's jobs)."""
     return Namespace(p=p, eval_tokens=eval_tokens, calibration_tokens=calibration_tokens, last=last, tp=1,
                      json=None, seq_len=None, batch_size=8, data=None, tokens=None, hf_model=None,
-                     checkpoint=None, metric="ppl-p", **extra)
+                     checkpoint=None, metric="ppl-p")
 
 
 def evaluate_checkpoint(checkpoint: str | Path, args: Namespace) -> dict:
