@@ -19,7 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/sparsity-scaling train configs/models/tiny.yaml --out $(DEMO_DIR)
+	$(VENV)/bin/sparsity-scaling grid submit configs/grids/demo.yaml --workdir $(DEMO_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest
