@@ -5,7 +5,6 @@ Predictions and analyses read only this, so they work from a fit file without th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 
 from .errors import LawError
 from .forms import LAWS, SPARSITY_LAWS, TOKENS_PER_UNIT, SparsityLaw
+from .io import read_json
 
 
 @dataclass(frozen=True)
@@ -90,12 +90,7 @@ class FittedLaw:
 def read_fit_file(path) -> dict[str, FittedLaw]:
     """The fitted laws of a fit file written by tools/fit_laws.py."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except OSError as error:
-        raise LawError(f"{path}: cannot read: {error.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise LawError(f"{path}: not valid JSON ({error})") from None
+    data = read_json(path)
     models = data.get("models") if isinstance(data, dict) else None
     if not isinstance(models, dict) or not models:
         raise LawError(f"{path}: expected an object with a non-empty 'models' object")

@@ -100,18 +100,23 @@ def _optional_number(path, data, field):
     return value
 
 
+def read_json(path: Path):
+    """A JSON file's contents; an unreadable or invalid file is a one-line LawError."""
+    try:
+        return json.loads(path.read_text())
+    except OSError as error:
+        raise LawError(f"{path}: cannot read: {error.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LawError(f"{path}: not valid JSON ({error})") from None
+
+
 def read_json_curve(path) -> Curve:
     """A curve in the reference format {"token_passed": [...], "activation_ratio": [...]}.
 
     Optional fields: activation, params, loss (a list), width_depth_ratio.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except OSError as error:
-        raise LawError(f"{path}: cannot read: {error.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise LawError(f"{path}: not valid JSON ({error})") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise LawError(f"{path}: expected an object with 'token_passed' and 'activation_ratio'")
     for field in ("token_passed", "activation_ratio"):
