@@ -106,7 +106,9 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     def failing_replace(source, destination):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(laws_io.os, "replace", failing_replace)
+    from sparsity_scaling import files
+
+    monkeypatch.setattr(files.os, "replace", failing_replace)
     with pytest.raises(OSError):
         laws_io.write_json(target, {"x": 2})
     assert json.loads(target.read_text()) == {"x": None, "y": [1.0, None]}

@@ -160,10 +160,11 @@ def _fit(args) -> None:
         "seed": args.seed, "models": {name: result.to_json() for name, result in fits.items()},
     })
     if args.plots:
+        from ..figures import save_figure
         from . import plots  # matplotlib only when figures are asked for
 
         for name, result in fits.items():
-            plots.save(plots.fit_figure(result), Path(args.plots) / f"{_file_name(name)}.png")
+            save_figure(plots.fit_figure(result), Path(args.plots) / f"{_file_name(name)}.png")
 
 
 def fit_main(argv=None) -> int:
@@ -267,12 +268,13 @@ def _analyze(args) -> None:
     if args.json:
         write_json(args.json, output)
     if args.plots:
+        from ..figures import save_figure
         from . import plots  # matplotlib only when figures are asked for
 
         figures = {"width_depth": plots.width_depth_figure, "scale": plots.scale_figure,
                    "convergence": lambda result: plots.convergence_figure(result, laws)}
         for name, result in results.items():
-            plots.save(figures[name](result), Path(args.plots) / f"{name}.png")
+            save_figure(figures[name](result), Path(args.plots) / f"{name}.png")
 
 
 def analyze_main(argv=None) -> int:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from ..files import write_text_atomic
 from .errors import LawError
 from .presets import activation_from_name, params_from_name
 
@@ -223,23 +222,6 @@ def file_source(paths) -> CurveSource:
     return lambda: read_curves(paths)
 
 
-def write_atomic(path, data: str | bytes) -> None:
-    """Write a file whole or not at all: a temporary file beside it, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data.encode() if isinstance(data, str) else data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from others
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 def json_text(data) -> str:
     """Indented JSON with infinities and nan written as null (JSON has neither)."""
     return _indented(_finite_or_null(data)) + "\n"
@@ -258,7 +240,7 @@ def _indented(value, indent=""):
 
 
 def write_json(path, data) -> None:
-    write_atomic(path, json_text(data))
+    write_text_atomic(path, json_text(data))
 
 
 def _finite_or_null(value):

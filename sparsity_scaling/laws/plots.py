@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
-
 import numpy as np
 from matplotlib.figure import Figure
 
 from .analysis import Convergence, ScaleTrend, WidthDepthAnalysis
 from .curvefit import CurveFit
 from .forms import ALTERNATIVES, TOKENS_PER_UNIT
-from .io import write_atomic
 
 LAW_COLOUR, DATA_COLOUR = "tab:blue", "black"
 ALTERNATIVE_COLOURS = {"log": "tab:orange", "sigmoid": "tab:green"}
 
 
-def save(figure: Figure, path) -> None:
-    """Render to memory, then write the file atomically."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
-    write_atomic(path, buffer.getvalue())
-
-
-def _band(result: CurveFit, grid):
+def law_band(result: CurveFit, grid):
     """Pointwise bootstrap percentile band of the law on grid."""
     fitted = result.fitted
     curves = fitted.law.evaluate(grid, fitted.samples)
@@ -44,7 +33,7 @@ def fit_figure(result: CurveFit) -> Figure:
     top, left, right = figure.subplot_mosaic([["fit", "fit"], ["residuals", "linear"]],
                                              height_ratios=[1.3, 1]).values()
 
-    low, high = _band(result, grid)
+    low, high = law_band(result, grid)
     top.fill_between(grid, low, high, color=LAW_COLOUR, alpha=0.2,
                      label=f"{result.fitted.level:.0%} bootstrap band")
     top.plot(grid, law.evaluate(grid, params), color=LAW_COLOUR, lw=2,

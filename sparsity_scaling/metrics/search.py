@@ -72,54 +72,73 @@ class Point:
 
 
 def solve_ppl_ratio(measure: Callable[[float], Point], target: float, act_tol: float = 1e-3,
-                    ratio_tol: float = 1e-6, max_steps: int = 16, start: float = 0.1) -> Point:
+                    ratio_tol: float = 1e-6, max_steps: int = 16, start: float = 0.1,
+                    known: Sequence[Point] = ()) -> Point:
     """Find the CETT value whose PPL ratio is `target`.
 
     PPL ratio and activation ratio are monotone in CETT. Bracket the target by doubling,
-    then interpolate in log PPL ratio (regula falsi with the Illinois rule); stop when the
-    bracket's activation ratios differ by at most act_tol, so the reported activation
-    ratio is within act_tol of the one at the exact CETT.
+    then interpolate in log PPL ratio (regula falsi, kept off the bracket's ends); stop when
+    the bracket's activation ratios differ by at most act_tol, so the reported activation
+    ratio is within act_tol of the one at the exact CETT. Points measured before (`known`,
+    e.g. by a search for another p) narrow the starting bracket and cost nothing.
     """
     lo, hi = Point(0.0, 1.0, 1.0), None
-    x = start
-    for _ in range(max_steps):
-        point = measure(x)
+
+    def narrow(point: Point) -> None:
+        nonlocal lo, hi
         if point.ratio <= target:
-            lo = point
-        else:
+            lo = point if point.x > lo.x else lo
+        elif hi is None or point.x < hi.x:
             hi = point
-        if abs(point.ratio - target) <= ratio_tol or (hi and lo.activation - hi.activation <= act_tol):
+
+    def converged(point: Point | None) -> bool:
+        return (point is not None and abs(point.ratio - target) <= ratio_tol) or (
+            hi is not None and lo.activation - hi.activation <= act_tol)
+
+    for point in known:
+        narrow(point)
+    last = min(known, key=lambda p: abs(p.ratio - target)) if known else None
+    for _ in range(max_steps):
+        if converged(last):
             break
         if hi is None:
-            if x >= 1.0:
+            if lo.x >= 1.0:
                 raise UserError(
-                    f"the PPL ratio stays at {point.ratio:.5f} < {target:.5f} even with every "
+                    f"the PPL ratio stays at {lo.ratio:.5f} < {target:.5f} even with every "
                     f"neuron below threshold; the validation set is too small to move the perplexity"
                 )
-            x = min(1.0, 2 * x)
-            continue
-        fraction = math.log(target / lo.ratio) / math.log(hi.ratio / lo.ratio)
-        fraction = min(max(fraction, 0.05), 0.95)  # keep shrinking the bracket from both sides
-        x = lo.x + fraction * (hi.x - lo.x)
+            x = start if lo.x == 0.0 else min(1.0, 2 * lo.x)
+        else:
+            fraction = math.log(target / lo.ratio) / math.log(hi.ratio / lo.ratio)
+            fraction = min(max(fraction, 0.05), 0.95)  # keep shrinking the bracket from both sides
+            x = lo.x + fraction * (hi.x - lo.x)
+        last = measure(x)
+        narrow(last)
     candidates = [p for p in (lo, hi) if p is not None]
     return min(candidates, key=lambda p: abs(p.ratio - target))
 
 
-def ppl_p(evaluator: Evaluator, p: float) -> SparsityResult:
-    """PPL-p% sparsity: the CETT at which PPL is (1 + p/100) times the dense PPL."""
+def ppl_p(evaluator: Evaluator, p: float, measured: dict | None = None) -> SparsityResult:
+    """PPL-p% sparsity: the CETT at which PPL is (1 + p/100) times the dense PPL.
+
+    `measured` ({CETT: (rule, sparse pass)}) shares measurements between searches on the
+    same evaluator, e.g. a sweep over p.
+    """
     check_p(p)
-    measured: dict[float, tuple[PerNeuronThreshold, SparsePass]] = {}
+    measured = {} if measured is None else measured
+
+    def point(c: float) -> Point:
+        sparse = measured[c][1]
+        return Point(c, sparse.ppl / evaluator.dense.ppl, sparse.activation_ratio)
 
     def measure(c: float) -> Point:
         rule = evaluator.cett_rule(c)
-        sparse = evaluator.measure(rule)
-        measured[c] = (rule, sparse)
-        return Point(c, sparse.ppl / evaluator.dense.ppl, sparse.activation_ratio)
+        measured[c] = (rule, evaluator.measure(rule))
+        return point(c)
 
-    best = solve_ppl_ratio(measure, 1 + p / 100)
-    if best.x == 0.0:
-        rule = evaluator.cett_rule(0.0)
-        measured[0.0] = (rule, evaluator.measure(rule))
+    best = solve_ppl_ratio(measure, 1 + p / 100, known=[point(c) for c in measured])
+    if best.x not in measured:  # the search stopped at CETT 0 (dense)
+        measure(best.x)
     rule, sparse = measured[best.x]
     result = evaluator.result("ppl-p", rule, sparse)
     result.params["p"] = p
