@@ -1,8 +1,11 @@
-"""`sparsity-scaling grid plan|submit|status`."""
+"""`sparsity-scaling grid plan|submit|status|report`."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+from sparsity_scaling.errors import UserError
 
 
 def _plan(args) -> None:
@@ -28,6 +31,19 @@ def _status(args) -> None:
     print(status_table(grid, Path(args.workdir or Path("runs") / grid.name)))
 
 
+def _report(args) -> None:
+    from .grid import load_grid
+    from .report import write_report
+    from .tracking import tracking
+
+    grid = load_grid(args.grid)
+    workdir = Path(args.workdir or Path("runs") / grid.name).resolve()
+    if not (workdir / "mlflow").is_dir() and not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise UserError(f"--workdir {workdir}: no MLflow store there; submit the grid first")
+    with tracking(workdir) as uri:
+        write_report(grid, uri, workdir, args.target)
+
+
 def add_arguments(commands) -> None:
     grid = commands.add_parser("grid", help="plan, submit and follow a grid of runs on Ray")
     sub = grid.add_subparsers(dest="grid_command", required=True)
@@ -43,3 +59,9 @@ def add_arguments(commands) -> None:
     status.add_argument("grid")
     status.add_argument("--workdir")
     status.set_defaults(run=_status)
+    report = sub.add_parser("report", help="write report.md and report.html from the grid's MLflow runs")
+    report.add_argument("grid")
+    report.add_argument("--workdir")
+    report.add_argument("--target", type=float, action="append",
+                        help="activation ratio to predict a token budget for (repeatable; default: the grid's)")
+    report.set_defaults(run=_report)

@@ -78,16 +78,18 @@ def write_curves(curves: dict, metric: str, out: str | Path) -> None:
         raise UserError(f"--out {out}: expected a .csv, .json or .png file")
 
 
-def mlflow_curves(uri: str, experiment: str, filter_string: str = "") -> dict:
-    """The law tools' MLflow source: {name: laws.io.Curve} of the stabilised activation curves."""
+def law_curve(name: str, tokens, ratios, tags: dict):
+    """A laws.io.Curve of a grid run's curve, with what its MLflow tags say about the model."""
     from sparsity_scaling.laws.io import Curve
 
-    curves = {}
-    for name, curve in query_curves(uri, experiment, filter_string).items():
-        tags = curve["tags"]
-        curves[name] = Curve(
-            name, curve["token_passed"], curve["activation_ratio"], activation=tags.get("activation"),
-            params=float(tags["params"]) if tags.get("params") else None,
-            width_depth_ratio=float(tags["width_depth_ratio"]) if tags.get("width_depth_ratio") else None,
-        )
-    return curves
+    return Curve(
+        name, tokens, ratios, activation=tags.get("activation"),
+        params=float(tags["params"]) if tags.get("params") else None,
+        width_depth_ratio=float(tags["width_depth_ratio"]) if tags.get("width_depth_ratio") else None,
+    )
+
+
+def mlflow_curves(uri: str, experiment: str, filter_string: str = "") -> dict:
+    """The law tools' MLflow source: {name: laws.io.Curve} of the stabilised activation curves."""
+    return {name: law_curve(name, c["token_passed"], c["activation_ratio"], c["tags"])
+            for name, c in query_curves(uri, experiment, filter_string).items()}

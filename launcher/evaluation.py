@@ -1,5 +1,5 @@
 """Evaluation jobs on the cluster: PPL-p% of each new checkpoint as it appears, then the
-stabilising strategy when the run ends. They run as Ray tasks beside training, never in
+stabilising strategy and the Pareto curves of the last checkpoint when the run ends. They run as Ray tasks beside training, never in
 its way; results are files in the run directory, delivered to MLflow by `sync_run`."""
 
 from __future__ import annotations
@@ -42,6 +42,15 @@ def evaluate_run_task(run_dir: str, evaluation: dict) -> None:
     sync_run(run_dir)
 
 
+@ray.remote(num_cpus=1)
+def pareto_task(run_dir: str, evaluation: dict) -> None:
+    from sparsity_scaling.analysis.pareto import pareto_of_run
+    from sparsity_scaling.evaluate import settings
+
+    pareto_of_run(run_dir, settings(**evaluation))
+    sync_run(run_dir)
+
+
 def plot_run(run_dir: Path) -> None:
     """activation_curve.png: stabilised and per-checkpoint PPL-1% against training tokens."""
     import json
@@ -77,7 +86,12 @@ class EvaluationQueue:
             )
 
     def finish(self) -> None:
-        """Wait for the per-checkpoint jobs, then apply the stabilising strategy once."""
+        """Wait for the per-checkpoint jobs, then apply the stabilising strategy once and
+        draw the Pareto curves of the last checkpoint (both at most once)."""
         ray.get(list(self.tasks.values()))
+        jobs = []
         if not (self.run_dir / "sparsity.json").is_file():
-            ray.get(evaluate_run_task.options(**self.placement).remote(str(self.run_dir), self.evaluation))
+            jobs.append(evaluate_run_task.options(**self.placement).remote(str(self.run_dir), self.evaluation))
+        if self.evaluation.get("pareto", True) and not (self.run_dir / "pareto.json").is_file():
+            jobs.append(pareto_task.options(**self.placement).remote(str(self.run_dir), self.evaluation))
+        ray.get(jobs)

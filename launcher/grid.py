@@ -9,7 +9,8 @@
     overrides: {train.tokens: 2e6}     # for every run
     points: {0.1b-relu: {train.lr: 0.005}}   # for one run, by name
     resources: {tp: 1, dp: 1, cpus_per_worker: 1, gpus_per_worker: 0}
-    evaluation: {p: 1.0, eval_tokens: 65536, last: 5, cpus: 1}
+    evaluation: {p: 1.0, eval_tokens: 65536, last: 5, cpus: 1, pareto: true}
+    report: {targets: [0.07]}          # activation ratios whose token budgets are predicted
     max_failures: 3
 
 Run names come from the axis values, or an axis' `label` list (no timestamps), so
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from sparsity_scaling.config import RunConfig, load_config
 from sparsity_scaling.errors import UserError
@@ -50,6 +51,19 @@ class Evaluation(BaseModel):
     last: int = 5
     calibration_tokens: int = 8192
     cpus: float = 1  # logical CPUs of one evaluation job (below 1 to share cores with training)
+    pareto: bool = True  # Pareto curves of every method at the last checkpoint
+
+
+class Report(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    targets: list[float] = [0.07]  # activation ratios whose token budgets the report predicts
+
+    @field_validator("targets")
+    @classmethod
+    def _ratios(cls, targets: list[float]) -> list[float]:
+        if not targets or not all(0 < t < 1 for t in targets):
+            raise ValueError("targets must be activation ratios in (0, 1)")
+        return targets
 
 
 class GridFile(BaseModel):
@@ -61,6 +75,7 @@ class GridFile(BaseModel):
     points: dict[str, dict[str, Any]] = {}
     resources: Resources = Resources()
     evaluation: Evaluation = Evaluation()
+    report: Report = Report()
     max_failures: int = 3
 
 

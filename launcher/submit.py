@@ -21,6 +21,7 @@ from sparsity_scaling.errors import UserError
 from sparsity_scaling.train.checkpoint import list_checkpoints
 
 from .grid import Grid, RunSpec, load_grid
+from .report import write_report
 from .tracking import check_tracking_uri, child_run, parent_run, sync_run, sync_until_delivered, tracking
 
 
@@ -42,7 +43,8 @@ def connect_ray(address: str | None) -> None:
         # A single-machine instance: keep Ray on the loopback interface (Ray's switch for
         # laptop clusters), so the embedded default opens nothing to the network.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(include_dashboard=False, log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": _without_state_api_warnings})
         return
     if address != "auto" and not address.startswith("ray://"):
         host, _, port = address.rpartition(":")
@@ -54,6 +56,15 @@ def connect_ray(address: str | None) -> None:
         ray.init(address=address, include_dashboard=False)
     except (ConnectionError, RuntimeError) as error:
         raise UserError(f"--address {address}: cannot join the Ray cluster ({str(error).splitlines()[0]})") from None
+
+
+def _without_state_api_warnings() -> None:
+    """In every worker of the local instance: Ray Train's placement-group cleaner asks the
+    State API (a dashboard service the embedded default does not start) every few seconds
+    and warns each time it cannot; those warnings would bury the training progress."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def check_resources(grid: Grid) -> None:
@@ -134,6 +145,7 @@ def _run_trial(params: dict, specs: dict, grid_spec, workdir: str) -> dict:
 
 
 def submit(grid_path: str, address: str | None = None, workdir: str | None = None) -> Path:
+    """Train and evaluate every run of the grid, then write its report into the workdir."""
     grid = load_grid(grid_path)
     workdir_path = Path(workdir or Path("runs") / grid.name).resolve()
     with tracking(workdir_path) as uri:
@@ -153,7 +165,8 @@ def submit(grid_path: str, address: str | None = None, workdir: str | None = Non
             run_config=tune.RunConfig(name=grid.name, storage_path=str(workdir_path / "ray"), verbose=1),
         )
         results = tuner.fit()
-    failed = [r for r in results if r.error]
-    if failed:
-        raise UserError(f"{len(failed)} of {len(grid.runs)} runs failed: {failed[0].error}".splitlines()[0])
+        failed = [r for r in results if r.error]
+        if failed:
+            raise UserError(f"{len(failed)} of {len(grid.runs)} runs failed: {failed[0].error}".splitlines()[0])
+        write_report(grid, uri, workdir_path)
     return workdir_path

@@ -24,6 +24,9 @@ from sparsity_scaling.errors import UserError
 from sparsity_scaling.files import write_json_atomic
 
 SERVER_FILE = "server.json"
+# A run's result files that MLflow keeps as artifacts: the stabilised per-layer thresholds
+# and curve, and the Pareto points of its last checkpoint.
+ARTIFACTS = ("sparsity.json", "activation_curve.png", "pareto.json", "pareto.png")
 
 
 def _healthy(uri: str) -> bool:
@@ -238,6 +241,8 @@ def _pending_points(run_dir: Path, cursor: dict) -> tuple[list[tuple[str, float,
             points += [(f"layer_activation_ratio/{i}", r, tokens)
                        for i, r in enumerate(point["layer_activation_ratios"])]
         new["stabilised"] = True
+    # each result file once it is complete; a rewritten file is not sent again
+    new["artifacts"] = sorted(set(cursor.get("artifacts", [])) | {a for a in ARTIFACTS if (run_dir / a).is_file()})
     return points, new
 
 
@@ -278,10 +283,8 @@ def sync_run(run_dir: str | Path, wait: bool = False) -> bool:
             metrics = [Metric(key, float(value), now, int(step)) for key, value, step in points]
             for i in range(0, len(metrics), 900):
                 mlflow.log_batch(identity["run_id"], metrics=metrics[i : i + 900])
-            if new.get("stabilised") and not cursor.get("stabilised"):
-                for artifact in ("sparsity.json", "activation_curve.png"):  # thresholds, curve plot
-                    if (run_dir / artifact).is_file():
-                        mlflow.log_artifact(identity["run_id"], str(run_dir / artifact))
+            for artifact in sorted(set(new["artifacts"]) - set(cursor.get("artifacts", []))):
+                mlflow.log_artifact(identity["run_id"], str(run_dir / artifact))
         except Exception as error:  # the server is down or unreachable: try again later
             print(f"MLflow delivery for {run_dir.name} postponed: {str(error).splitlines()[0][:160]}",
                   file=sys.stderr, flush=True)

@@ -101,6 +101,59 @@ def test_curves_and_laws_read_the_grid_from_mlflow(grid_run, tmp_path):
     assert png.stat().st_size > 10_000
 
 
+def test_the_shortened_demo_reports_what_mlflow_holds(grid_run):
+    """`grid submit` ends with the report: its tables are MLflow's numbers, its laws and
+    findings follow from them, and it is logged on the grid's parent run."""
+    from mlflow.tracking import MlflowClient
+
+    from launcher.curves import law_curve
+    from launcher.tracking import tracking
+    from sparsity_scaling.laws.curvefit import fit_curve
+    from sparsity_scaling.laws.errors import LawError
+
+    runs = _history(grid_run, "cpu_test")
+    parent = runs.pop("cpu_test")
+    data = json.loads((grid_run / "report.json").read_text())
+    markdown = (grid_run / "report.md").read_text()
+    assert set(data["runs"]) == set(runs) and data["parent_run_id"] == parent["id"]
+    with tracking(grid_run) as uri:
+        mlflow = MlflowClient(uri)
+        pareto = {name: json.loads(Path(mlflow.download_artifacts(run["id"], "pareto.json", str(grid_run / f".{name}"))).read_text())
+                  for name, run in runs.items()}
+        logged = {Path(a.path).name for a in mlflow.list_artifacts(parent["id"], "report")}
+    assert logged == {"report.md", "report.html", "report.json"}
+    for name, run in runs.items():
+        reported = data["runs"][name]
+        for key in ("activation_ratio", "activation_ratio_checkpoint", "train_loss", "val_loss"):
+            assert [tuple(p) for p in reported["metrics"][key]] == run["metrics"][key]
+        for tokens, value in run["metrics"]["activation_ratio"]:
+            row = next(line for line in markdown.splitlines() if line.startswith(f"| {tokens:,} |"))
+            assert f"{value:.4f}" in row
+        assert reported["pareto"] == pareto[name]
+        methods = {row["method"] for row in pareto[name]["points"]}
+        assert methods == ({"ppl-p", "topk", "fat", "top-p", "relu"} - ({"relu"} if name == "silu" else set()))
+        for row in pareto[name]["points"]:
+            assert f"| {row['activation_ratio']:.4f} | {row['ppl_ratio']:.4f} |" in markdown
+        try:
+            refit = fit_curve(law_curve(name, *zip(*run["metrics"]["activation_ratio"]), run["tags"]))
+            assert reported["fit"]["A0"] == pytest.approx(refit.fitted.coefficient("A0"))
+        except LawError as error:  # a few thousand tokens rarely identify a law: said, not hidden
+            assert reported["fit"]["error"] == str(error) and f"No law fitted: {error}" in markdown
+    relu, silu = (runs[n]["metrics"]["activation_ratio"][-1][1] for n in ("relu", "silu"))
+    verdict = "reproduced" if relu < silu else "not reproduced"
+    assert data["findings"][0]["verdict"] == verdict
+    assert f"**{verdict}**: ReLU models are sparser" in markdown
+    html = (grid_run / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') == 3
+
+    again = run_cli("grid", "report", str(GRID), "--workdir", str(grid_run), "--target", "0.5", "--target", "0.2")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((grid_run / "report.json").read_text())["targets"] == [0.5, 0.2]
+    bad = run_cli("grid", "report", str(GRID), "--workdir", str(grid_run), "--target", "1.5")
+    assert bad.returncode == 2 and "--target 1.5" in bad.stderr and bad.stderr.count("\n") == 1
+    assert json.loads((grid_run / "report.json").read_text())["targets"] == [0.5, 0.2]  # nothing lost
+
+
 def test_resubmitting_is_a_no_op(grid_run, ray_address):
     before = _history(grid_run, "cpu_test")
     result = run_cli("grid", "submit", str(GRID), "--address", ray_address, "--workdir", str(grid_run), timeout=600)

@@ -1,0 +1,375 @@
+"""`grid report`: a grid's results as report.md and report.html in its workdir.
+
+Every measured number comes back out of the grid's MLflow experiment (curves, losses and
+the Pareto points of each child run), so the report shows what MLflow holds. The laws are
+fitted and inverted here, and the findings are computed from those numbers, never written
+in advance.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sparsity_scaling.errors import UserError
+from sparsity_scaling.figures import figure_bytes
+from sparsity_scaling.laws.io import write_json
+
+from .document import Document
+from .grid import Grid
+
+METRICS = ("activation_ratio", "activation_ratio_checkpoint", "cett", "train_loss", "val_loss")
+
+
+@dataclass
+class RunResult:
+    """One child run as MLflow holds it."""
+
+    name: str
+    run_id: str
+    tags: dict
+    metrics: dict[str, list[tuple[int, float]]]  # key -> [(tokens, value)] sorted by tokens
+    pareto: dict | None  # the pareto.json artifact
+
+    def curve(self, key: str = "activation_ratio") -> tuple[list[int], list[float]]:
+        points = self.metrics.get(key, [])
+        return [s for s, _ in points], [v for _, v in points]
+
+    def last(self, key: str) -> float | None:
+        points = self.metrics.get(key)
+        return points[-1][1] if points else None
+
+
+def collect(uri: str, grid: Grid) -> tuple[str, str, dict[str, RunResult]]:
+    """(experiment id, parent run id, {run name: RunResult}) for the grid's runs in MLflow."""
+    import json
+
+    from .tracking import client
+
+    mlflow = client(uri)
+    experiment = mlflow.get_experiment_by_name(grid.name)
+    if experiment is None:
+        raise UserError(f"{grid.path}: no MLflow experiment {grid.name!r} at {uri}; submit the grid first")
+    runs = mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.grid = '{grid.name}'",
+                              max_results=10000)
+    parent = next((r.info.run_id for r in runs if r.data.tags.get("sparsity_scaling.role") == "parent"), None)
+    by_name = {r.data.tags.get("run"): r for r in runs if r.data.tags.get("sparsity_scaling.role") != "parent"}
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for spec in grid.runs:
+            run = by_name.get(spec.name)
+            if run is None or "activation_ratio" not in run.data.metrics:
+                raise UserError(f"{grid.path}: run {spec.name} has no stabilised activation curve in MLflow yet; "
+                                "its evaluation has not finished")
+            run_id = run.info.run_id
+            metrics = {key: sorted((m.step, m.value) for m in mlflow.get_metric_history(run_id, key))
+                       for key in METRICS if key in run.data.metrics}
+            names = {a.path for a in mlflow.list_artifacts(run_id)}
+            pareto = None
+            if "pareto.json" in names:
+                pareto = json.loads(Path(mlflow.download_artifacts(run_id, "pareto.json", scratch)).read_text())
+            tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
+            results[spec.name] = RunResult(spec.name, run_id, tags, metrics, pareto)
+    return experiment.experiment_id, parent, results
+
+
+# ---------------------------------------------------------------- laws and findings
+
+
+def fit_runs(results: dict[str, RunResult]) -> dict[str, object]:
+    """{run: CurveFit, or the LawError message saying why its law cannot be fitted}."""
+    from sparsity_scaling.laws.curvefit import fit_curve
+    from sparsity_scaling.laws.errors import LawError
+
+    from .curves import law_curve
+
+    fits = {}
+    for name, run in results.items():
+        tokens, ratios = run.curve()
+        try:
+            fits[name] = fit_curve(law_curve(name, tokens, ratios, run.tags))
+        except LawError as error:
+            fits[name] = str(error)
+    return fits
+
+
+def _trend(tokens, ratios) -> tuple[float, int, int] | None:
+    """Spearman correlation of the ratio with tokens over the fit window, and the window."""
+    from scipy.stats import spearmanr
+
+    from sparsity_scaling.laws.curvefit import DEFAULT_WINDOW
+
+    first = DEFAULT_WINDOW.first_kept(np.asarray(tokens, float))
+    if len(tokens) - first < 3:
+        return None
+    return float(spearmanr(tokens[first:], ratios[first:]).statistic), first, len(tokens) - 1
+
+
+def _direction_finding(claim: str, runs: list[RunResult], sign: int) -> tuple[str, str, str]:
+    """sign -1: the ratio should fall with data; +1: rise."""
+    if not runs:
+        return claim, "not tested", f"the grid has no {'ReLU' if sign < 0 else 'SiLU'} run"
+    verdicts, evidence = [], []
+    for run in runs:
+        tokens, ratios = run.curve()
+        trend = _trend(tokens, ratios)
+        if trend is None:
+            verdicts.append("inconclusive")
+            evidence.append(f"{run.name}: only {len(tokens)} checkpoints")
+            continue
+        rho, first, last = trend
+        change = ratios[last] - ratios[first]
+        if sign * rho >= 0.5 and sign * change > 0:
+            verdicts.append("reproduced")
+        elif sign * rho <= -0.5 and sign * change < 0:
+            verdicts.append("not reproduced")
+        else:
+            verdicts.append("inconclusive")
+        evidence.append(f"{run.name}: {ratios[first]:.4f} at {tokens[first]:,} tokens -> {ratios[last]:.4f} at "
+                        f"{tokens[last]:,} ({change / ratios[first]:+.0%}), Spearman rho {rho:+.2f} over "
+                        f"{last - first + 1} checkpoints")
+    verdict = verdicts[0] if len(set(verdicts)) == 1 else "mixed"
+    return claim, verdict, "; ".join(evidence)
+
+
+def findings(results: dict[str, RunResult]) -> list[tuple[str, str, str]]:
+    """(claim, verdict, evidence) for each of the paper's findings the grid can test."""
+    relu = [r for r in results.values() if r.tags.get("activation") == "relu"]
+    silu = [r for r in results.values() if r.tags.get("activation") == "silu"]
+
+    def shape(run):  # runs that differ only in activation share these
+        return run.tags.get("scale"), run.tags.get("params"), run.tags.get("width_depth_ratio")
+
+    pairs = [(r, s) for r in relu for s in silu if shape(r) == shape(s)]
+    claim = "ReLU models are sparser (lower activation ratio) than SiLU models of the same shape"
+    if not pairs:
+        out = [(claim, "not tested", "the grid has no ReLU/SiLU pair of the same shape")]
+    else:
+        evidence = [f"{r.name} {r.last('activation_ratio'):.4f} vs {s.name} {s.last('activation_ratio'):.4f} "
+                    f"(ratio {r.last('activation_ratio') / s.last('activation_ratio'):.2f})" for r, s in pairs]
+        sparser = [r.last("activation_ratio") < s.last("activation_ratio") for r, s in pairs]
+        verdict = "reproduced" if all(sparser) else "not reproduced" if not any(sparser) else "mixed"
+        out = [(claim, verdict, "; ".join(evidence) + " at the last checkpoint")]
+    out.append(_direction_finding("ReLU activation ratio falls with training data", relu, -1))
+    out.append(_direction_finding("SiLU activation ratio rises with training data", silu, +1))
+    return out
+
+
+# ---------------------------------------------------------------- figures
+
+
+def activation_figure(results: dict[str, RunResult], fits: dict) -> bytes:
+    from matplotlib.figure import Figure
+
+    from sparsity_scaling.laws.forms import TOKENS_PER_UNIT
+    from sparsity_scaling.laws.plots import law_band
+
+    figure = Figure(figsize=(8, 5), layout="constrained")
+    ax = figure.add_subplot()
+    for index, (name, run) in enumerate(results.items()):
+        colour = f"C{index}"
+        tokens, ratios = run.curve()
+        singles = run.curve("activation_ratio_checkpoint")
+        if singles[0]:
+            ax.plot(*singles, "x", color=colour, alpha=0.5, label=f"{name}: per-checkpoint PPL-1%")
+        fit = fits[name]
+        ax.plot(tokens, ratios, "o" if not isinstance(fit, str) else "o-", color=colour,
+                label=f"{name}: stabilised PPL-1%")
+        if not isinstance(fit, str):
+            grid = np.geomspace(fit.fit.D.min(), fit.fit.D.max(), 200)
+            low, high = law_band(fit, grid)
+            ax.fill_between(grid * TOKENS_PER_UNIT, low, high, color=colour, alpha=0.2)
+            ax.plot(grid * TOKENS_PER_UNIT, fit.fit.law.evaluate(grid, fit.fit.params), color=colour,
+                    label=f"{name}: {fit.fit.law.name} law, {fit.fitted.level:.0%} band")
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("activation ratio")
+    ax.set_title("Activation ratio against training data")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return figure_bytes(figure)
+
+
+def loss_figure(results: dict[str, RunResult]) -> bytes:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = figure.add_subplot()
+    for index, (name, run) in enumerate(results.items()):
+        ax.plot(*run.curve("train_loss"), color=f"C{index}", lw=1, alpha=0.8, label=f"{name}: training loss")
+        ax.plot(*run.curve("val_loss"), "o--", color=f"C{index}", ms=4, label=f"{name}: validation loss")
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title("Training and validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return figure_bytes(figure)
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _sci(value: float) -> str:
+    from sparsity_scaling.laws.report import sci
+
+    return sci(value)
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _prediction_cell(prediction, observed_max: float) -> str:
+    if not prediction.reachable:
+        return (f"never: the law levels off at A0 = {prediction.limit:.4f} first "
+                f"({prediction.unreachable_share:.0%} of bootstrap fits agree)")
+    low, high = prediction.ci
+    text = f"{prediction.tokens:.3g} [{low:.3g}, {high:.3g}]"
+    if prediction.tokens <= observed_max:
+        text += " (already crossed in the data)"
+    elif prediction.extrapolated:
+        text += " (extrapolated beyond 2x the data)"
+    return text
+
+
+def build_report(grid: Grid, uri: str, workdir: Path, targets: list[float], experiment_id: str,
+                 parent_id: str | None, results: dict[str, RunResult]) -> tuple[Document, dict]:
+    """The report of the grid's runs as MLflow holds them (see `collect`), and its numbers."""
+    from sparsity_scaling.analysis.pareto import pareto_figure, pareto_table
+    from sparsity_scaling.laws.predict import predict_tokens
+
+    print(f"report: fitting the laws of {len(results)} runs (bootstrap)", flush=True)
+    fits = fit_runs(results)
+    found = findings(results)
+    doc = Document(f"Sparsity report: grid `{grid.name}`")
+    doc.paragraph(f"{len(results)} runs of `{grid.path.name}`, read from MLflow experiment `{grid.name}` "
+                  f"(id {experiment_id}, parent run `{parent_id}`) at {uri} on {time.strftime('%Y-%m-%d %H:%M')}. "
+                  f"Activation ratios are PPL-{grid.spec.evaluation.p:g}% with the stabilising strategy "
+                  f"(one CETT per run, set on its last {grid.spec.evaluation.last} checkpoints) on "
+                  f"{grid.spec.evaluation.eval_tokens:,} validation tokens.")
+
+    doc.heading("Findings of the paper, checked on these runs")
+    doc.bullets([f"**{verdict}**: {claim}. {evidence}." for claim, verdict, evidence in found])
+
+    doc.heading("Runs")
+    doc.table(["run", "activation", "non-embedding params", "tokens", "train loss", "val loss",
+               "stabilised CETT", "activation ratio"],
+              [[n, r.tags.get("activation", "-"), f"{int(r.tags['params']):,}" if r.tags.get("params") else "-",
+                f"{r.curve()[0][-1]:,}", _ratio(r.last("train_loss")), _ratio(r.last("val_loss")),
+                _ratio(r.last("cett")), _ratio(r.last("activation_ratio"))] for n, r in results.items()])
+
+    doc.heading("Activation ratio against training tokens")
+    doc.image("activation.png", activation_figure(results, fits),
+              "Stabilised PPL-1% activation ratio (circles) with the fitted law and its bootstrap band; "
+              "crosses: PPL-1% searched at each checkpoint alone")
+    steps = sorted({s for r in results.values() for s in r.curve()[0]})
+    columns = {n: dict(r.metrics["activation_ratio"]) for n, r in results.items()}
+    doc.table(["tokens", *results], [[f"{s:,}", *(_ratio(columns[n].get(s)) for n in results)] for s in steps])
+
+    doc.heading("Fitted laws")
+    doc.paragraph("ReLU: A = exp(-c D^alpha + b) + A0 (falls to A0); SiLU: A = -c / D^alpha + A0 (rises to A0); "
+                  "D in 1e9 tokens. Intervals are 95% bootstrap intervals.")
+    rows, failures = [], []
+    for name, fit in fits.items():
+        if isinstance(fit, str):
+            failures.append(fit)
+            continue
+        coefficients = fit.fitted.law.coefficients
+        cells = [f"{_sci(fit.fitted.coefficient(c))} [{_sci(fit.fitted.coefficient_interval(c)[0])}, "
+                 f"{_sci(fit.fitted.coefficient_interval(c)[1])}]" if c in coefficients else "-"
+                 for c in ("alpha", "b", "c", "A0")]
+        rows.append([name, fit.fit.law.name, *cells, _sci(fit.fit.mae), f"{len(fit.fit.D)} of {len(fit.curve.tokens)}"])
+    if rows:
+        doc.table(["run", "law", "alpha", "b", "c", "A0", "MAE", "points fitted"], rows)
+    warnings = [f"{n}: {w}" for n, f in fits.items() if not isinstance(f, str) for w in f.warnings]
+    if failures or warnings:
+        doc.bullets([f"No law fitted: {f}" for f in failures] + [f"Warning: {w}" for w in warnings])
+
+    doc.heading("Predicted token budgets")
+    predictions = {}
+    fitted = {n: f for n, f in fits.items() if not isinstance(f, str)}
+    if fitted:
+        table = []
+        for name, fit in fitted.items():
+            predictions[name] = [predict_tokens(fit.fitted, t) for t in targets]
+            observed = float(fit.curve.tokens[-1])
+            table += [[name, f"{p.target:g}", f"{p.crossing} {p.target:g}", _prediction_cell(p, observed)]
+                      for p in predictions[name]]
+        doc.paragraph("Training tokens until each run's fitted law crosses the target activation ratio, "
+                      "with the 95% bootstrap interval.")
+        doc.table(["run", "target", "when the ratio", "tokens [95% interval]"], table)
+    else:
+        doc.paragraph("No run has a fitted law, so no budget can be predicted.")
+
+    doc.heading("Training and validation loss")
+    doc.image("loss.png", loss_figure(results), "Training loss (lines) and validation loss at checkpoints (circles)")
+
+    doc.heading("PPL-activation Pareto curves at the last checkpoint")
+    curves = {f"{n} at {r.pareto['train_tokens']:,} tokens": r.pareto["points"]
+              for n, r in results.items() if r.pareto}
+    if curves:
+        doc.paragraph("Lower and further left is better: the same perplexity with fewer active neurons.")
+        doc.image("pareto.png", figure_bytes(pareto_figure(curves)), "PPL ratio against activation ratio for each method")
+        for name, run in results.items():
+            if run.pareto:
+                doc.paragraph(f"**{name}** at {run.pareto['train_tokens']:,} tokens "
+                              f"(dense PPL {run.pareto['dense_ppl']:.3f}):")
+                doc.table(["method", "setting", "activation ratio", "PPL ratio"], pareto_table(run.pareto["points"]))
+    else:
+        doc.paragraph("No run has Pareto points (the grid's `evaluation.pareto` is off).")
+
+    doc.heading("These runs in MLflow")
+    doc.paragraph("Open the MLflow UI on this grid's store (the parent run lists the child runs; each child "
+                  "has its activation curves, losses, thresholds and plots):")
+    doc.code(_ui_command(uri, workdir, experiment_id, parent_id))
+    doc.paragraph("Query the curves, fit the laws and predict budgets from MLflow:")
+    doc.code(f"python tools/curves.py --experiment {grid.name} --workdir {workdir} --out curves.csv\n"
+             f"python tools/fit_laws.py --experiment {grid.name} --workdir {workdir} --json fits.json --plots fits\n"
+             f"python tools/predict_tokens.py --experiment {grid.name} --workdir {workdir} --target {targets[0]:g}")
+
+    data = {
+        "grid": grid.name, "tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent_id,
+        "targets": targets, "findings": [{"claim": c, "verdict": v, "evidence": e} for c, v, e in found],
+        "runs": {n: {
+            "run_id": r.run_id, "tags": r.tags, "metrics": {k: [list(p) for p in v] for k, v in r.metrics.items()},
+            "fit": fits[n].to_json() | {"bootstrap": None} if not isinstance(fits[n], str) else {"error": fits[n]},
+            "predictions": [{"target": p.target, **p.to_json()} for p in predictions.get(n, [])],
+            "pareto": r.pareto,
+        } for n, r in results.items()},
+    }
+    return doc, data
+
+
+def _ui_command(uri: str, workdir: Path, experiment_id: str, parent_id: str) -> str:
+    root = workdir / "mlflow"
+    link = f"#/experiments/{experiment_id}/runs/{parent_id}"
+    if (root / "mlflow.db").is_file() and uri.startswith("http://127.0.0.1"):
+        return (f"mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'} "
+                f"--artifacts-destination {root / 'artifacts'} --port 5000\n"
+                f"# then open http://127.0.0.1:5000/{link}")
+    return f"# the grid's tracking server\nopen {uri}/{link}"
+
+
+def write_report(grid: Grid, uri: str, workdir: Path, targets: list[float] | None = None) -> Path:
+    """report.md (+ report_files/), report.html and report.json in workdir; also logged to the
+    grid's parent MLflow run."""
+    from .tracking import client
+
+    targets = list(targets or grid.spec.report.targets)
+    for target in targets:
+        if not 0 < target < 1:
+            raise UserError(f"--target {target:g}: an activation ratio must lie in (0, 1)")
+    doc, data = build_report(grid, uri, workdir, targets, *collect(uri, grid))
+    doc.write(workdir)
+    write_json(workdir / "report.json", data)  # inf/nan (an unreachable target) as null
+    if data["parent_run_id"]:
+        mlflow = client(uri)
+        for name in ("report.md", "report.html", "report.json"):
+            mlflow.log_artifact(data["parent_run_id"], str(workdir / name), "report")
+    print(f"report: {workdir / 'report.html'} (and report.md)", flush=True)
+    return workdir / "report.html"

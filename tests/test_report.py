@@ -1,0 +1,121 @@
+"""The grid report built from run results (as `collect` reads them from MLflow), without
+training: findings, fitted laws, budgets, tables and embedded pictures."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from launcher.grid import load_grid
+from launcher.report import RunResult, build_report, findings
+
+TOKENS = [int(t) for t in np.geomspace(2.5e5, 3e6, 14)]
+
+
+def _relu(D, noise):
+    return np.exp(-60 * D**0.5 - 1) + 0.05 + noise
+
+
+def _silu(D, noise):
+    return -0.002 / D**0.5 + 0.3 + noise
+
+
+def _run(name, activation, law, seed=0):
+    D = np.asarray(TOKENS) / 1e9
+    ratios = law(D, np.random.default_rng(seed).normal(0, 0.001, len(D)))
+    metrics = {
+        "activation_ratio": list(zip(TOKENS, ratios.tolist())),
+        "activation_ratio_checkpoint": list(zip(TOKENS, (ratios * 1.1).tolist())),
+        "cett": [(t, 0.09) for t in TOKENS],
+        "train_loss": [(t, 5.0 / (1 + i)) for i, t in enumerate(TOKENS)],
+        "val_loss": [(t, 5.2 / (1 + i)) for i, t in enumerate(TOKENS)],
+    }
+    pareto = {"train_tokens": TOKENS[-1], "dense_ppl": 20.0, "points": [
+        {"method": "ppl-p", "param": p, "activation_ratio": 0.05 * p, "ppl_ratio": 1 + p / 100, "cett": 0.05 * p}
+        for p in (0.5, 1.0, 2.0)] + [
+        {"method": "topk", "param": k, "activation_ratio": k / 320, "ppl_ratio": 1 + 3 / k} for k in (16, 64)]}
+    tags = {"activation": activation, "scale": "tiny", "params": "800000", "width_depth_ratio": "32.0", "run": name}
+    return RunResult(name, f"id-{name}", tags, metrics, pareto)
+
+
+def _report(tmp_path, results, targets=(0.06, 0.25)):
+    grid = load_grid(REPO / "configs" / "grids" / "demo.yaml")
+    return build_report(grid, "http://127.0.0.1:1", tmp_path, list(targets), "1", "parent", results)
+
+
+@pytest.fixture(scope="module")
+def results():
+    return {"relu": _run("relu", "relu", _relu), "silu": _run("silu", "silu", _silu)}
+
+
+@pytest.fixture(scope="module")
+def report(results, tmp_path_factory):
+    """(document, numbers) of the two runs: the laws are fitted once for these tests."""
+    return _report(tmp_path_factory.mktemp("report"), results)
+
+
+def test_report_states_the_findings_the_numbers_support(report):
+    doc, data = report
+    verdicts = {f["claim"].split()[0] + (" falls" if "falls" in f["claim"] else " rises" if "rises" in f["claim"] else ""):
+                f["verdict"] for f in data["findings"]}
+    assert verdicts == {"ReLU": "reproduced", "ReLU falls": "reproduced", "SiLU rises": "reproduced"}
+    text = doc.markdown("report_files")
+    assert "**reproduced**: ReLU models are sparser" in text
+    # swap the laws: every finding now contradicts the paper, and the report says so
+    swapped = {"relu": _run("relu", "relu", _silu), "silu": _run("silu", "silu", _relu)}
+    assert [f[1] for f in findings(swapped)] == ["not reproduced", "not reproduced", "not reproduced"]
+
+
+def test_report_fits_the_laws_and_predicts_budgets_from_the_curves(report, results):
+    from launcher.curves import law_curve
+    from sparsity_scaling.laws.curvefit import fit_curve
+    from sparsity_scaling.laws.predict import predict_tokens
+
+    doc, data = report
+    text = doc.markdown("report_files")
+    for name, run in results.items():
+        refit = fit_curve(law_curve(name, *run.curve(), run.tags))
+        fitted = data["runs"][name]["fit"]
+        for coefficient in refit.fitted.law.coefficients:
+            assert fitted[coefficient] == pytest.approx(refit.fitted.coefficient(coefficient))
+        A0 = refit.fitted.coefficient("A0")
+        assert A0 == pytest.approx(0.05 if name == "relu" else 0.3, abs=0.01)
+        row = next(l for l in text.splitlines() if l.startswith(f"| {name} | {name} |") and "[" in l)
+        assert f"{A0:.2e}".replace("e-0", "e-") in row  # the coefficient table shows the fit
+        for target, predicted in zip((0.06, 0.25), data["runs"][name]["predictions"]):
+            expected = predict_tokens(refit.fitted, target)
+            assert (predicted["tokens"] is None) == (not expected.reachable)
+            if expected.reachable:
+                assert predicted["tokens"] == pytest.approx(expected.tokens)
+                assert f"{expected.tokens:.3g} [" in text
+    # every measured value in the tables is the run's value, as MLflow held it
+    for tokens, value in results["silu"].metrics["activation_ratio"]:
+        assert re.search(rf"^\| {tokens:,} \| [0-9.]+ \| {value:.4f} \|$", text, re.M)
+    for row in results["relu"].pareto["points"]:
+        assert f"| {row['activation_ratio']:.4f} | {row['ppl_ratio']:.4f} |" in text
+
+
+def test_report_writes_markdown_with_pictures_and_self_contained_html(report, tmp_path):
+    doc, _ = report
+    doc.write(tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    pictures = re.findall(r"!\[[^\]]*\]\((report_files/[a-z_]+\.png)\)", markdown)
+    assert pictures == ["report_files/activation.png", "report_files/loss.png", "report_files/pareto.png"]
+    for picture in pictures:
+        assert (tmp_path / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (tmp_path / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') == 3 and "report_files" not in html
+    assert "mlflow ui" not in html or "--backend-store-uri" in html
+
+
+def test_a_curve_too_short_for_a_law_is_reported_not_hidden(tmp_path):
+    short = _run("relu", "relu", _relu)
+    short.metrics["activation_ratio"] = short.metrics["activation_ratio"][-4:]
+    doc, data = _report(tmp_path, {"relu": short, "silu": _run("silu", "silu", _silu)})
+    assert "needs at least" in data["runs"]["relu"]["fit"]["error"]
+    text = doc.markdown("report_files")
+    assert f"No law fitted: {data['runs']['relu']['fit']['error']}" in text
+    assert data["runs"]["relu"]["predictions"] == [] and len(data["runs"]["silu"]["predictions"]) == 2
