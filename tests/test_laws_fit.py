@@ -25,6 +25,20 @@ def test_noise_free_law_is_recovered_from_the_default_start(name):
         assert np.allclose(fit.params, TRUE[name], rtol=1e-4)
 
 
+def test_a_laptop_scale_curve_fits_as_well_as_the_same_curve_in_paper_units():
+    """`make demo`'s stabilised ReLU curve (3M tokens: D ~ 1e-3 in units of 1e9 tokens). In
+    these units c is ~1e4 and LM once ran out of evaluations in the c-alpha valley; the fit
+    must not depend on the unit of D."""
+    D = np.array([327680, 434176, 573440, 753664, 995328, 1310720, 1724416, 2273280, 2756608,
+                  2818048, 2879488, 2936832, 2998272]) / 1e9
+    A = np.array([0.1043, 0.0925, 0.0825, 0.0715, 0.0650, 0.0623, 0.0591, 0.0605, 0.0597,
+                  0.0607, 0.0610, 0.0605, 0.0603])
+    law = LAWS["relu"]
+    small, big = fit_law(law, D, A), fit_law(law, D * 1e5, A)
+    assert small.mae < 1e-3
+    assert np.allclose(law.evaluate(D, small.params), law.evaluate(D * 1e5, big.params), atol=1e-5)
+
+
 def test_bootstrap_intervals_cover_true_coefficients_at_nominal_rate():
     law, D, level = LAWS["relu"], TOKENS / 1e9, 0.9
     rng = np.random.default_rng(7)

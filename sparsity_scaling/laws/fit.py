@@ -60,7 +60,14 @@ class LawFit:
 
 
 def levenberg_marquardt(law: Law, D, A, start):
-    """One LM run from a coefficient vector: (coefficients, sse), or None if it failed."""
+    """One LM run from a coefficient vector: (coefficients, sse), or None if it failed.
+
+    LM works in units of D / scale (D's geometric mean), so a CPU run's D of 1e-4 (in 1e9
+    tokens) is as well conditioned as the paper's 1e2: otherwise c grows to ~1e3 and the
+    c-alpha valley exhausts the evaluation budget.
+    """
+    scale = float(np.exp(np.mean(np.log(D))))
+    D_raw, D, start = D, D / scale, law.rescaled(start, 1.0 / scale)
 
     def residuals(theta):
         r = law.evaluate_free(D, theta) - A
@@ -77,8 +84,8 @@ def levenberg_marquardt(law: Law, D, A, start):
         )
     except (ValueError, np.linalg.LinAlgError):
         return None
-    params = law.from_free(solution.x)
-    sse = float(np.sum((law.evaluate(D, params) - A) ** 2))
+    params = law.rescaled(law.from_free(solution.x), scale)
+    sse = float(np.sum((law.evaluate(D_raw, params) - A) ** 2))
     if solution.status <= 0 or not np.all(np.isfinite(params)) or not np.isfinite(sse):
         return None
     return params, sse

@@ -68,6 +68,10 @@ class Law:
     def from_free(self, theta):
         raise NotImplementedError
 
+    def rescaled(self, p, scale: float):
+        """The coefficients in D's units of a law fitted in units of D / scale."""
+        raise NotImplementedError
+
     def evaluate_free(self, D, theta):
         """A(D) from free parameters: what the fit evaluates."""
         return self.evaluate(D, self.from_free(theta))
@@ -169,6 +173,10 @@ class ReluLaw(SparsityLaw):
                     points.append(candidates[np.nanargmin(np.where(np.isfinite(sse), sse, np.nan))])
         return points
 
+    def rescaled(self, p, scale):
+        alpha, b, c, A0 = p
+        return np.array([alpha, b, c * scale ** -alpha, A0])
+
     def inverse(self, p, target):
         alpha, b, c, A0 = np.moveaxis(np.asarray(p, float), -1, 0)
         gap = target - A0
@@ -199,6 +207,10 @@ class SiluLaw(SparsityLaw):
         alpha, c, A0 = _columns(p, 3)
         with np.errstate(over="ignore", invalid="ignore"):
             return A0 - c * np.asarray(D, float) ** (-alpha)
+
+    def rescaled(self, p, scale):
+        alpha, c, A0 = p
+        return np.array([alpha, c * scale**alpha, A0])
 
     def to_free(self, p):
         alpha, c, A0 = p
@@ -253,6 +265,10 @@ class LogLaw(Law):
         A0, c, a = _columns(p, 3)
         return A0 + c * np.log1p(a * np.asarray(D, float))
 
+    def rescaled(self, p, scale):
+        A0, c, a = p
+        return np.array([A0, c, a / scale])
+
     def to_free(self, p):
         A0, c, a = p
         return np.array([A0, c, np.log(a)])
@@ -281,6 +297,10 @@ class SigmoidLaw(Law):
     def evaluate(self, D, p):
         a, c, d = _columns(p, 3)
         return a - _logistic(-(c * np.asarray(D, float) + d))
+
+    def rescaled(self, p, scale):
+        a, c, d = p
+        return np.array([a, c / scale, d])
 
     def to_free(self, p):
         return np.asarray(p, float)
