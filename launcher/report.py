@@ -54,8 +54,8 @@ def collect(uri: str, grid: Grid) -> tuple[str, str, dict[str, RunResult]]:
     experiment = mlflow.get_experiment_by_name(grid.name)
     if experiment is None:
         raise UserError(f"{grid.path}: no MLflow experiment {grid.name!r} at {uri}; submit the grid first")
-    runs = mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.grid = '{grid.name}'",
-                              max_results=10000)
+    runs = mlflow.search_runs([experiment.experiment_id], max_results=10000,
+                              filter_string=f"tags.`sparsity_scaling.grid` = '{grid.name}'")
     parent = next((r.info.run_id for r in runs if r.data.tags.get("sparsity_scaling.role") == "parent"), None)
     by_name = {r.data.tags.get("run"): r for r in runs if r.data.tags.get("sparsity_scaling.role") != "parent"}
     results = {}
@@ -224,17 +224,16 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _prediction_cell(prediction, observed_max: float) -> str:
+def _prediction_cell(prediction, last_ratio: float) -> str:
+    reached = last_ratio >= prediction.target if prediction.form == "silu" else last_ratio <= prediction.target
+    if reached:
+        return f"already reached (last checkpoint: {last_ratio:.4f})"
     if not prediction.reachable:
         return (f"never: the law levels off at A0 = {prediction.limit:.4f} first "
                 f"({prediction.unreachable_share:.0%} of bootstrap fits agree)")
     low, high = prediction.ci
     text = f"{prediction.tokens:.3g} [{low:.3g}, {high:.3g}]"
-    if prediction.tokens <= observed_max:
-        text += " (already crossed in the data)"
-    elif prediction.extrapolated:
-        text += " (extrapolated beyond 2x the data)"
-    return text
+    return text + (" (extrapolated beyond 2x the data)" if prediction.extrapolated else "")
 
 
 def build_report(grid: Grid, uri: str, workdir: Path, targets: list[float], experiment_id: str,
@@ -297,8 +296,8 @@ def build_report(grid: Grid, uri: str, workdir: Path, targets: list[float], expe
         table = []
         for name, fit in fitted.items():
             predictions[name] = [predict_tokens(fit.fitted, t) for t in targets]
-            observed = float(fit.curve.tokens[-1])
-            table += [[name, f"{p.target:g}", f"{p.crossing} {p.target:g}", _prediction_cell(p, observed)]
+            last = float(fit.curve.activation_ratio[-1])
+            table += [[name, f"{p.target:g}", f"{p.crossing} {p.target:g}", _prediction_cell(p, last)]
                       for p in predictions[name]]
         doc.paragraph("Training tokens until each run's fitted law crosses the target activation ratio, "
                       "with the 95% bootstrap interval.")

@@ -20,19 +20,23 @@ from ..metrics.search import Evaluator, check_p, ppl_p
 
 P_VALUES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # PPL-p%: allowed perplexity increase, percent
 KEEP_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5)  # Top-k: k as a share of d_f
-FAT_QUANTILES = (0.5, 0.65, 0.8, 0.9, 0.95, 0.98)  # FAT-eps: eps at these quantiles of |a|
+FAT_QUANTILES = (0.5, 0.65, 0.8, 0.9, 0.95, 0.98)  # FAT-eps: eps at these quantiles of non-zero |a|
 TOP_P_VALUES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)  # top-p: share of the |a| mass kept
 
 METHOD_LABELS = {"ppl-p": "PPL-p% (CETT)", "topk": "Top-k", "fat": "FAT-eps", "relu": "ReLU zero", "top-p": "top-p"}
 
 
 def _fat_eps(evaluator: Evaluator, quantiles) -> list[float]:
-    """eps at quantiles of |a| over the calibration activations of all layers (all neurons,
-    so every tensor-parallel size gets the same values)."""
+    """eps at quantiles of the non-zero |a| over the calibration activations of all layers
+    (all neurons, so every tensor-parallel size gets the same values). Non-zero: most of a
+    ReLU model's |a| are exactly 0, where every quantile would give the dense model."""
     values = torch.cat([gather_neurons(a.abs()).flatten() for _, a in sorted(evaluator.dense.calibration.items())])
+    values = values[values > 0]
+    if values.numel() == 0:
+        return []
     if values.numel() > 4_000_000:  # quantiles of an even subsample: the same on every rank
         values = values[:: values.numel() // 4_000_000 + 1]
-    return [float(q) for q in np.quantile(values.double().numpy(), quantiles)]
+    return sorted({float(q) for q in np.quantile(values.double().numpy(), quantiles)})
 
 
 def _row(method: str, param: float | None, sparse, evaluator: Evaluator) -> dict:
@@ -46,7 +50,7 @@ def pareto_points(evaluator: Evaluator, activation: str | None, p_values=P_VALUE
     """One row per setting: {"method", "param", "activation_ratio", "ppl_ratio"}.
 
     PPL-p% sweeps p; Top-k sweeps k = fraction * d_f; FAT-eps sweeps eps at quantiles of the
-    dense |a|; top-p sweeps the kept mass; ReLU models add the straightforward ReLU point.
+    dense non-zero |a|; top-p sweeps the kept mass; ReLU models add the straightforward ReLU point.
     A p whose search cannot reach its PPL ratio (too little data) is skipped; if no point
     at all can be measured, UserError.
     """
