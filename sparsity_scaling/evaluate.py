@@ -35,38 +35,55 @@ def _windows(stream: np.ndarray, length: int, max_tokens: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(stream[: count * length], dtype=np.int64).reshape(count, length))
 
 
-def _tokenize_file(path: str, tokenizer_of, seq_len: int, max_tokens: int) -> torch.Tensor:
-    from .data.corpus import file_documents
-
+def tokenize_documents(docs, tokenizer_of, seq_len: int, max_tokens: int, what: str) -> torch.Tensor:
+    """Documents joined by end-of-document tokens, cut into sequences of seq_len + 1."""
     encode, eos = tokenizer_of()
     ids: list[int] = []
-    for doc in file_documents(path):
+    for doc in docs:
         ids.extend(encode(doc.text))
         ids.append(eos)
         if len(ids) > max_tokens + seq_len + 1:
             break
     if not ids:
-        raise UserError(f"--data {path}: no text")
+        raise UserError(f"{what}: no text")
     return _windows(np.asarray(ids), seq_len + 1, max_tokens)
 
 
-def _our_tokenizer(checkpoint: Path):
+def _tokenize_file(path: str, tokenizer_of, seq_len: int, max_tokens: int) -> torch.Tensor:
+    from .data.corpus import file_documents
+
+    return tokenize_documents(file_documents(path), tokenizer_of, seq_len, max_tokens, f"--data {path}")
+
+
+def run_tokenizer(checkpoint: Path):
+    """The sentencepiece tokenizer of a checkpoint's run."""
     from .data.tokenizer import Tokenizer
 
     path = checkpoint.parent.parent / "tokenizer.model"
     if not path.is_file():
         raise UserError(f"{checkpoint}: no tokenizer.model in its run directory; use --tokens")
-    tok = Tokenizer(path)
+    return Tokenizer(path)
+
+
+def run_encoder(checkpoint: Path):
+    """(encode text -> ids, end-of-document id) of a checkpoint's run tokenizer."""
+    tok = run_tokenizer(checkpoint)
     return (lambda text: tok.encode([text])[0]), tok.eos_id
 
 
-def _hf_tokenizer(model_dir: str):
+def hf_tokenizer(model_dir: str):
+    """A local Hugging Face model's tokenizer (never downloaded)."""
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as error:
         raise UserError(f"--hf-model {model_dir}: no usable tokenizer ({str(error).splitlines()[0]}); use --tokens") from None
+
+
+def hf_encoder(model_dir: str):
+    """(encode text -> ids, end-of-document id) of a Hugging Face model's tokenizer."""
+    tok = hf_tokenizer(model_dir)
     eos = tok.eos_token_id if tok.eos_token_id is not None else 0
     return (lambda text: tok(text, add_special_tokens=False)["input_ids"]), eos
 
@@ -85,7 +102,7 @@ def load_eval_data(args: Namespace) -> EvalData:
         config = load_config(Path(args.checkpoint) / "config.yaml")
         seq_len = args.seq_len or config.data.seq_len
         if args.data:
-            seqs = _tokenize_file(args.data, lambda: _our_tokenizer(Path(args.checkpoint)), seq_len, args.eval_tokens)
+            seqs = _tokenize_file(args.data, lambda: run_encoder(Path(args.checkpoint)), seq_len, args.eval_tokens)
         else:
             from .data import prepare_data
             from .data.indexed import open_token_stream
@@ -95,7 +112,7 @@ def load_eval_data(args: Namespace) -> EvalData:
         return EvalData(seqs, args.batch_size)
     if not args.data:
         raise UserError("--hf-model needs validation text (--data FILE) or tokens (--tokens FILE.npy)")
-    seqs = _tokenize_file(args.data, lambda: _hf_tokenizer(args.hf_model), args.seq_len or 512, args.eval_tokens)
+    seqs = _tokenize_file(args.data, lambda: hf_encoder(args.hf_model), args.seq_len or 512, args.eval_tokens)
     return EvalData(seqs, args.batch_size)
 
 
@@ -117,28 +134,35 @@ def _need_value(args) -> float:
 
 def measure(args: Namespace, evaluator: Evaluator, activation: str | None):
     """The SparsityResult of the requested metric, plus its per-neuron thresholds if any."""
-    metric, site = args.metric, args.site
+    metric = args.metric
     if metric == "ppl-p":
         result = ppl_p(evaluator, args.p)
         return result, evaluator.cett_rule(result.cett).thresholds
     if metric == "cett":
         rule = evaluator.cett_rule(_need_value(args))
         return evaluator.result(metric, rule, evaluator.measure(rule)), rule.thresholds
+    rule = fixed_rule(args, activation)
+    if rule is None:
+        return _critical(args, evaluator), None
+    return evaluator.result(metric, rule, evaluator.measure(rule)), None
+
+
+def fixed_rule(args: Namespace, activation: str | None):
+    """The rule of a metric that needs no search (relu, topk, fat, top-p, max-p), else None."""
+    metric, site = args.metric, args.site
     if metric == "relu":
         if activation != "relu":
             raise UserError(f"--metric relu: the model's activation is {activation}, not relu")
-        rule = ReluZero()
-    elif metric == "topk":
-        rule = TopK(site=site, k=int(_need_value(args)))
-    elif metric == "fat":
-        rule = FixedThreshold(site=site, eps=_need_value(args))
-    elif metric == "top-p":
-        rule = TopP(site=site, p=_need_value(args), power=args.power)
-    elif metric == "max-p":
-        rule = MaxP(site=site, p=_need_value(args))
-    else:
-        return _critical(args, evaluator), None
-    return evaluator.result(metric, rule, evaluator.measure(rule)), None
+        return ReluZero()
+    if metric == "topk":
+        return TopK(site=site, k=int(_need_value(args)))
+    if metric == "fat":
+        return FixedThreshold(site=site, eps=_need_value(args))
+    if metric == "top-p":
+        return TopP(site=site, p=_need_value(args), power=args.power)
+    if metric == "max-p":
+        return MaxP(site=site, p=_need_value(args))
+    return None
 
 
 def _critical(args, evaluator: Evaluator):
@@ -156,13 +180,19 @@ def _critical(args, evaluator: Evaluator):
     return critical(evaluator, lambda x: FixedThreshold(site=site, eps=x), 0.0, peak, True, tol)
 
 
-def _evaluate_on_rank(args: Namespace) -> None:
+def load_evaluator(args: Namespace) -> Evaluator:
+    """The model of --checkpoint / --hf-model on its validation data, dense pass done
+    (call init_parallel(args.tp) first)."""
     from .hf import load_target
 
-    init_parallel(args.tp)
     target = load_target(checkpoint=args.checkpoint, hf_model=args.hf_model, tp=args.tp)
-    data = load_eval_data(args)
-    evaluator = Evaluator(target, data, args.calibration_tokens)
+    return Evaluator(target, load_eval_data(args), args.calibration_tokens)
+
+
+def _evaluate_on_rank(args: Namespace) -> None:
+    init_parallel(args.tp)
+    evaluator = load_evaluator(args)
+    target, data = evaluator.target, evaluator.data
     result, thresholds = measure(args, evaluator, _activation_of(args, target))
     record = {
         "model": str(args.checkpoint or args.hf_model),
