@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import add_arguments
 
     add_arguments(commands)
+    from .analysis.cli import add_arguments as add_analysis_arguments
+
+    add_analysis_arguments(commands)
     from launcher.cli import add_arguments as add_grid_arguments
 
     add_grid_arguments(commands)
