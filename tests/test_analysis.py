@@ -299,7 +299,7 @@ def test_token_report_and_figure(measured, micro_run):
     assert ax.get_ylabel() == "activation ratio on the token: late"
     assert "Pearson r" in ax.get_title()
     assert "y = x" in _texts(ax.get_legend())
-    assert any(repr(top["token"]) in t.get_text() for t in ax.texts)  # the most different token is named
+    assert any(f"'{top['token']}'" in t.get_text() for t in ax.texts)  # the most different token is named
 
     single = tokens_figure(token_report({"late": late}, vocab))
     assert single.axes[0].get_xlabel() == "occurrences of the token" and single.axes[0].get_legend()

@@ -250,8 +250,6 @@ def _check(args: Namespace) -> None:
         check_p(args.p)
     if args.metric != "ppl-p" and args.metric != "relu" and args.value is None and not args.thresholds:
         raise UserError(f"--metric {args.metric} needs --value")
-    if args.site == "input":
-        raise UserError("--site input masks input features, not neurons; use intermediate, gate or up")
     if args.tp < 1:
         raise UserError("--tp must be at least 1")
     named_datasets(args)

@@ -56,6 +56,10 @@ def token_report(results: dict[str, Activity], vocab: Vocabulary, min_count: int
     return {"min_count": min_count, "models": models, "comparisons": comparisons}
 
 
+def _quoted(token: str) -> str:
+    return f"'{token}'"  # already readable (Vocabulary.text): no second escaping
+
+
 def _mark_tokens(ax, xs, ys, lines: list[str], label: str) -> None:
     """Number the named points on the plot and list them beside it (labels on the points
     themselves overlap where the points cluster)."""
@@ -85,7 +89,7 @@ def tokens_figure(report: dict, label_count: int = 8) -> Figure:
         half = label_count // 2
         shown = frequent[:half] + frequent[-half:] if len(frequent) > label_count else frequent
         _mark_tokens(ax, [r["count"] for r in shown], [r["ratio"] for r in shown],
-                     [f"{r['token']!r:<14} {r['ratio']:.3f} ({r['count']}x)" for r in shown],
+                     [f"{_quoted(r['token']):<14} {r['ratio']:.3f} ({r['count']}x)" for r in shown],
                      f"highest and lowest ratios (tokens seen \u2265 {report['min_count']} times)")
         ax.set(xscale="log", xlabel="occurrences of the token", ylabel="mean activation ratio on the token",
                title=f"{model}: activation ratio by token")
@@ -98,7 +102,7 @@ def tokens_figure(report: dict, label_count: int = 8) -> Figure:
         ax.plot([low, high], [low, high], color="grey", ls="--", lw=1, label="y = x")
         shown = c["most_different"][:label_count]
         _mark_tokens(ax, [r["a"] for r in shown], [r["b"] for r in shown],
-                     [f"{r['token']!r:<14} {r['a']:.3f} -> {r['b']:.3f}" for r in shown], "most different")
+                     [f"{_quoted(r['token']):<14} {r['a']:.3f} -> {r['b']:.3f}" for r in shown], "most different")
         ax.set(xlabel=f"activation ratio on the token: {c['a']}", ylabel=f"activation ratio on the token: {c['b']}",
                title=f"Pearson r = {c['pearson']:.3f}, Spearman \u03c1 = {c['spearman']:.3f}")
         ax.legend(fontsize=8, loc="best")
