@@ -156,7 +156,44 @@ def findings(results: dict[str, RunResult]) -> list[tuple[str, str, str]]:
         out = [(claim, verdict, "; ".join(evidence) + " at the last checkpoint")]
     out.append(_direction_finding("ReLU activation ratio falls with training data", relu, -1))
     out.append(_direction_finding("SiLU activation ratio rises with training data", silu, +1))
+    out.append(_pareto_finding(results))
     return out
+
+
+def activation_at(rows: list[dict], method: str, ppl_ratio: float) -> float | None:
+    """A method's activation ratio where its Pareto curve reaches ppl_ratio (linear between
+    the two settings around it), or None if its sweep does not reach across it."""
+    points = sorted((r["ppl_ratio"], r["activation_ratio"]) for r in rows if r["method"] == method)
+    for (p0, a0), (p1, a1) in zip(points, points[1:]):
+        if p0 <= ppl_ratio <= p1:
+            return a0 if p1 == p0 else a0 + (a1 - a0) * (ppl_ratio - p0) / (p1 - p0)
+    return None
+
+
+def _pareto_finding(results: dict[str, RunResult]) -> tuple[str, str, str]:
+    claim = "PPL-1% (CETT) keeps fewer neurons active than Top-k, FAT-eps and top-p at the same +1% perplexity"
+    verdicts, evidence = [], []
+    for name, run in results.items():
+        if not run.pareto:
+            continue
+        rows = run.pareto["points"]
+        ours = next((r for r in rows if r["method"] == "ppl-p" and r["param"] == 1.0), None)
+        if ours is None:
+            continue
+        others = {m: activation_at(rows, m, ours["ppl_ratio"]) for m in ("topk", "fat", "top-p")}
+        compared = {m: a for m, a in others.items() if a is not None}
+        if compared:
+            verdicts.append("reproduced" if all(ours["activation_ratio"] < a for a in compared.values())
+                            else "not reproduced")
+        evidence.append(f"{name}: PPL-1% {ours['activation_ratio']:.4f}, " + ", ".join(
+            f"{METHOD_NAMES[m]} {'-' if a is None else f'{a:.4f}'}" for m, a in others.items()))
+    if not verdicts:
+        return claim, "not tested", "no run has Pareto points at PPL-1%"
+    verdict = verdicts[0] if len(set(verdicts)) == 1 else "mixed"
+    return claim, verdict, "; ".join(evidence) + " (activation ratio at the same PPL ratio, at the last checkpoint)"
+
+
+METHOD_NAMES = {"topk": "Top-k", "fat": "FAT-eps", "top-p": "top-p"}
 
 
 # ---------------------------------------------------------------- figures

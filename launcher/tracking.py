@@ -88,11 +88,36 @@ def stop_local_server(workdir: Path) -> None:
     import signal
 
     record = (workdir / "mlflow" / SERVER_FILE).resolve()
-    if record.is_file():
+    if not record.is_file():
+        return
+    server = json.loads(record.read_text())
+    port = int(server["uri"].rsplit(":", 1)[1])
+    # Wait until its port is free: a server still answering while it shuts down would be
+    # taken for a running one by the next command, and a new one needs the old port.
+    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
         try:
-            os.killpg(json.loads(record.read_text())["pid"], signal.SIGTERM)
+            os.killpg(server["pid"], sig)
         except (ProcessLookupError, PermissionError):
-            pass
+            return
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            try:
+                os.waitpid(server["pid"], os.WNOHANG)  # reap it if this process started it
+            except ChildProcessError:
+                pass
+            if _port_free(port):
+                return
+            time.sleep(0.1)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds it
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 @contextmanager

@@ -36,7 +36,7 @@ def _run(name, activation, law, seed=0):
     pareto = {"train_tokens": TOKENS[-1], "dense_ppl": 20.0, "points": [
         {"method": "ppl-p", "param": p, "activation_ratio": 0.05 * p, "ppl_ratio": 1 + p / 100, "cett": 0.05 * p}
         for p in (0.5, 1.0, 2.0)] + [
-        {"method": "topk", "param": k, "activation_ratio": k / 320, "ppl_ratio": 1 + 3 / k} for k in (16, 64)]}
+        {"method": "topk", "param": k, "activation_ratio": k / 320, "ppl_ratio": 1 + 0.5 / k} for k in (16, 64, 256)]}
     tags = {"activation": activation, "scale": "tiny", "params": "800000", "width_depth_ratio": "32.0", "run": name}
     return RunResult(name, f"id-{name}", tags, metrics, pareto)
 
@@ -61,12 +61,22 @@ def test_report_states_the_findings_the_numbers_support(report):
     doc, data = report
     verdicts = {f["claim"].split()[0] + (" falls" if "falls" in f["claim"] else " rises" if "rises" in f["claim"] else ""):
                 f["verdict"] for f in data["findings"]}
-    assert verdicts == {"ReLU": "reproduced", "ReLU falls": "reproduced", "SiLU rises": "reproduced"}
+    assert verdicts == {"ReLU": "reproduced", "ReLU falls": "reproduced", "SiLU rises": "reproduced",
+                        "PPL-1%": "reproduced"}
+    # Top-k reaches +1% perplexity between k = 16 and k = 64, linearly in PPL ratio
+    (p16, a16), (p64, a64) = (1 + 0.5 / 16, 16 / 320), (1 + 0.5 / 64, 64 / 320)
+    top_k = a64 + (a16 - a64) * (1.01 - p64) / (p16 - p64)
+    assert f"Top-k {top_k:.4f}" in data["findings"][3]["evidence"]
     text = doc.markdown("report_files")
     assert "**reproduced**: ReLU models are sparser" in text
     # swap the laws: every finding now contradicts the paper, and the report says so
     swapped = {"relu": _run("relu", "relu", _silu), "silu": _run("silu", "silu", _relu)}
-    assert [f[1] for f in findings(swapped)] == ["not reproduced", "not reproduced", "not reproduced"]
+    assert [f[1] for f in findings(swapped)][:3] == ["not reproduced", "not reproduced", "not reproduced"]
+    for run in swapped.values():  # Top-k now keeps fewer neurons than PPL-1% at +1% perplexity
+        run.pareto["points"] = [r for r in run.pareto["points"] if r["method"] == "ppl-p"] + [
+            {"method": "topk", "param": 2, "activation_ratio": 0.001, "ppl_ratio": 1.005},
+            {"method": "topk", "param": 3, "activation_ratio": 0.002, "ppl_ratio": 1.02}]
+    assert findings(swapped)[3][1] == "not reproduced"
 
 
 def test_report_fits_the_laws_and_predicts_budgets_from_the_curves(report, results):
@@ -88,7 +98,10 @@ def test_report_fits_the_laws_and_predicts_budgets_from_the_curves(report, resul
         for target, predicted in zip((0.06, 0.25), data["runs"][name]["predictions"]):
             expected = predict_tokens(refit.fitted, target)
             assert (predicted["tokens"] is None) == (not expected.reachable)
-            if expected.reachable:
+            last = run.curve()[1][-1]
+            if (last >= target) if name == "silu" else (last <= target):
+                assert f"already reached (last checkpoint: {last:.4f})" in text
+            elif expected.reachable:
                 assert predicted["tokens"] == pytest.approx(expected.tokens)
                 assert f"{expected.tokens:.3g} [" in text
     # every measured value in the tables is the run's value, as MLflow held it
