@@ -236,6 +236,47 @@ def test_tensor_parallel_2_gives_the_same_counts(micro_run, tokens_file, measure
     assert np.array_equal(ranks[0][0].neuron_active, ranks[1][0].neuron_active)
 
 
+def _pareto_rank(checkpoint: Path, tokens_path: Path, tp: int) -> dict:
+    """The Pareto sweep, and PPL-p% searched for each p alone (no shared points), at TP tp."""
+    from sparsity_scaling.analysis.pareto import pareto_points
+    from sparsity_scaling.hf import load_target
+    from sparsity_scaling.metrics.measure import EvalData
+    from sparsity_scaling.metrics.search import Evaluator, ppl_p
+    from sparsity_scaling.parallel import init_parallel
+
+    init_parallel(tp)
+    target = load_target(checkpoint=checkpoint, tp=tp)
+    data = EvalData(_sequences(tokens_path))
+    shared = Evaluator(target, data)
+    rows = pareto_points(shared, "relu")
+    alone = Evaluator(target, data)
+    singles = [ppl_p(alone, p).activation_ratio for p in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)]
+    return {"rows": rows, "shared_passes": shared.passes, "alone_passes": alone.passes, "singles": singles,
+            "width": target.ffns[0].local_neurons * tp}
+
+
+def test_pareto_curves_are_monotone_shared_and_the_same_under_tensor_parallelism(micro_run, tokens_file):
+    checkpoint = list_checkpoints(micro_run)[-1].path
+    (one,) = run_ranks(1, _pareto_rank, checkpoint, tokens_file, 1)
+    ppl = [r for r in one["rows"] if r["method"] == "ppl-p"]
+    assert [r["param"] for r in ppl] == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
+    assert all(abs(r["ppl_ratio"] - (1 + r["param"] / 100)) < 2e-3 for r in ppl)
+    activations = [r["activation_ratio"] for r in ppl]
+    assert all(a > b for a, b in zip(activations, activations[1:]))  # more PPL allowed, sparser
+    assert activations == pytest.approx(one["singles"], abs=1e-3)  # sharing changes no result...
+    sweep_passes = one["shared_passes"] - sum(1 for r in one["rows"] if r["method"] != "ppl-p")
+    assert sweep_passes < one["alone_passes"]  # ...only what it costs
+    for row in one["rows"]:
+        if row["method"] == "topk":
+            assert row["activation_ratio"] == pytest.approx(row["param"] / one["width"])
+    assert {r["method"] for r in one["rows"]} == {"ppl-p", "topk", "fat", "top-p", "relu"}
+    two = run_ranks(2, _pareto_rank, checkpoint, tokens_file, 2)
+    assert two[0]["rows"] == two[1]["rows"]
+    for a, b in zip(one["rows"], two[0]["rows"]):
+        assert (a["method"], a["param"]) == (b["method"], pytest.approx(b["param"], rel=1e-5))
+        assert a["activation_ratio"] == pytest.approx(b["activation_ratio"], abs=2e-3)
+
+
 # ---------------------------------------------------------------- reports and plots
 
 

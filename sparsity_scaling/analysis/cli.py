@@ -202,7 +202,7 @@ def _heatmap_on_rank(args: Namespace) -> None:
 
 def _pareto_on_rank(args: Namespace) -> None:
     from ..evaluate import _activation_of, load_evaluator
-    from .pareto import pareto_points, write_pareto
+    from .pareto import pareto_points, pareto_table, write_pareto
 
     init_parallel(args.tp)
     curves = {}
@@ -216,8 +216,12 @@ def _pareto_on_rank(args: Namespace) -> None:
         curves[spec.label] = pareto_points(evaluator, _activation_of(model_args, evaluator.target),
                                            p_values=args.p_values, on_point=report)
     if _rank0():
+        from ..laws.report import table
+
         out = Path(args.out)
         write_pareto(curves, out / "pareto.json", out / "pareto.png")
+        for label, rows in curves.items():
+            print(f"\n{label}\n" + table(["method", "setting", "activation ratio", "PPL ratio"], pareto_table(rows)))
         print(f"wrote {out / 'pareto.json'} and {out / 'pareto.png'}")
         if args.mlflow:
             _log_to_mlflow(*args.mlflow, [out / "pareto.json", out / "pareto.png"], ())
@@ -277,8 +281,23 @@ def analyze_command(args: Namespace) -> None:
         from .tokens import check_same_tokenizer
 
         check_same_tokenizer({s.label: vocabulary(s) for s in args.specs})
-    args.mlflow = _mlflow_target(args)
-    on_ranks(args.tp, RANK_FUNCTIONS[analysis], args)
+    with _grid_tracking(args):
+        args.mlflow = _mlflow_target(args)
+        on_ranks(args.tp, RANK_FUNCTIONS[analysis], args)
+
+
+def _grid_tracking(args: Namespace):
+    """For --mlflow-run GRID_WORKDIR/runs/RUN without a tracking URI: the grid's local MLflow
+    server, started for the command (on the port its runs recorded) and stopped after it."""
+    from contextlib import nullcontext
+
+    workdir = Path(args.mlflow_run or "").resolve().parent.parent
+    if (not args.mlflow_run or args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+            or not (workdir / "mlflow" / "mlflow.db").is_file()):
+        return nullcontext()
+    from launcher.tracking import tracking
+
+    return tracking(workdir)
 
 
 def _prepare_dead(args: Namespace) -> None:
