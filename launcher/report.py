@@ -222,13 +222,7 @@ def activation_figure(results: dict[str, RunResult], fits: dict) -> bytes:
             ax.fill_between(grid * TOKENS_PER_UNIT, low, high, color=colour, alpha=0.2)
             ax.plot(grid * TOKENS_PER_UNIT, fit.fit.law.evaluate(grid, fit.fit.params), color=colour,
                     label=f"{name}: {fit.fit.law.name} law, {fit.fitted.level:.0%} band")
-    ax.set_xscale("log")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("activation ratio")
-    ax.set_title("Activation ratio against training data")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return figure_bytes(figure)
+    return _against_tokens(figure, ax, "activation ratio", "Activation ratio against training data")
 
 
 def loss_figure(results: dict[str, RunResult]) -> bytes:
@@ -239,10 +233,14 @@ def loss_figure(results: dict[str, RunResult]) -> bytes:
     for index, (name, run) in enumerate(results.items()):
         ax.plot(*run.curve("train_loss"), color=f"C{index}", lw=1, alpha=0.8, label=f"{name}: training loss")
         ax.plot(*run.curve("val_loss"), "o--", color=f"C{index}", ms=4, label=f"{name}: validation loss")
+    return _against_tokens(figure, ax, "loss (nats per token)", "Training and validation loss")
+
+
+def _against_tokens(figure, ax, ylabel: str, title: str) -> bytes:
     ax.set_xscale("log")
     ax.set_xlabel("training tokens")
-    ax.set_ylabel("loss (nats per token)")
-    ax.set_title("Training and validation loss")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return figure_bytes(figure)

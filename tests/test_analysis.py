@@ -263,7 +263,8 @@ def test_pareto_curves_are_monotone_shared_and_the_same_under_tensor_parallelism
     assert all(abs(r["ppl_ratio"] - (1 + r["param"] / 100)) < 2e-3 for r in ppl)
     activations = [r["activation_ratio"] for r in ppl]
     assert all(a > b for a, b in zip(activations, activations[1:]))  # more PPL allowed, sparser
-    assert activations == pytest.approx(one["singles"], abs=1e-3)  # sharing changes no result...
+    # sharing changes no result (each search is within 1e-3 of the exact one)...
+    assert activations == pytest.approx(one["singles"], abs=2e-3)
     sweep_passes = one["shared_passes"] - sum(1 for r in one["rows"] if r["method"] != "ppl-p")
     assert sweep_passes < one["alone_passes"]  # ...only what it costs
     for row in one["rows"]:
@@ -273,7 +274,9 @@ def test_pareto_curves_are_monotone_shared_and_the_same_under_tensor_parallelism
     two = run_ranks(2, _pareto_rank, checkpoint, tokens_file, 2)
     assert two[0]["rows"] == two[1]["rows"]
     for a, b in zip(one["rows"], two[0]["rows"]):
-        assert (a["method"], a["param"]) == (b["method"], pytest.approx(b["param"], rel=1e-5))
+        assert a["method"] == b["method"] and (a["param"] is None) == (b["param"] is None)
+        if a["param"] is not None:
+            assert a["param"] == pytest.approx(b["param"], rel=1e-5)
         assert a["activation_ratio"] == pytest.approx(b["activation_ratio"], abs=2e-3)
 
 
