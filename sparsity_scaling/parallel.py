@@ -29,14 +29,16 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+_WORLD_OF_ONE: dict[str, str] = {}  # the environment init_parallel set for a world of one
+
+
 def init_parallel(tp: int) -> None:
     """Join (or create, for a single process) the default group, then the megatron groups."""
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain `python`/console script: a world of one
-            os.environ.update(
-                RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-            )
+            _WORLD_OF_ONE.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+            os.environ.update(_WORLD_OF_ONE)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(device())
@@ -56,6 +58,12 @@ def shutdown_parallel() -> None:
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    # A world of one made up here must not outlive its group: processes started later
+    # from this one would take themselves for ranks of a launched job.
+    for key, value in _WORLD_OF_ONE.items():
+        if os.environ.get(key) == value:
+            del os.environ[key]
+    _WORLD_OF_ONE.clear()
 
 
 class DeepSpeedMPU:

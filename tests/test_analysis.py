@@ -4,6 +4,7 @@ model (TP 1 and 2) and random Hugging Face models (batch-first and flattened lay
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -469,3 +470,5 @@ def test_bad_input_is_one_line(micro_run, hf_models, tmp_path, capsys, args, mes
     last = err.strip().splitlines()[-1]
     assert last.startswith("sparsity-scaling: error: ") and message in last
     assert not (tmp_path / "out").exists()
+    # the in-process run left no world-of-one environment behind for later subprocesses
+    assert not {"RANK", "WORLD_SIZE", "MASTER_PORT"} & set(os.environ)
