@@ -17,6 +17,7 @@ import numpy as np
 
 from sparsity_scaling.errors import UserError
 from sparsity_scaling.figures import figure_bytes
+from sparsity_scaling.laws.report import sci
 from sparsity_scaling.laws.io import write_json
 
 from .document import Document
@@ -249,12 +250,6 @@ def _against_tokens(figure, ax, ylabel: str, title: str) -> bytes:
 # ---------------------------------------------------------------- the report
 
 
-def _sci(value: float) -> str:
-    from sparsity_scaling.laws.report import sci
-
-    return sci(value)
-
-
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -314,10 +309,10 @@ def build_report(grid: Grid, uri: str, workdir: Path, targets: list[float], expe
             failures.append(fit)
             continue
         coefficients = fit.fitted.law.coefficients
-        cells = [f"{_sci(fit.fitted.coefficient(c))} [{_sci(fit.fitted.coefficient_interval(c)[0])}, "
-                 f"{_sci(fit.fitted.coefficient_interval(c)[1])}]" if c in coefficients else "-"
+        cells = [f"{sci(fit.fitted.coefficient(c))} [{sci(fit.fitted.coefficient_interval(c)[0])}, "
+                 f"{sci(fit.fitted.coefficient_interval(c)[1])}]" if c in coefficients else "-"
                  for c in ("alpha", "b", "c", "A0")]
-        rows.append([name, fit.fit.law.name, *cells, _sci(fit.fit.mae), f"{len(fit.fit.D)} of {len(fit.curve.tokens)}"])
+        rows.append([name, fit.fit.law.name, *cells, sci(fit.fit.mae), f"{len(fit.fit.D)} of {len(fit.curve.tokens)}"])
     if rows:
         doc.table(["run", "law", "alpha", "b", "c", "A0", "MAE", "points fitted"], rows)
     warnings = [f"{n}: {w}" for n, f in fits.items() if not isinstance(f, str) for w in f.warnings]

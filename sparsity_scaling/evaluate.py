@@ -119,14 +119,14 @@ def load_eval_data(args: Namespace) -> EvalData:
 # ---------------------------------------------------------------- one measurement
 
 
-def _activation_of(args, target) -> str | None:
+def activation_of(args, target) -> str | None:
     if args.checkpoint:
         return load_config(Path(args.checkpoint) / "config.yaml").model.activation
     config = getattr(getattr(target, "model", None), "config", None)
     return getattr(config, "hidden_act", None) or getattr(config, "activation_function", None)
 
 
-def _need_value(args) -> float:
+def need_value(args) -> float:
     if args.value is None:
         raise UserError(f"--metric {args.metric} needs --value")
     return args.value
@@ -139,7 +139,7 @@ def measure(args: Namespace, evaluator: Evaluator, activation: str | None):
         result = ppl_p(evaluator, args.p)
         return result, evaluator.cett_rule(result.cett).thresholds
     if metric == "cett":
-        rule = evaluator.cett_rule(_need_value(args))
+        rule = evaluator.cett_rule(need_value(args))
         return evaluator.result(metric, rule, evaluator.measure(rule)), rule.thresholds
     rule = fixed_rule(args, activation)
     if rule is None:
@@ -155,13 +155,13 @@ def fixed_rule(args: Namespace, activation: str | None):
             raise UserError(f"--metric relu: the model's activation is {activation}, not relu")
         return ReluZero()
     if metric == "topk":
-        return TopK(site=site, k=int(_need_value(args)))
+        return TopK(site=site, k=int(need_value(args)))
     if metric == "fat":
-        return FixedThreshold(site=site, eps=_need_value(args))
+        return FixedThreshold(site=site, eps=need_value(args))
     if metric == "top-p":
-        return TopP(site=site, p=_need_value(args), power=args.power)
+        return TopP(site=site, p=need_value(args), power=args.power)
     if metric == "max-p":
-        return MaxP(site=site, p=_need_value(args))
+        return MaxP(site=site, p=need_value(args))
     return None
 
 
@@ -193,7 +193,7 @@ def _evaluate_on_rank(args: Namespace) -> None:
     init_parallel(args.tp)
     evaluator = load_evaluator(args)
     target, data = evaluator.target, evaluator.data
-    result, thresholds = measure(args, evaluator, _activation_of(args, target))
+    result, thresholds = measure(args, evaluator, activation_of(args, target))
     record = {
         "model": str(args.checkpoint or args.hf_model),
         "data_hash": data.digest(),
@@ -245,7 +245,7 @@ def _evaluate_run_on_rank(args: Namespace) -> None:
     checkpoints = list_checkpoints(args.run_dir)
     started = time.time()
     last = [
-        Evaluator(load_target(checkpoint=c.path, tp=args.tp), _run_data(args, c.path), args.calibration_tokens)
+        Evaluator(load_target(checkpoint=c.path, tp=args.tp), run_data(args, c.path), args.calibration_tokens)
         for c in checkpoints[-args.last:]
     ]
     cett = stabilised_cett(last, args.p)
@@ -253,7 +253,7 @@ def _evaluate_run_on_rank(args: Namespace) -> None:
     for index, ck in enumerate(checkpoints):
         reuse = index - (len(checkpoints) - len(last))
         evaluator = last[reuse] if reuse >= 0 else Evaluator(
-            load_target(checkpoint=ck.path, tp=args.tp), _run_data(args, ck.path), args.calibration_tokens
+            load_target(checkpoint=ck.path, tp=args.tp), run_data(args, ck.path), args.calibration_tokens
         )
         rule = evaluator.cett_rule(cett)
         result = evaluator.result("ppl-p-stabilised", rule, evaluator.measure(rule))
@@ -272,7 +272,7 @@ def _evaluate_run_on_rank(args: Namespace) -> None:
         print(f"stabilised CETT {cett:.5f} over the last {len(last)} checkpoints -> {out}")
 
 
-def _run_data(args: Namespace, checkpoint: Path) -> EvalData:
+def run_data(args: Namespace, checkpoint: Path) -> EvalData:
     return load_eval_data(Namespace(**{**vars(args), "checkpoint": str(checkpoint), "hf_model": None}))
 
 
@@ -291,7 +291,7 @@ def evaluate_checkpoint(checkpoint: str | Path, args: Namespace) -> dict:
     init_parallel(1)
     ck = read_checkpoint(checkpoint)
     target = load_target(checkpoint=ck.path)
-    result = ppl_p(Evaluator(target, _run_data(args, ck.path), args.calibration_tokens), args.p)
+    result = ppl_p(Evaluator(target, run_data(args, ck.path), args.calibration_tokens), args.p)
     record = result.to_dict()
     record["eval_tokens"] = record.pop("tokens")
     return {"checkpoint": ck.path.name, "train_tokens": ck.tokens, "step": ck.step, **record}

@@ -201,7 +201,7 @@ def _heatmap_on_rank(args: Namespace) -> None:
 
 
 def _pareto_on_rank(args: Namespace) -> None:
-    from ..evaluate import _activation_of, load_evaluator
+    from ..evaluate import activation_of, load_evaluator
     from .pareto import pareto_points, pareto_table, write_pareto
 
     init_parallel(args.tp)
@@ -213,7 +213,7 @@ def _pareto_on_rank(args: Namespace) -> None:
         report = lambda row, label=spec.label: _say(  # noqa: E731
             f"{label}: {row['method']} {row['param']}: activation ratio {row['activation_ratio']:.4f}, "
             f"PPL ratio {row['ppl_ratio']:.4f}")
-        curves[spec.label] = pareto_points(evaluator, _activation_of(model_args, evaluator.target),
+        curves[spec.label] = pareto_points(evaluator, activation_of(model_args, evaluator.target),
                                            p_values=args.p_values, on_point=report)
     if _rank0():
         from ..laws.report import table

@@ -111,18 +111,18 @@ def sparsity_setting(args: Namespace, spec: ModelSpec, target) -> tuple[Rule, di
     Saved --thresholds, a fixed rule (relu, topk, fat, top-p, max-p), a CETT value, or by
     default the model's PPL-p% thresholds found by the evaluator on its validation data.
     """
-    from ..evaluate import _activation_of, _need_value, fixed_rule, load_eval_data
+    from ..evaluate import activation_of, need_value, fixed_rule, load_eval_data
     from ..metrics.search import Evaluator, ppl_p
 
     if spec.thresholds:
         return _saved_thresholds(spec, target), {"metric": "thresholds", "file": spec.thresholds}
     model_args = spec.args(args, **first_dataset(args))
-    rule = fixed_rule(model_args, _activation_of(model_args, target))
+    rule = fixed_rule(model_args, activation_of(model_args, target))
     if rule is not None:
         return rule, {"metric": args.metric, **rule.params()}
     evaluator = Evaluator(target, load_eval_data(model_args), args.calibration_tokens)
     if args.metric == "cett":
-        rule = evaluator.cett_rule(_need_value(args))
+        rule = evaluator.cett_rule(need_value(args))
         return rule, {"metric": "cett", "cett": rule.cett}
     result = ppl_p(evaluator, args.p)
     record = {"metric": "ppl-p", "p": args.p, "cett": result.cett, "ppl_ratio": result.ppl_ratio,

@@ -135,7 +135,7 @@ def pareto_of_run(run_dir, args) -> dict:
     from pathlib import Path
 
     from ..config import load_config
-    from ..evaluate import _run_data
+    from ..evaluate import run_data
     from ..hf import load_target
     from ..parallel import init_parallel
     from ..train.checkpoint import list_checkpoints
@@ -143,7 +143,7 @@ def pareto_of_run(run_dir, args) -> dict:
     run_dir = Path(run_dir)
     init_parallel(1)
     last = list_checkpoints(run_dir)[-1]
-    evaluator = Evaluator(load_target(checkpoint=last.path), _run_data(args, last.path), args.calibration_tokens)
+    evaluator = Evaluator(load_target(checkpoint=last.path), run_data(args, last.path), args.calibration_tokens)
     rows = pareto_points(evaluator, load_config(last.path / "config.yaml").model.activation)
     record = {"checkpoint": last.path.name, "train_tokens": last.tokens, "dense_ppl": evaluator.dense.ppl,
               "eval_tokens": evaluator.data.tokens, "forward_passes": round(evaluator.forward_passes(), 1),
