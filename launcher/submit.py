@@ -148,6 +148,10 @@ def submit(grid_path: str, address: str | None = None, workdir: str | None = Non
     """Train and evaluate every run of the grid, then write its report into the workdir."""
     grid = load_grid(grid_path)
     workdir_path = Path(workdir or Path("runs") / grid.name).resolve()
+    # Ray Train's print patch sends each print of a worker to its logger and, where Ray
+    # wraps stdout, to stdout as well: every progress line would reach the driver twice.
+    # (Ray passes this variable from the driver to the trainers' workers.)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     with tracking(workdir_path) as uri:
         check_tracking_uri(uri)
         connect_ray(address)
