@@ -1,6 +1,7 @@
 """Evaluation jobs on the cluster: PPL-p% of each new checkpoint as it appears, then the
-stabilising strategy and the Pareto curves of the last checkpoint when the run ends. They run as Ray tasks beside training, never in
-its way; results are files in the run directory, delivered to MLflow by `sync_run`."""
+stabilising strategy and the Pareto curves of the last checkpoint when the run ends. They
+run as Ray tasks beside training, never in its way; results are files in the run
+directory, delivered to MLflow by `sync_run`."""
 
 from __future__ import annotations
 

@@ -52,13 +52,10 @@ def start_local_server(workdir: Path, timeout: float = 120) -> str:
         if _healthy(uri):
             return uri
         port = int(uri.rsplit(":", 1)[1])
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    if not (port and _port_free(port)):
+        from sparsity_scaling.parallel import free_port  # (torch is imported only here)
+
+        port = free_port()
     uri = f"http://127.0.0.1:{port}"
     mlflow = Path(sys.executable).with_name("mlflow")
     log = open(root / "server.log", "ab")
