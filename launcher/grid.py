@@ -26,37 +26,77 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from sparsity_scaling.config import RunConfig, load_config
-from sparsity_scaling.errors import UserError
+from sparsity_scaling.errors import SettingError, UserError
 
 
-class Resources(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class Resources(_Section):
+    """What one run of the grid asks of the cluster."""
+
     tp: int = 1
+    """Tensor-parallel size of each run (overrides its parallel.tp)."""
     dp: int = 1
+    """Data-parallel size of each run."""
     cpus_per_worker: float = 1
+    """Logical CPUs of each of the run's tp x dp workers."""
     gpus_per_worker: float = 0
+    """GPUs of each worker."""
 
     @property
     def workers(self) -> int:
         return self.tp * self.dp
 
 
-class Evaluation(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Evaluation(_Section):
+    """How each run's checkpoints are measured while it trains, and when it ends."""
+
     p: float = 1.0
+    """PPL-p%: the allowed perplexity increase, percent."""
     eval_tokens: int = 65536
+    """Validation tokens of each measurement."""
     last: int = 5
+    """The stabilising strategy sets one CETT on this many final checkpoints."""
     calibration_tokens: int = 8192
-    cpus: float = 1  # logical CPUs of one evaluation job (below 1 to share cores with training)
-    pareto: bool = True  # Pareto curves of every method at the last checkpoint
+    """Dense activations kept to calibrate thresholds."""
+    cpus: float = 1
+    """Logical CPUs of one evaluation job (below 1 to share cores with training)."""
+    pareto: bool = True
+    """Draw the Pareto curves of every method at the last checkpoint."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "Evaluation":
+        try:
+            self.metric(), self.data()  # the library's own checks
+        except SettingError as error:
+            raise ValueError(str(error)) from None
+        if self.last < 1:
+            raise ValueError("last must be at least 1")
+        return self
+
+    def metric(self):
+        """The PPL-p% measurement these settings ask for."""
+        from sparsity_scaling.evaluation.settings import MetricSettings
+
+        return MetricSettings(metric="ppl-p", p=self.p, calibration_tokens=self.calibration_tokens)
+
+    def data(self):
+        """Each run's own validation split, `eval_tokens` of it."""
+        from sparsity_scaling.evaluation.settings import DataSettings
+
+        return DataSettings(eval_tokens=self.eval_tokens)
 
 
-class Report(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    targets: list[float] = [0.07]  # activation ratios whose token budgets the report predicts
+class Report(_Section):
+    """What the grid's report predicts."""
+
+    targets: list[float] = [0.07]
+    """Activation ratios whose token budgets the report predicts."""
 
     @field_validator("targets")
     @classmethod
@@ -66,17 +106,24 @@ class Report(BaseModel):
         return targets
 
 
-class GridFile(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class GridFile(_Section):
+    """A grid file, as written (see the module docstring)."""
+
     name: str
+    """The grid's name: its MLflow experiment and default workdir runs/NAME."""
     base: str
+    """The base run config, relative to the grid file."""
     axes: list[dict[str, Any]] = []
+    """Blocks of overrides (product, zipped or list), combined as a product."""
     overrides: dict[str, Any] = {}
+    """Overrides for every run."""
     points: dict[str, dict[str, Any]] = {}
+    """Overrides for single runs, by name."""
     resources: Resources = Resources()
     evaluation: Evaluation = Evaluation()
     report: Report = Report()
     max_failures: int = 3
+    """How often Ray restarts a failed run from its newest checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -157,7 +204,8 @@ def load_grid(path: str | Path) -> Grid:
         spec = GridFile.model_validate(raw if isinstance(raw, dict) else {})
     except ValidationError as error:
         item = error.errors()[0]
-        raise UserError(f"{path}: {'.'.join(map(str, item['loc']))}: {item['msg']}") from None
+        message = item["msg"].removeprefix("Value error, ")
+        raise UserError(f"{path}: {'.'.join(map(str, item['loc']))}: {message}") from None
 
     points: list[tuple[str, dict[str, Any]]] = [("", {})]
     for index, block in enumerate(spec.axes):

@@ -15,15 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsity_scaling.errors import UserError
+from sparsity_scaling.errors import SettingError, UserError
 from sparsity_scaling.figures import figure_bytes
-from sparsity_scaling.laws.report import sci
-from sparsity_scaling.laws.io import write_json
+from sparsity_scaling.files import write_json_atomic
+from sparsity_scaling.formatting import sci
+from sparsity_scaling.rundir import RunDir
 
 from .document import Document
 from .grid import Grid
+from .workdir import REPORT, Workdir
 
-METRICS = ("activation_ratio", "activation_ratio_checkpoint", "cett", "train_loss", "val_loss")
+REPORTED_METRICS = ("activation_ratio", "activation_ratio_checkpoint", "cett", "train_loss", "val_loss")
 
 
 @dataclass
@@ -68,11 +70,11 @@ def collect(uri: str, grid: Grid) -> tuple[str, str, dict[str, RunResult]]:
                                 "its evaluation has not finished")
             run_id = run.info.run_id
             metrics = {key: sorted((m.step, m.value) for m in mlflow.get_metric_history(run_id, key))
-                       for key in METRICS if key in run.data.metrics}
+                       for key in REPORTED_METRICS if key in run.data.metrics}
             names = {a.path for a in mlflow.list_artifacts(run_id)}
             pareto = None
-            if "pareto.json" in names:
-                pareto = json.loads(Path(mlflow.download_artifacts(run_id, "pareto.json", scratch)).read_text())
+            if RunDir.PARETO in names:
+                pareto = json.loads(Path(mlflow.download_artifacts(run_id, RunDir.PARETO, scratch)).read_text())
             tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
             results[spec.name] = RunResult(spec.name, run_id, tags, metrics, pareto)
     return experiment.experiment_id, parent, results
@@ -86,7 +88,7 @@ def fit_runs(results: dict[str, RunResult]) -> dict[str, object]:
     from sparsity_scaling.laws.curvefit import fit_curve
     from sparsity_scaling.laws.errors import LawError
 
-    from .curves import law_curve
+    from .queries import law_curve
 
     fits = {}
     for name, run in results.items():
@@ -266,7 +268,7 @@ def _prediction_cell(prediction, last_ratio: float) -> str:
     return text + (" (extrapolated beyond 2x the data)" if prediction.extrapolated else "")
 
 
-def build_report(grid: Grid, uri: str, workdir: Path, targets: list[float], experiment_id: str,
+def build_report(grid: Grid, uri: str, workdir: Workdir, targets: list[float], experiment_id: str,
                  parent_id: str | None, results: dict[str, RunResult]) -> tuple[Document, dict]:
     """The report of the grid's runs as MLflow holds them (see `collect`), and its numbers."""
     from sparsity_scaling.analysis.pareto import pareto_figure, pareto_table
@@ -357,9 +359,10 @@ def build_report(grid: Grid, uri: str, workdir: Path, targets: list[float], expe
                   "has its activation curves, losses, thresholds and plots):")
     doc.code(_ui_command(uri, workdir, experiment_id, parent_id))
     doc.paragraph("Query the curves, fit the laws and predict budgets from MLflow:")
-    doc.code(f"python tools/curves.py --experiment {grid.name} --workdir {workdir} --out curves.csv\n"
-             f"python tools/fit_laws.py --experiment {grid.name} --workdir {workdir} --json fits.json --plots fits\n"
-             f"python tools/predict_tokens.py --experiment {grid.name} --workdir {workdir} --target {targets[0]:g}")
+    where = workdir.path
+    doc.code(f"python tools/curves.py --experiment {grid.name} --workdir {where} --out curves.csv\n"
+             f"python tools/fit_laws.py --experiment {grid.name} --workdir {where} --json fits.json --plots fits\n"
+             f"python tools/predict_tokens.py --experiment {grid.name} --workdir {where} --target {targets[0]:g}")
 
     data = {
         "grid": grid.name, "tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent_id,
@@ -374,31 +377,30 @@ def build_report(grid: Grid, uri: str, workdir: Path, targets: list[float], expe
     return doc, data
 
 
-def _ui_command(uri: str, workdir: Path, experiment_id: str, parent_id: str) -> str:
-    root = workdir / "mlflow"
+def _ui_command(uri: str, workdir: Workdir, experiment_id: str, parent_id: str) -> str:
     link = f"#/experiments/{experiment_id}/runs/{parent_id}"
-    if (root / "mlflow.db").is_file() and uri.startswith("http://127.0.0.1"):
-        return (f"mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'} "
-                f"--artifacts-destination {root / 'artifacts'} --port 5000\n"
+    if workdir.has_mlflow_store() and uri.startswith("http://127.0.0.1"):
+        return (f"mlflow ui --backend-store-uri sqlite:///{workdir.mlflow_db} "
+                f"--artifacts-destination {workdir.mlflow_artifacts} --port 5000\n"
                 f"# then open http://127.0.0.1:5000/{link}")
     return f"# the grid's tracking server\nopen {uri}/{link}"
 
 
-def write_report(grid: Grid, uri: str, workdir: Path, targets: list[float] | None = None) -> Path:
-    """report.md (+ report_files/), report.html and report.json in workdir; also logged to the
-    grid's parent MLflow run."""
+def write_report(grid: Grid, uri: str, workdir: Workdir, targets: list[float] | None = None) -> Path:
+    """report.md (+ report_files/), report.html and report.json in the workdir; also logged
+    to the grid's parent MLflow run."""
     from .tracking import client
 
     targets = list(targets or grid.spec.report.targets)
     for target in targets:
         if not 0 < target < 1:
-            raise UserError(f"--target {target:g}: an activation ratio must lie in (0, 1)")
+            raise SettingError("target", f"{target:g}", "an activation ratio must lie in (0, 1)")
     doc, data = build_report(grid, uri, workdir, targets, *collect(uri, grid))
-    doc.write(workdir)
-    write_json(workdir / "report.json", data)  # inf/nan (an unreachable target) as null
+    doc.write(workdir.path, REPORT)
+    write_json_atomic(workdir.report("json"), data)  # inf/nan (an unreachable target) as null
     if data["parent_run_id"]:
         mlflow = client(uri)
-        for name in ("report.md", "report.html", "report.json"):
-            mlflow.log_artifact(data["parent_run_id"], str(workdir / name), "report")
-    print(f"report: {workdir / 'report.html'} (and report.md)", flush=True)
-    return workdir / "report.html"
+        for suffix in ("md", "html", "json"):
+            mlflow.log_artifact(data["parent_run_id"], str(workdir.report(suffix)), REPORT)
+    print(f"report: {workdir.report('html')} (and {workdir.report('md').name})", flush=True)
+    return workdir.report("html")

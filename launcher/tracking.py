@@ -1,8 +1,8 @@
 """MLflow: the local tracking server, one parent run per grid, one child run per training
 run, and the delivery of a run's points from its files.
 
-A run's files are the source of truth (metrics.jsonl, evaluations/, sparsity.json); MLflow
-mirrors them. `sync_run` delivers whatever is new since its cursor, under a file lock, so
+A run's files are the source of truth (its metrics, evaluations and results, see `RunDir`);
+MLflow mirrors them. `sync_run` delivers whatever is new since its cursor, under a file lock, so
 any process may call it at any time: a point is logged exactly once, and points produced
 while the server is unreachable are delivered by a later call.
 """
@@ -20,13 +20,11 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from sparsity_scaling.errors import UserError
+from sparsity_scaling.errors import SettingError, UserError
 from sparsity_scaling.files import write_json_atomic
+from sparsity_scaling.rundir import RunDir
 
-SERVER_FILE = "server.json"
-# A run's result files that MLflow keeps as artifacts: the stabilised per-layer thresholds
-# and curve, and the Pareto points of its last checkpoint.
-ARTIFACTS = ("sparsity.json", "activation_curve.png", "pareto.json", "pareto.png")
+from .workdir import Workdir
 
 
 def _healthy(uri: str) -> bool:
@@ -37,15 +35,15 @@ def _healthy(uri: str) -> bool:
         return False
 
 
-def start_local_server(workdir: Path, timeout: float = 120) -> str:
-    """Start (or reuse) an MLflow server on 127.0.0.1 backed by SQLite under workdir/mlflow.
+def start_local_server(workdir: Workdir, timeout: float = 120) -> str:
+    """Start (or reuse) an MLflow server on 127.0.0.1 backed by SQLite in the workdir.
 
     A restarted server takes its old port again when it is free, so the runs' recorded
     tracking URI stays valid and postponed points reach it.
     """
-    root = (workdir / "mlflow").resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    record = root / SERVER_FILE
+    workdir = Workdir(workdir.path.resolve())
+    workdir.mlflow.mkdir(parents=True, exist_ok=True)
+    record = workdir.mlflow_server
     port = 0
     if record.is_file():
         uri = json.loads(record.read_text())["uri"]
@@ -58,18 +56,18 @@ def start_local_server(workdir: Path, timeout: float = 120) -> str:
         port = free_port()
     uri = f"http://127.0.0.1:{port}"
     mlflow = Path(sys.executable).with_name("mlflow")
-    log = open(root / "server.log", "ab")
+    log = open(workdir.mlflow_log, "ab")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job runner
     process = subprocess.Popen(
         [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts")],
+         "--backend-store-uri", f"sqlite:///{workdir.mlflow_db}",
+         "--artifacts-destination", str(workdir.mlflow_artifacts)],
         stdout=log, stderr=log, start_new_session=True, env=env,
     )
     deadline = time.time() + timeout
     while not _healthy(uri):
         if process.poll() is not None or time.time() > deadline:
-            raise UserError(f"the local MLflow server did not start; see {root / 'server.log'}")
+            raise UserError(f"the local MLflow server did not start; see {workdir.mlflow_log}")
         time.sleep(0.5)
     write_json_atomic(record, {"uri": uri, "pid": process.pid})
     return uri
@@ -80,11 +78,11 @@ def _reachable(uri: str) -> bool:
     return not uri.startswith(("http://", "https://")) or _healthy(uri)
 
 
-def stop_local_server(workdir: Path) -> None:
+def stop_local_server(workdir: Workdir) -> None:
     """Stop the workdir's MLflow server (its whole process group) if it runs."""
     import signal
 
-    record = (workdir / "mlflow" / SERVER_FILE).resolve()
+    record = workdir.mlflow_server.resolve()
     if not record.is_file():
         return
     server = json.loads(record.read_text())
@@ -118,14 +116,18 @@ def _port_free(port: int) -> bool:
 
 
 @contextmanager
-def tracking(workdir: Path):
-    """The tracking URI for a command: $MLFLOW_TRACKING_URI, or the workdir's local server,
-    started for the command and stopped after it if it was not already running."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
+def tracking(workdir: Workdir, uri: str | None = None, create: bool = True):
+    """The tracking URI for a command: `uri`, else $MLFLOW_TRACKING_URI, else the workdir's
+    local server, started for the command and stopped after it if it was not already
+    running. With create=False, a workdir without a local store is refused (nothing
+    to read there)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         yield uri
         return
-    record = workdir / "mlflow" / SERVER_FILE
+    if not create and not workdir.has_mlflow_store():
+        raise SettingError("workdir", workdir.path, "no MLflow store there (give a tracking URI, or submit the grid first)")
+    record = workdir.mlflow_server
     was_running = record.is_file() and _healthy(json.loads(record.read_text())["uri"])
     uri = start_local_server(workdir)
     try:
@@ -173,9 +175,9 @@ def parent_run(uri: str, grid) -> str:
     return run_id
 
 
-def child_run(uri: str, grid, spec, parent_id: str, run_dir: Path) -> str:
+def child_run(uri: str, grid, spec, parent_id: str, run: RunDir) -> str:
     """The run's MLflow run: the id kept in its directory, so a resumed run logs into it."""
-    id_file = run_dir / "mlflow_run.json"
+    id_file = run.mlflow_run
     if id_file.is_file():
         return json.loads(id_file.read_text())["run_id"]
     mlflow = client(uri)
@@ -189,8 +191,8 @@ def child_run(uri: str, grid, spec, parent_id: str, run_dir: Path) -> str:
 
         flat = _flatten(spec.config.model_dump(mode="json"))
         mlflow.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in flat.items()])
-        mlflow.log_text(run_id, spec.config.to_yaml(), "config.yaml")
-    run_dir.mkdir(parents=True, exist_ok=True)
+        mlflow.log_text(run_id, spec.config.to_yaml(), RunDir.CONFIG)
+    run.path.mkdir(parents=True, exist_ok=True)
     write_json_atomic(id_file, {"run_id": run_id, "tracking_uri": uri})
     return run_id
 
@@ -209,8 +211,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 @contextmanager
-def _locked(run_dir: Path, wait: bool):
-    handle = open(run_dir / "mlflow.lock", "a")
+def _locked(run: RunDir, wait: bool):
+    handle = open(run.mlflow_lock, "a")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
@@ -224,38 +226,29 @@ def _locked(run_dir: Path, wait: bool):
         handle.close()
 
 
-def _pending_points(run_dir: Path, cursor: dict) -> tuple[list[tuple[str, float, int]], dict]:
+def _pending_points(run: RunDir, cursor: dict) -> tuple[list[tuple[str, float, int]], dict]:
     """(key, value, step) of every point newer than the cursor, and the advanced cursor."""
     points, new = [], dict(cursor)
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            if not line.strip():
-                continue
-            point = json.loads(line)
-            kind, tokens = point["kind"], point["tokens"]
-            if tokens <= cursor.get(kind, -1):
-                continue  # delivered before (a resumed run reproduces it exactly)
-            if kind == "train":
-                points += [("train_loss", point["loss"], tokens), ("lr", point["lr"], tokens),
-                           ("tokens_per_s", point["tokens_per_s"], tokens)]
-            else:
-                points.append(("val_loss", point["loss"], tokens))
-            new[kind] = max(new.get(kind, -1), tokens)
-    evaluations = run_dir / "evaluations"
-    if evaluations.is_dir():
-        for file in sorted(evaluations.glob("tokens_*.json")):
-            result = json.loads(file.read_text())
-            tokens = result["train_tokens"]
-            if tokens <= cursor.get("checkpoint_eval", -1):
-                continue
-            points += [("activation_ratio_checkpoint", result["activation_ratio"], tokens),
-                       ("cett_checkpoint", result["cett"], tokens),
-                       ("ppl_ratio_checkpoint", result["ppl_ratio"], tokens)]
-            new["checkpoint_eval"] = max(new.get("checkpoint_eval", -1), tokens)
-    stabilised = run_dir / "sparsity.json"
-    if stabilised.is_file() and not cursor.get("stabilised"):
-        record = json.loads(stabilised.read_text())
+    for point in run.metric_points():
+        kind, tokens = point["kind"], point["tokens"]
+        if tokens <= cursor.get(kind, -1):
+            continue  # delivered before (a resumed run reproduces it exactly)
+        if kind == "train":
+            points += [("train_loss", point["loss"], tokens), ("lr", point["lr"], tokens),
+                       ("tokens_per_s", point["tokens_per_s"], tokens)]
+        else:
+            points.append(("val_loss", point["loss"], tokens))
+        new[kind] = max(new.get(kind, -1), tokens)
+    for result in run.evaluations():
+        tokens = result["train_tokens"]
+        if tokens <= cursor.get("checkpoint_eval", -1):
+            continue
+        points += [("activation_ratio_checkpoint", result["activation_ratio"], tokens),
+                   ("cett_checkpoint", result["cett"], tokens),
+                   ("ppl_ratio_checkpoint", result["ppl_ratio"], tokens)]
+        new["checkpoint_eval"] = max(new.get("checkpoint_eval", -1), tokens)
+    record = None if cursor.get("stabilised") else run.sparsity_record()
+    if record is not None:
         for point in record["checkpoints"]:
             tokens = point["tokens"]
             points += [("activation_ratio", point["activation_ratio"], tokens), ("cett", record["cett"], tokens),
@@ -264,7 +257,7 @@ def _pending_points(run_dir: Path, cursor: dict) -> tuple[list[tuple[str, float,
                        for i, r in enumerate(point["layer_activation_ratios"])]
         new["stabilised"] = True
     # each result file once it is complete; a rewritten file is not sent again
-    new["artifacts"] = sorted(set(cursor.get("artifacts", [])) | {a for a in ARTIFACTS if (run_dir / a).is_file()})
+    new["artifacts"] = sorted(set(cursor.get("artifacts", [])) | {f.name for f in run.results if f.is_file()})
     return points, new
 
 
@@ -278,18 +271,17 @@ def sync_run(run_dir: str | Path, wait: bool = False) -> bool:
     """
     from mlflow.entities import Metric
 
-    run_dir = Path(run_dir)
-    id_file = run_dir / "mlflow_run.json"
-    if not id_file.is_file():
+    run = RunDir(run_dir)
+    if not run.mlflow_run.is_file():
         return False
-    identity = json.loads(id_file.read_text())
-    cursor_file = run_dir / "mlflow_cursor.json"
-    with _locked(run_dir, wait) as acquired:
+    identity = json.loads(run.mlflow_run.read_text())
+    cursor_file = run.mlflow_cursor
+    with _locked(run, wait) as acquired:
         if not acquired:
             return True  # another process is delivering right now
         state = json.loads(cursor_file.read_text()) if cursor_file.is_file() else {"delivered": {}}
         cursor = state["delivered"]
-        points, new = _pending_points(run_dir, cursor)
+        points, new = _pending_points(run, cursor)
         if not points and new == cursor:
             return True
         try:
@@ -306,16 +298,16 @@ def sync_run(run_dir: str | Path, wait: bool = False) -> bool:
             for i in range(0, len(metrics), 900):
                 mlflow.log_batch(identity["run_id"], metrics=metrics[i : i + 900])
             for artifact in sorted(set(new["artifacts"]) - set(cursor.get("artifacts", []))):
-                mlflow.log_artifact(identity["run_id"], str(run_dir / artifact))
+                mlflow.log_artifact(identity["run_id"], str(run.path / artifact))
         except Exception as error:  # the server is down or unreachable: try again later
-            print(f"MLflow delivery for {run_dir.name} postponed: {str(error).splitlines()[0][:160]}",
+            print(f"MLflow delivery for {run.name} postponed: {str(error).splitlines()[0][:160]}",
                   file=sys.stderr, flush=True)
             return False
         write_json_atomic(cursor_file, {"delivered": new, "in_flight": False})
         return True
 
 
-def sync_until_delivered(run_dir: Path, timeout: float = 600) -> bool:
+def sync_until_delivered(run_dir: str | Path, timeout: float = 600) -> bool:
     """At the end of a run: keep trying while the server is away, up to `timeout` seconds."""
     deadline = time.time() + timeout
     delay = 1.0
@@ -325,3 +317,47 @@ def sync_until_delivered(run_dir: Path, timeout: float = 600) -> bool:
         time.sleep(delay)
         delay = min(delay * 2, 30)
     return True
+
+
+# ---------------------------------------------------------------- results of other commands
+
+
+def run_target(run: str, uri: str | None) -> tuple[str, str]:
+    """(tracking URI, run id) of `run`: a grid's run directory (the run it recorded, at
+    `uri` or the URI it recorded) or a run id at `uri`; checked to exist."""
+    path = RunDir(run)
+    if path.path.is_dir():
+        if not path.mlflow_run.is_file():
+            raise SettingError("mlflow_run", run, f"a directory without {path.mlflow_run.name} (not a grid's run directory)")
+        identity = json.loads(path.mlflow_run.read_text())
+        run_id, uri = identity["run_id"], uri or identity.get("tracking_uri")
+    else:
+        run_id = run
+    if not uri:
+        raise SettingError("tracking_uri", None, f"needed for MLflow run {run_id} (or set MLFLOW_TRACKING_URI)")
+    check_tracking_uri(uri)
+    try:
+        client(uri).get_run(run_id)
+    except Exception as error:  # MLflow raises several types for an unknown run
+        raise SettingError("mlflow_run", run_id, f"no such run at {uri} ({str(error).splitlines()[0][:120]})") from None
+    return uri, run_id
+
+
+class ArtifactLogger:
+    """Logs result files (under `folder`) and metrics to one MLflow run: the publisher of
+    `analyze --mlflow-run`. Picklable, so spawned ranks can call it."""
+
+    def __init__(self, uri: str, run_id: str, folder: str = "analysis"):
+        self.uri, self.run_id, self.folder = uri, run_id, folder
+
+    def __call__(self, paths, metrics) -> None:
+        from mlflow.entities import Metric
+
+        mlflow = client(self.uri)
+        for path in paths:
+            mlflow.log_artifact(self.run_id, str(path), artifact_path=self.folder)
+        if metrics:
+            now = int(time.time() * 1000)
+            mlflow.log_batch(self.run_id, metrics=[Metric(key, float(value), now, int(step))
+                                                   for key, value, step in metrics])
+        print(f"logged to MLflow run {self.run_id} at {self.uri}")

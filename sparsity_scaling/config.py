@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
-from .errors import UserError
+from .errors import SettingError, UserError
 
 
 def _count(value: Any) -> Any:
@@ -207,13 +207,13 @@ class RunConfig(_Section):
 def _apply_override(raw: dict, assignment: str) -> None:
     key, sep, text = assignment.partition("=")
     if not sep or not key:
-        raise UserError(f"--set {assignment!r}: expected section.field=value")
+        raise SettingError("set", repr(assignment), "expected section.field=value")
     *parents, leaf = key.strip().split(".")
     node = raw
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise UserError(f"--set {key}: {part} is not a section")
+            raise SettingError("set", key, f"{part} is not a section")
     node[leaf] = yaml.safe_load(text)
 
 

@@ -14,6 +14,6 @@ def figure_bytes(figure, format: str = "png", dpi: int = 110) -> bytes:
     return buffer.getvalue()
 
 
-def save_figure(figure, path) -> None:
+def save_figure(figure, path, dpi: int = 110) -> None:
     """Render to memory, then write the file whole (its suffix names the format)."""
-    write_bytes_atomic(path, figure_bytes(figure, Path(path).suffix.lstrip(".") or "png"))
+    write_bytes_atomic(path, figure_bytes(figure, Path(path).suffix.lstrip(".") or "png", dpi))

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from .errors import UserError
+from .errors import SettingError, UserError
 
 
 def free_port() -> int:
@@ -45,7 +45,7 @@ def init_parallel(tp: int) -> None:
         dist.init_process_group(backend)
     world = dist.get_world_size()
     if world % tp:
-        raise UserError(f"--tp {tp} does not divide the number of processes {world}")
+        raise SettingError("tp", tp, f"does not divide the number of processes {world}")
     if ps.model_parallel_is_initialized():
         if ps.get_tensor_model_parallel_world_size() == tp:
             return

@@ -15,7 +15,7 @@ from scipy.stats import wasserstein_distance
 from conftest import run_cli
 from distributed import run_ranks
 from sparsity_scaling.model import Probe
-from sparsity_scaling.train.checkpoint import list_checkpoints
+from sparsity_scaling.rundir import RunDir
 
 # 12 sequences of 64 predicted tokens: 768 tokens, fewer than 1000, so a neuron active on
 # fewer than 0.1% of them (the default dead threshold) is active on none.
@@ -171,7 +171,7 @@ def _tp_ranks(checkpoint: Path, tokens_path: Path, thresholds: dict, tp: int):
 
 @pytest.fixture(scope="module")
 def measured(micro_run, tokens_file, hf_models) -> dict:
-    checkpoints = [c.path for c in list_checkpoints(micro_run)]
+    checkpoints = [c.path for c in RunDir(micro_run).checkpoints()]
     return run_ranks(1, _single_rank, checkpoints, tokens_file, hf_models)[0]
 
 
@@ -226,7 +226,7 @@ def test_relu_dead_neurons_are_those_whose_gate_never_exceeds_zero(measured):
 
 
 def test_tensor_parallel_2_gives_the_same_counts(micro_run, tokens_file, measured):
-    checkpoint = list_checkpoints(micro_run)[-1].path
+    checkpoint = RunDir(micro_run).checkpoints()[-1].path
     ranks = run_ranks(2, _tp_ranks, checkpoint, tokens_file, measured["thresholds"], 2)
     tokens = SEQUENCES * 64
     for rank in ranks:
@@ -257,7 +257,7 @@ def _pareto_rank(checkpoint: Path, tokens_path: Path, tp: int) -> dict:
 
 
 def test_pareto_curves_are_monotone_shared_and_the_same_under_tensor_parallelism(micro_run, tokens_file):
-    checkpoint = list_checkpoints(micro_run)[-1].path
+    checkpoint = RunDir(micro_run).checkpoints()[-1].path
     (one,) = run_ranks(1, _pareto_rank, checkpoint, tokens_file, 1)
     ppl = [r for r in one["rows"] if r["method"] == "ppl-p"]
     assert [r["param"] for r in ppl] == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
@@ -321,9 +321,10 @@ def test_frequency_report_and_figure(measured, tmp_path):
 
 def test_token_report_and_figure(measured, micro_run):
     from sparsity_scaling.analysis.models import ModelSpec, vocabulary
+    from sparsity_scaling.evaluation.inputs import ModelRef
     from sparsity_scaling.analysis.tokens import token_report, tokens_figure
 
-    vocab = vocabulary(ModelSpec("m", checkpoint=str(list_checkpoints(micro_run)[-1].path)))
+    vocab = vocabulary(ModelSpec("m", ModelRef(checkpoint=str(RunDir(micro_run).checkpoints()[-1].path))))
     early, late = measured["early_relu"], measured["relu"]
     report = token_report({"early": early, "late": late}, vocab, min_count=3, top=5)
     (comparison,) = report["comparisons"]
@@ -385,7 +386,7 @@ def test_analyze_frequency_cli_overlays_models_and_datasets(micro_run, tmp_path)
     prose = "\n\n".join(d.text for d in docs if d.kind == "doc")[:20000]
     (tmp_path / "code.txt").write_text(code)
     (tmp_path / "prose.txt").write_text(prose)
-    first, last = list_checkpoints(micro_run)[0].path, list_checkpoints(micro_run)[-1].path
+    first, last = RunDir(micro_run).checkpoints()[0].path, RunDir(micro_run).checkpoints()[-1].path
     out = tmp_path / "out"
     result = run_cli("analyze", "frequency", f"early={first}", f"late={last}", "--data", f"code={tmp_path / 'code.txt'}",
                      "--data", f"prose={tmp_path / 'prose.txt'}", "--eval-tokens", "768", "--out", str(out))
@@ -421,7 +422,7 @@ def test_analyze_dead_cli_matches_gates_and_logs_to_mlflow(micro_run, tokens_fil
                      "--site", "gate", "--value", repr(threshold), "--out", str(out), "--mlflow-run", str(grid_run))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "dead.json").read_text())
-    checkpoints = list_checkpoints(micro_run)
+    checkpoints = RunDir(micro_run).checkpoints()
     assert [p["tokens"] for p in report["checkpoints"]] == [c.tokens for c in checkpoints]
     for point in report["checkpoints"]:
         assert point["dead_neuron_ratio"] == pytest.approx(measured["dead_direct"][point["checkpoint"]], abs=1 / 320)
@@ -434,14 +435,15 @@ def test_analyze_dead_cli_matches_gates_and_logs_to_mlflow(micro_run, tokens_fil
 
 def test_analyze_heatmap_cli_labels_positions_with_the_text_tokens(micro_run, tmp_path):
     from sparsity_scaling.analysis.models import ModelSpec, vocabulary
+    from sparsity_scaling.evaluation.inputs import ModelRef
 
-    checkpoint = list_checkpoints(micro_run)[-1].path
+    checkpoint = RunDir(micro_run).checkpoints()[-1].path
     text = "def add(a, b):\n    return a + b\n"
     out = tmp_path / "out"
     result = run_cli("analyze", "heatmap", str(checkpoint), "--text", text, "--metric", "relu", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "heatmap.json").read_text())
-    vocab = vocabulary(ModelSpec("m", checkpoint=str(checkpoint)))
+    vocab = vocabulary(ModelSpec("m", ModelRef(checkpoint=str(checkpoint))))
     assert report["ids"] == vocab.encode(text)
     assert report["tokens"] == [vocab.text(i) for i in report["ids"]]
     ratios = np.array(report["layer_position_ratios"])
@@ -462,7 +464,7 @@ def test_bad_input_is_one_line(micro_run, hf_models, tmp_path, capsys, args, mes
 
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "text.txt").write_text("w1 w2 w3 " * 50)
-    paths = {"ck": list_checkpoints(micro_run)[-1].path, "hf": hf_models["llama"],
+    paths = {"ck": RunDir(micro_run).checkpoints()[-1].path, "hf": hf_models["llama"],
              "empty": tmp_path / "empty.txt", "text": tmp_path / "text.txt"}
     code = main(["analyze", *[a.format(**paths) for a in args], "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err

@@ -170,17 +170,18 @@ def _write_checkpoint(run_dir: Path) -> Path:
     from sparsity_scaling.config import load_config
     from sparsity_scaling.model import MiniCPM
     from sparsity_scaling.parallel import full_state_dict
-    from sparsity_scaling.train.checkpoint import finish_checkpoint, start_checkpoint
+    from sparsity_scaling.rundir import RunDir
 
     config = load_config(MICRO)
     torch.manual_seed(0)
     state = full_state_dict(MiniCPM(config.model, config.data.vocab_size))
     state = {k: v + 0.05 * torch.randn_like(v) for k, v in state.items()}
-    tmp = start_checkpoint(run_dir, 1024)
+    run = RunDir(run_dir)
+    tmp = run.start_checkpoint(1024)
     torch.save(state, tmp / "model.pt")
     (tmp / "config.yaml").write_text(config.to_yaml())
     (run_dir / "tokenizer.model").write_bytes(b"not really sentencepiece")
-    return finish_checkpoint(tmp, {"tokens": 1024, "step": 1, "vocab_size": config.data.vocab_size})
+    return run.finish_checkpoint(tmp, {"tokens": 1024, "step": 1, "vocab_size": config.data.vocab_size}).path
 
 
 def _measure(checkpoint: Path, tp: int) -> dict:

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO, run_cli
 from sparsity_scaling.parallel import free_port
-from sparsity_scaling.train.checkpoint import list_checkpoints
+from sparsity_scaling.rundir import RunDir
 
 GRID = REPO / "configs" / "grids" / "cpu_test.yaml"
 
@@ -42,8 +42,9 @@ def _history(workdir: Path, experiment: str) -> dict:
     from mlflow.tracking import MlflowClient
 
     from launcher.tracking import tracking
+    from launcher.workdir import Workdir
 
-    with tracking(workdir) as uri:
+    with tracking(Workdir(workdir)) as uri:
         mlflow = MlflowClient(uri)
         exp = mlflow.get_experiment_by_name(experiment)
         out = {}
@@ -75,7 +76,7 @@ def test_grid_trains_evaluates_and_mirrors_everything_in_mlflow(grid_run):
         stabilised = json.loads((run_dir / "sparsity.json").read_text())
         expected = [(p["tokens"], p["activation_ratio"]) for p in stabilised["checkpoints"]]
         _same_points(run["metrics"]["activation_ratio"], expected)
-        assert [s for s, _ in expected] == [c.tokens for c in list_checkpoints(run_dir)]
+        assert [s for s, _ in expected] == [c.tokens for c in RunDir(run_dir).checkpoints()]
         per_checkpoint = sorted(json.loads(f.read_text())["activation_ratio"] for f in (run_dir / "evaluations").glob("*.json"))
         assert sorted(v for _, v in run["metrics"]["activation_ratio_checkpoint"]) == pytest.approx(per_checkpoint)
         train = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
@@ -106,8 +107,9 @@ def test_the_shortened_demo_reports_what_mlflow_holds(grid_run):
     findings follow from them, and it is logged on the grid's parent run."""
     from mlflow.tracking import MlflowClient
 
-    from launcher.curves import law_curve
+    from launcher.queries import law_curve
     from launcher.tracking import tracking
+    from launcher.workdir import Workdir
     from sparsity_scaling.laws.curvefit import fit_curve
     from sparsity_scaling.laws.errors import LawError
 
@@ -116,7 +118,7 @@ def test_the_shortened_demo_reports_what_mlflow_holds(grid_run):
     data = json.loads((grid_run / "report.json").read_text())
     markdown = (grid_run / "report.md").read_text()
     assert set(data["runs"]) == set(runs) and data["parent_run_id"] == parent["id"]
-    with tracking(grid_run) as uri:
+    with tracking(Workdir(grid_run)) as uri:
         mlflow = MlflowClient(uri)
         pareto = {name: json.loads(Path(mlflow.download_artifacts(run["id"], "pareto.json", str(grid_run / f".{name}"))).read_text())
                   for name, run in runs.items()}
@@ -174,7 +176,7 @@ def test_killed_worker_is_restarted_and_the_trajectory_is_unchanged(grid_run, ra
     run_dir = workdir / "runs" / "relu"
     deadline, killed = time.time() + 600, None
     while killed is None and time.time() < deadline and process.poll() is None:
-        if len(list_checkpoints(run_dir)) >= 2:
+        if len(RunDir(run_dir).checkpoints()) >= 2:
             for proc in psutil.process_iter(["cmdline"]):
                 if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
                     killed = proc.pid
@@ -184,7 +186,7 @@ def test_killed_worker_is_restarted_and_the_trajectory_is_unchanged(grid_run, ra
     output, _ = process.communicate(timeout=900)
     assert killed is not None, "no training worker was found to kill"
     assert process.returncode == 0, output[-4000:]
-    assert len(list_checkpoints(run_dir)) == len(list_checkpoints(grid_run / "runs" / "relu"))
+    assert len(RunDir(run_dir).checkpoints()) == len(RunDir(grid_run / "runs" / "relu").checkpoints())
     def trajectory(path):  # everything but the wall-clock throughput
         points = [json.loads(l) for l in (path / "metrics.jsonl").read_text().splitlines()]
         return [(p["kind"], p["step"], p["loss"], p.get("lr")) for p in points]
@@ -231,13 +233,14 @@ def test_unreachable_ray_and_mlflow_are_clear_errors(tmp_path, ray_address):
 
 def test_points_logged_while_the_server_is_down_arrive_later(grid_run, tmp_path):
     from launcher.tracking import start_local_server, sync_run
+    from launcher.workdir import Workdir
 
     run_dir = tmp_path / "run"
     source = grid_run / "runs" / "relu"
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text((source / "metrics.jsonl").read_text())
     workdir = tmp_path / "work"
-    uri = start_local_server(workdir)
+    uri = start_local_server(Workdir(workdir))
     from mlflow.tracking import MlflowClient
 
     mlflow = MlflowClient(uri)
@@ -249,7 +252,7 @@ def test_points_logged_while_the_server_is_down_arrive_later(grid_run, tmp_path)
     assert sync_run(run_dir, wait=True) is False  # postponed, not lost
     cursor = run_dir / "mlflow_cursor.json"
     assert not cursor.exists() or json.loads(cursor.read_text())["delivered"] == {}
-    assert start_local_server(workdir) == uri  # the server returns on its port
+    assert start_local_server(Workdir(workdir)) == uri  # the server returns on its port
     assert sync_run(run_dir, wait=True) is True and sync_run(run_dir, wait=True) is True
     train = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
     history = MlflowClient(uri).get_metric_history(run_id, "train_loss")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sparsity_scaling.laws import LAWS, FittedLaw, LawError
-from sparsity_scaling.laws.analysis import (convergence_analysis, piecewise_linear_fit, scale_analysis,
+from sparsity_scaling.laws.trends import (convergence_analysis, piecewise_linear_fit, scale_analysis,
                                             width_depth_analysis)
 
 RATIOS = [14.2, 28.4, 56.9, 85.3, 113.8, 170.7, 284.4, 426.7, 597.3]

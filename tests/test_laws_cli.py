@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparsity_scaling.laws.cli import analyze_main, fit_main, predict_main
+from sparsity_scaling.cli.laws import analyze_main, fit_main, predict_main
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "sparsinglaw"

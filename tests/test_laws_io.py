@@ -1,14 +1,12 @@
 """Curve input (JSON reference format, CSV) and atomic output files."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sparsity_scaling.laws import Curve, LawError, file_source, read_curves
-from sparsity_scaling.laws import io as laws_io
 
 DATA = Path(__file__).parent / "data" / "sparsinglaw"
 
@@ -94,22 +92,3 @@ def test_curve_validates_its_own_fields():
     with pytest.raises(LawError, match="params must be a positive number"):
         Curve("m", [1e9, 2e9], [0.1, 0.2], params=-5)
 
-
-def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
-    target = tmp_path / "out" / "fit.json"
-    laws_io.write_json(target, {"x": float("inf"), "y": [1.0, float("nan")]})
-    assert json.loads(target.read_text()) == {"x": None, "y": [1.0, None]}
-    umask = os.umask(0)
-    os.umask(umask)
-    assert os.stat(target).st_mode & 0o777 == 0o666 & ~umask  # as open() would, not mkstemp's 0600
-
-    def failing_replace(source, destination):
-        raise OSError(28, "No space left on device")
-
-    from sparsity_scaling import files
-
-    monkeypatch.setattr(files.os, "replace", failing_replace)
-    with pytest.raises(OSError):
-        laws_io.write_json(target, {"x": 2})
-    assert json.loads(target.read_text()) == {"x": None, "y": [1.0, None]}
-    assert os.listdir(target.parent) == ["fit.json"]

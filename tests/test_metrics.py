@@ -13,7 +13,7 @@ import torch
 
 from conftest import run_cli
 from distributed import run_ranks
-from sparsity_scaling.train.checkpoint import list_checkpoints
+from sparsity_scaling.rundir import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def _cett_checks(checkpoint, tokens_path):
 
 
 def test_cett_thresholds_and_ppl_p_match_brute_force(micro_run, tokens_file):
-    checkpoint = list_checkpoints(micro_run)[-1].path
+    checkpoint = RunDir(micro_run).checkpoints()[-1].path
     out = run_ranks(1, _cett_checks, checkpoint, tokens_file)[0]
     for value in out["search"]:
         assert value == pytest.approx(0.2, abs=1e-4)
@@ -109,7 +109,7 @@ def _tp_result(checkpoint, tokens_path, tp):
 
 
 def test_tensor_parallel_gives_the_same_answer(micro_run, tokens_file):
-    checkpoint = list_checkpoints(micro_run)[-1].path
+    checkpoint = RunDir(micro_run).checkpoints()[-1].path
     one = run_ranks(1, _tp_result, checkpoint, tokens_file, 1)[0]
     two = run_ranks(2, _tp_result, checkpoint, tokens_file, 2)
     assert two[0] == two[1] or two[0]["activation_ratio"] == two[1]["activation_ratio"]
@@ -144,7 +144,7 @@ def _rule_checks(checkpoint, tokens_path):
 
 
 def test_relu_zero_and_topk_count_what_they_should(micro_run, tokens_file):
-    checkpoint = list_checkpoints(micro_run)[-1].path
+    checkpoint = RunDir(micro_run).checkpoints()[-1].path
     out = run_ranks(1, _rule_checks, checkpoint, tokens_file)[0]
     assert out["relu"] == pytest.approx(out["positive"], abs=1e-12)
     assert out["relu_ppl_ratio"] == pytest.approx(1.0, abs=1e-6)  # zeros masked: nothing changes
@@ -167,7 +167,7 @@ def test_top_p_keeps_the_minimal_set():
 
 
 def test_evaluate_cli_writes_result_and_reusable_thresholds(micro_run, tokens_file, tmp_path):
-    checkpoint = list_checkpoints(micro_run)[-1].path
+    checkpoint = RunDir(micro_run).checkpoints()[-1].path
     out = tmp_path / "result.json"
     result = run_cli("evaluate", "--checkpoint", str(checkpoint), "--tokens", str(tokens_file), "--json", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -200,7 +200,7 @@ def _apply_saved(checkpoint, tokens_path, thresholds):
     ],
 )
 def test_evaluate_cli_bad_input(micro_run, tokens_file, tmp_path, args, message):
-    checkpoint = list_checkpoints(micro_run)[-1].path
+    checkpoint = RunDir(micro_run).checkpoints()[-1].path
     out = tmp_path / "result.json"
     result = run_cli("evaluate", "--checkpoint", str(checkpoint), "--tokens", str(tokens_file),
                      "--json", str(out), *args)
@@ -215,7 +215,7 @@ def test_evaluate_cli_refuses_incomplete_checkpoint_and_foreign_tokens(micro_run
     assert result.returncode == 2 and "not a complete checkpoint" in result.stderr
     big = tmp_path / "big.npy"
     np.save(big, np.full((2, 65), 10_000, dtype=np.int64))
-    checkpoint = list_checkpoints(micro_run)[-1].path
+    checkpoint = RunDir(micro_run).checkpoints()[-1].path
     result = run_cli("evaluate", "--checkpoint", str(checkpoint), "--tokens", str(big))
     assert result.returncode == 2 and "does not match the model" in result.stderr
     assert result.stderr.count("\n") == 1
@@ -226,7 +226,7 @@ def test_evaluate_run_applies_one_stabilised_cett(micro_run):
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((micro_run / "sparsity.json").read_text())
     points = record["checkpoints"]
-    assert [p["tokens"] for p in points] == [c.tokens for c in list_checkpoints(micro_run)]
+    assert [p["tokens"] for p in points] == [c.tokens for c in RunDir(micro_run).checkpoints()]
     assert {p["cett"] for p in points} == {record["cett"]}
     last = points[-record["last"]:]
     mean_ratio = sum(p["ppl_ratio"] for p in last) / len(last)
@@ -236,7 +236,7 @@ def test_evaluate_run_applies_one_stabilised_cett(micro_run):
 def test_exported_llama_gives_the_same_ppl_p_as_our_checkpoint(micro_run, tokens_file, tmp_path):
     from sparsity_scaling.hf import export_llama
 
-    checkpoint = list_checkpoints(micro_run)[-1].path
+    checkpoint = RunDir(micro_run).checkpoints()[-1].path
     exported = export_llama(checkpoint, tmp_path / "llama")
     ours, theirs = tmp_path / "ours.json", tmp_path / "theirs.json"
     for flag, path, out in (("--checkpoint", checkpoint, ours), ("--hf-model", exported, theirs)):
@@ -249,7 +249,7 @@ def test_exported_llama_gives_the_same_ppl_p_as_our_checkpoint(micro_run, tokens
 
 
 def test_data_parallel_evaluation_under_torchrun_matches_one_process(micro_run, tokens_file, tmp_path):
-    checkpoint = list_checkpoints(micro_run)[-1].path
+    checkpoint = RunDir(micro_run).checkpoints()[-1].path
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     result = run_cli("evaluate", "--checkpoint", str(checkpoint), "--tokens", str(tokens_file), "--json", str(one))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO
 from launcher.grid import load_grid
 from launcher.report import RunResult, build_report, findings
+from launcher.workdir import Workdir
 
 TOKENS = [int(t) for t in np.geomspace(2.5e5, 3e6, 14)]
 
@@ -43,7 +44,7 @@ def _run(name, activation, law, seed=0):
 
 def _report(tmp_path, results, targets=(0.06, 0.25)):
     grid = load_grid(REPO / "configs" / "grids" / "demo.yaml")
-    return build_report(grid, "http://127.0.0.1:1", tmp_path, list(targets), "1", "parent", results)
+    return build_report(grid, "http://127.0.0.1:1", Workdir(tmp_path), list(targets), "1", "parent", results)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_report_states_the_findings_the_numbers_support(report):
 
 
 def test_report_fits_the_laws_and_predicts_budgets_from_the_curves(report, results):
-    from launcher.curves import law_curve
+    from launcher.queries import law_curve
     from sparsity_scaling.laws.curvefit import fit_curve
     from sparsity_scaling.laws.predict import predict_tokens
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import MICRO, REPO, run_cli
-from sparsity_scaling.train.checkpoint import list_checkpoints, sha256_file, start_checkpoint
+from sparsity_scaling.rundir import RunDir, sha256_file
 
 
 def _points(run: Path, kind: str) -> dict[int, float]:
@@ -35,7 +35,7 @@ def test_training_lowers_validation_loss_and_writes_checkpoints(reference_run):
     val = _points(reference_run, "val")
     losses = [val[s] for s in sorted(val)]
     assert losses[-1] < losses[0] - 0.5
-    checkpoints = list_checkpoints(reference_run)
+    checkpoints = RunDir(reference_run).checkpoints()
     assert [c.tokens for c in checkpoints] == [4096, 11264, 30720, 32768]
     for ck in checkpoints:
         ck.verify()  # every file matches the manifest's checksum
@@ -69,8 +69,8 @@ def test_parallel_layouts_match_one_process(gentle_reference, tmp_path, nproc, t
     assert ours[first] == pytest.approx(reference[first], abs=1e-5)
     for step in reference:
         assert ours[step] == pytest.approx(reference[step], rel=5e-4), step
-    final = torch.load(list_checkpoints(out)[-1].path / "model.pt")
-    expected = torch.load(list_checkpoints(gentle_reference)[-1].path / "model.pt")
+    final = torch.load(RunDir(out).checkpoints()[-1].path / "model.pt")
+    expected = torch.load(RunDir(gentle_reference).checkpoints()[-1].path / "model.pt")
     for name in expected:  # elementwise, Adam turns noise into +-lr steps; compare as wholes
         assert (final[name] - expected[name]).norm() < 1e-2 * expected[name].norm(), name
 
@@ -80,16 +80,16 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(reference_run, tmp_p
     command = [sys.executable, "-m", "sparsity_scaling.cli", "train", str(MICRO), "--out", str(out)]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while len(list_checkpoints(out)) < 2 and process.poll() is None and time.time() < deadline:
+    while len(RunDir(out).checkpoints()) < 2 and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    survivors = list_checkpoints(out)
+    survivors = RunDir(out).checkpoints()
     assert 2 <= len(survivors) < 4, "the run was not killed between checkpoints"
     # and as if it had also died half-way through writing the next checkpoint:
-    partial = start_checkpoint(out, 30720)
+    partial = RunDir(out).start_checkpoint(30720)
     (partial / "model.pt").write_bytes(b"truncated")
-    assert [c.tokens for c in list_checkpoints(out)] == [c.tokens for c in survivors]
+    assert [c.tokens for c in RunDir(out).checkpoints()] == [c.tokens for c in survivors]
 
     result = run_cli("train", str(MICRO), "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -97,16 +97,16 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(reference_run, tmp_p
     assert not partial.exists()
     assert _points(out, "train") == _points(reference_run, "train")  # exactly, not approximately
     assert _points(out, "val") == _points(reference_run, "val")
-    final, expected = list_checkpoints(out)[-1], list_checkpoints(reference_run)[-1]
+    final, expected = RunDir(out).checkpoints()[-1], RunDir(reference_run).checkpoints()[-1]
     assert sha256_file(final.path / "model.pt") == sha256_file(expected.path / "model.pt")
 
 
 def test_finished_run_is_not_retrained(reference_run):
-    before = {c.path.name: c.manifest["files"] for c in list_checkpoints(reference_run)}
+    before = {c.path.name: c.manifest["files"] for c in RunDir(reference_run).checkpoints()}
     result = run_cli("train", str(MICRO), "--out", str(reference_run))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "already complete" in result.stdout and "ETA" not in result.stdout
-    assert {c.path.name: c.manifest["files"] for c in list_checkpoints(reference_run)} == before
+    assert {c.path.name: c.manifest["files"] for c in RunDir(reference_run).checkpoints()} == before
 
 
 def test_out_dir_of_another_run_is_refused_untouched(reference_run):
@@ -127,4 +127,4 @@ def test_runs_under_torchrun(gentle_reference, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert _points(out, "val").keys() == _points(gentle_reference, "val").keys()
-    assert list_checkpoints(out)[-1].manifest["tp"] == 2
+    assert RunDir(out).checkpoints()[-1].manifest["tp"] == 2

@@ -3,7 +3,7 @@
 
 import sys
 
-from sparsity_scaling.laws.cli import analyze_main
+from sparsity_scaling.cli.laws import analyze_main
 
 if __name__ == "__main__":
     sys.exit(analyze_main())

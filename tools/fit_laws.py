@@ -3,7 +3,7 @@
 
 import sys
 
-from sparsity_scaling.laws.cli import fit_main
+from sparsity_scaling.cli.laws import fit_main
 
 if __name__ == "__main__":
     sys.exit(fit_main())

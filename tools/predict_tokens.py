@@ -3,7 +3,7 @@
 
 import sys
 
-from sparsity_scaling.laws.cli import predict_main
+from sparsity_scaling.cli.laws import predict_main
 
 if __name__ == "__main__":
     sys.exit(predict_main())

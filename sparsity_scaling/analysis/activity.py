@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..errors import UserError
+from ..errors import SettingError, UserError
 from ..metrics.comm import gather_neurons, sum_dp, sum_tp
 from ..metrics.measure import EvalData, check_vocab
 from ..metrics.rules import Rule, SparsifyingProbe
@@ -81,7 +81,7 @@ class ActivityProbe(SparsifyingProbe):
 
     def __init__(self, rule: Rule, target, positions: int):
         if rule.site == "input":
-            raise UserError("--site input masks input features, not neurons; use another site")
+            raise SettingError("site", "input", "masks input features, not neurons; use another site")
         super().__init__(rule)
         ffns = target.ffns
         if len({f.local_neurons for f in ffns}) != 1:

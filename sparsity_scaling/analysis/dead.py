@@ -3,13 +3,15 @@ checkpoint of a run, beside the run's activation-ratio trend."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from matplotlib.figure import Figure
 
-from ..errors import UserError
-from .activity import Activity
+from ..parallel import init_parallel
+from ..rundir import RunDir
+from .activity import Activity, measure_activity
+from ..evaluation.inputs import ModelRef
+from .models import ModelSpec, model_and_rule, one_dataset
+from .output import is_rank0, say, write_results
+from .settings import AnalysisSettings
 
 
 def dead_point(activity: Activity, below: float) -> dict:
@@ -20,18 +22,14 @@ def dead_point(activity: Activity, below: float) -> dict:
             "activation_ratio": activity.activation_ratio, "eval_tokens": activity.tokens}
 
 
-def run_curve(run_dir: str | Path) -> dict | None:
-    """RUN/sparsity.json's stabilised activation ratio per checkpoint, if the run has one."""
-    path = Path(run_dir) / "sparsity.json"
-    if not path.is_file():
+def run_curve(run: RunDir) -> dict | None:
+    """The run's stabilised activation ratio per checkpoint (evaluate-run), if it has one."""
+    record = run.sparsity_record()
+    if record is None:
         return None
-    try:
-        record = json.loads(path.read_text())
-        points = [(p["tokens"], p["activation_ratio"]) for p in record["checkpoints"]]
-    except (ValueError, KeyError, TypeError) as error:
-        raise UserError(f"{path}: not a sparsity record of evaluate-run ({error})") from None
+    points = record["checkpoints"]
     return {"metric": record.get("metric"), "p": record.get("p"), "cett": record.get("cett"),
-            "tokens": [t for t, _ in points], "activation_ratio": [a for _, a in points]}
+            "tokens": [p["tokens"] for p in points], "activation_ratio": [p["activation_ratio"] for p in points]}
 
 
 def dead_figure(report: dict) -> Figure:
@@ -51,10 +49,34 @@ def dead_figure(report: dict) -> Figure:
     curve = report.get("run_curve")
     if curve:
         right.plot(curve["tokens"], curve["activation_ratio"], "^-", color="tab:green", ms=4,
-                   label="activation ratio (RUN/sparsity.json, stabilised)")
+                   label=f"activation ratio (RUN/{RunDir.SPARSITY}, stabilised)")
     right.set_ylabel("activation ratio")
     lines = ax.get_legend_handles_labels(), right.get_legend_handles_labels()
     ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     return figure
 
+
+
+def dead_on_rank(settings: AnalysisSettings, run_dir: str, dead_below: float = 0.001, stabilised: bool = False) -> None:
+    """`analyze dead`: every checkpoint of a run; a collective on every rank."""
+    init_parallel(settings.tp)
+    run = RunDir(run_dir)
+    points = []
+    for ck in run.checkpoints():
+        spec = ModelSpec(ck.name, ModelRef(checkpoint=str(ck.path)), train_tokens=ck.tokens)
+        data = one_dataset(settings, spec)
+        target, rule, setting = model_and_rule(settings, spec)
+        activity = measure_activity(target, data, rule, ck.name)
+        point = {"checkpoint": ck.name, "tokens": ck.tokens, "step": ck.step,
+                 **dead_point(activity, dead_below), "setting": setting}
+        points.append(point)
+        say(f"{ck.name}: dead neurons {point['dead_neuron_ratio']:.4f}, "
+            f"activation ratio {point['activation_ratio']:.4f}")
+    if is_rank0():
+        metric = settings.metric
+        text = f"PPL-{metric.p:g}% of each checkpoint" if metric.metric == "ppl-p" else metric.describe(stabilised)
+        report = {"run": run.name, "run_dir": str(run.path), "dead_below": dead_below,
+                  "setting_text": text, "checkpoints": points, "run_curve": run_curve(run)}
+        metrics = [("dead_neuron_ratio", p["dead_neuron_ratio"], p["tokens"]) for p in points]
+        write_results(settings, "dead", report, dead_figure(report), metrics)

@@ -13,7 +13,11 @@ import numpy as np
 from matplotlib.figure import Figure
 from scipy.stats import wasserstein_distance
 
-from .activity import Activity
+from ..parallel import init_parallel
+from .activity import Activity, measure_activity
+from .models import ModelSpec, load_datasets, model_and_rule
+from .output import is_rank0, write_results
+from .settings import AnalysisSettings
 
 VIEWS = ("all", "first", "middle", "last")
 VIEW_TITLES = {"all": "all layers", "first": "first layer", "middle": "middle layer", "last": "last layer"}
@@ -98,3 +102,17 @@ def frequency_figure(report: dict, setting: str = "") -> Figure:
             ax.legend(fontsize=7)
     figure.suptitle("Neuron activation frequency" + (f" under {setting}" if setting else ""))
     return figure
+
+
+def frequency_on_rank(settings: AnalysisSettings, specs: list[ModelSpec], bins: int = 50) -> None:
+    """`analyze frequency`: every model on every dataset; a collective on every rank."""
+    init_parallel(settings.tp)
+    results, setting_records = {}, {}
+    for spec in specs:
+        datasets = load_datasets(settings, spec)
+        target, rule, setting_records[spec.label] = model_and_rule(settings, spec)
+        results[spec.label] = {name: measure_activity(target, data, rule, f"{spec.label}: {name}")
+                               for name, data in datasets.items()}
+    if is_rank0():
+        report = {"settings": setting_records, **frequency_report(results, bins)}
+        write_results(settings, "frequency", report, frequency_figure(report, settings.describe()))

@@ -7,6 +7,13 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..metrics.measure import EvalData
+from ..parallel import init_parallel
+from .activity import measure_activity
+from .models import ModelSpec, describe, model_and_rule, text_sequence, vocabulary
+from .output import is_rank0, write_results
+from .settings import AnalysisSettings
+
 
 def heatmap_figure(ratios: np.ndarray, tokens: list[str], title: str) -> Figure:
     """ratios [layers, positions] -> an annotated heatmap with a colour bar."""
@@ -24,3 +31,20 @@ def heatmap_figure(ratios: np.ndarray, tokens: list[str], title: str) -> Figure:
     ax.set_title(title)
     figure.colorbar(image, ax=ax, label="activation ratio (share of active neurons)")
     return figure
+
+
+def heatmap_on_rank(settings: AnalysisSettings, spec: ModelSpec, text: str, max_tokens: int = 48) -> None:
+    """`analyze heatmap`: one model on one text; a collective on every rank."""
+    init_parallel(settings.tp)
+    vocab = vocabulary(spec)
+    sequence = text_sequence(vocab, text, max_tokens)
+    target, rule, setting = model_and_rule(settings, spec)
+    activity = measure_activity(target, EvalData(sequence, 1), rule, "text")
+    ratios = activity.position_ratios()
+    ids = sequence[0, :-1].tolist()
+    tokens = [vocab.text(i) for i in ids]
+    if is_rank0():
+        report = {"model": spec.label, "setting": setting, "text": text, "ids": ids, "tokens": tokens,
+                  "layer_position_ratios": ratios.tolist(), "activation_ratio": activity.activation_ratio}
+        title = f"{spec.label}: activation ratio by layer and token under {describe(setting)}"
+        write_results(settings, "heatmap", report, heatmap_figure(ratios, tokens, title))

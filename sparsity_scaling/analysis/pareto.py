@@ -8,15 +8,26 @@ whose curve lies lower and further left keeps perplexity with fewer active neuro
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from ..errors import UserError
+from ..evaluation.inputs import ModelRef
+from ..evaluation.jobs import load_evaluator
+from ..evaluation.settings import DataSettings, MetricSettings
 from ..figures import save_figure
 from ..files import write_json_atomic
+from ..formatting import table
 from ..metrics.comm import gather_neurons, tp_size
 from ..metrics.rules import FixedThreshold, ReluZero, TopK, TopP
 from ..metrics.search import Evaluator, check_p, ppl_p
+from ..parallel import init_parallel
+from ..rundir import RunDir
+from .models import ModelSpec
+from .output import is_rank0, say
+from .settings import AnalysisSettings
 
 P_VALUES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # PPL-p%: allowed perplexity increase, percent
 KEEP_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5)  # Top-k: k as a share of d_f
@@ -129,26 +140,41 @@ def pareto_table(rows: list[dict]) -> list[list[str]]:
 
 
 
-def pareto_of_run(run_dir, args) -> dict:
+def pareto_on_rank(settings: AnalysisSettings, specs: list[ModelSpec], p_values=P_VALUES) -> None:
+    """`analyze pareto`: every method on every model; a collective on every rank."""
+    init_parallel(settings.tp)
+    curves = {}
+    for spec in specs:
+        say(f"{spec.label}: dense pass")
+        evaluator = load_evaluator(spec.model, settings.first_data, settings.metric, settings.tp)
+        report = lambda row, label=spec.label: say(  # noqa: E731
+            f"{label}: {row['method']} {row['param']}: activation ratio {row['activation_ratio']:.4f}, "
+            f"PPL ratio {row['ppl_ratio']:.4f}")
+        curves[spec.label] = pareto_points(evaluator, spec.model.activation(evaluator.target),
+                                           p_values=p_values, on_point=report)
+    if is_rank0():
+        out = Path(settings.out)
+        files = [out / RunDir.PARETO, out / RunDir.PARETO_PLOT]
+        write_pareto(curves, *files)
+        for label, rows in curves.items():
+            print(f"\n{label}\n" + table(["method", "setting", "activation ratio", "PPL ratio"], pareto_table(rows)))
+        print(f"wrote {files[0]} and {files[1]}")
+        if settings.publish is not None:
+            settings.publish(files, [])
+
+
+def pareto_of_run(run_dir: str | Path, metric: MetricSettings, data: DataSettings) -> dict:
     """The Pareto points at a run's last checkpoint, on its validation split (this process,
     TP 1): RUN/pareto.png, then RUN/pareto.json (whose presence marks the work done)."""
-    from pathlib import Path
-
-    from ..config import load_config
-    from ..evaluate import run_data
-    from ..hf import load_target
-    from ..parallel import init_parallel
-    from ..train.checkpoint import list_checkpoints
-
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     init_parallel(1)
-    last = list_checkpoints(run_dir)[-1]
-    evaluator = Evaluator(load_target(checkpoint=last.path), run_data(args, last.path), args.calibration_tokens)
-    rows = pareto_points(evaluator, load_config(last.path / "config.yaml").model.activation)
-    record = {"checkpoint": last.path.name, "train_tokens": last.tokens, "dense_ppl": evaluator.dense.ppl,
+    last = run.checkpoints()[-1]
+    model = ModelRef(checkpoint=str(last.path))
+    evaluator = load_evaluator(model, data, metric)
+    rows = pareto_points(evaluator, model.activation(evaluator.target))
+    record = {"checkpoint": last.name, "train_tokens": last.tokens, "dense_ppl": evaluator.dense.ppl,
               "eval_tokens": evaluator.data.tokens, "forward_passes": round(evaluator.forward_passes(), 1),
               "points": rows}
-    label = f"{run_dir.name} at {last.tokens:,} tokens"
-    save_figure(pareto_figure({label: rows}), run_dir / "pareto.png")
-    write_json_atomic(run_dir / "pareto.json", record)
+    save_figure(pareto_figure({f"{run.name} at {last.tokens:,} tokens": rows}), run.pareto_plot)
+    write_json_atomic(run.pareto, record)
     return record

@@ -10,8 +10,11 @@ from matplotlib.figure import Figure
 from scipy.stats import pearsonr, spearmanr
 
 from ..errors import UserError
-from .activity import Activity
-from .models import Vocabulary
+from ..parallel import init_parallel
+from .activity import Activity, measure_activity
+from .models import ModelSpec, Vocabulary, model_and_rule, one_dataset, vocabulary
+from .output import is_rank0, write_results
+from .settings import AnalysisSettings
 
 
 def check_same_tokenizer(vocabs: dict[str, Vocabulary]) -> None:
@@ -108,3 +111,16 @@ def tokens_figure(report: dict, label_count: int = 8) -> Figure:
         ax.legend(fontsize=8, loc="best")
     figure.suptitle("Token-wise activation ratio")
     return figure
+
+
+def tokens_on_rank(settings: AnalysisSettings, specs: list[ModelSpec], min_count: int = 5, top: int = 20) -> None:
+    """`analyze tokens`: every model on one dataset; a collective on every rank."""
+    init_parallel(settings.tp)
+    results, setting_records = {}, {}
+    for spec in specs:
+        data = one_dataset(settings, spec)
+        target, rule, setting_records[spec.label] = model_and_rule(settings, spec)
+        results[spec.label] = measure_activity(target, data, rule, spec.label)
+    if is_rank0():
+        report = {"settings": setting_records, **token_report(results, vocabulary(specs[0]), min_count, top)}
+        write_results(settings, "tokens", report, tokens_figure(report))

@@ -7,8 +7,6 @@ the .bin file is the documents' tokens back to back, which we read as one token 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,21 +19,12 @@ def token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size < 65500 else np.int32
 
 
-def write_indexed_pair(target: Path, splits: dict[str, list[list[int]]], vocab_size: int) -> None:
-    """Write {name: documents} as name.bin/name.idx into `target`, atomically as a directory."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
-        for name, documents in splits.items():
-            builder = IndexedDatasetBuilder(str(work / f"{name}.bin"), dtype=token_dtype(vocab_size))
-            for ids in documents:
-                builder.add_document(np.asarray(ids), [len(ids)])
-            builder.finalize(str(work / f"{name}.idx"))
-        os.rename(work, target)
-    except OSError:
-        shutil.rmtree(work, ignore_errors=True)
-        if not target.exists():
-            raise
+def write_indexed(prefix: Path, documents: list[list[int]], vocab_size: int) -> None:
+    """Write documents (token id lists) as prefix.bin / prefix.idx."""
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=token_dtype(vocab_size))
+    for ids in documents:
+        builder.add_document(np.asarray(ids), [len(ids)])
+    builder.finalize(f"{prefix}.idx")
 
 
 def open_token_stream(prefix: str | Path) -> np.ndarray:

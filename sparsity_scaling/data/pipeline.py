@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import DataConfig
 from ..errors import UserError
+from ..files import directory_written_whole, write_json_atomic
 from .corpus import load_documents, split_documents
-from .indexed import open_token_stream, write_indexed_pair
+from .indexed import open_token_stream, write_indexed
 from .tokenizer import Tokenizer, train_tokenizer
 
 
@@ -53,17 +54,13 @@ def prepare_data(config: DataConfig) -> PreparedData:
     key = f"{tokenizer.digest()}-{split.train_hash}-{split.valid_hash}"
     target = cache / "datasets" / key
     if not (target / "record.json").exists():
-        encoded = {}
-        counts = {}
-        for name, docs in (("train", split.train), ("valid", split.valid)):
-            ids = tokenizer.encode([d.text for d in docs])
-            encoded[name] = [doc_ids + [tokenizer.eos_id] for doc_ids in ids]
-            counts[f"{name}_tokens"] = sum(len(x) for x in encoded[name])
-        write_indexed_pair(target, encoded, tokenizer.vocab_size)
-        record = {**split.record(), **counts, "corpus": config.corpus}
-        tmp = target / "record.json.tmp"
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, target / "record.json")
+        with directory_written_whole(target) as work:
+            counts = {}
+            for name, docs in (("train", split.train), ("valid", split.valid)):
+                encoded = [ids + [tokenizer.eos_id] for ids in tokenizer.encode([d.text for d in docs])]
+                write_indexed(work / name, encoded, tokenizer.vocab_size)
+                counts[f"{name}_tokens"] = sum(len(x) for x in encoded)
+            write_json_atomic(work / "record.json", {**split.record(), **counts, "corpus": config.corpus})
     record = json.loads((target / "record.json").read_text())
     if record["valid_tokens"] < config.seq_len + 1:
         raise UserError(
@@ -77,10 +74,3 @@ def prepare_data(config: DataConfig) -> PreparedData:
         str(target / "valid"),
         record,
     )
-
-
-def summary(data: PreparedData) -> dict:
-    """The data record without the long document lists, for logs and manifests."""
-    out = asdict(data)
-    out["record"] = {k: v for k, v in data.record.items() if not k.endswith("_documents")}
-    return out

@@ -9,14 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import sentencepiece as spm
 
 from ..errors import UserError
+from ..files import directory_written_whole
 from .corpus import Document
 
 EOS_ID = 1
@@ -58,26 +57,20 @@ def train_tokenizer(docs: list[Document], train_hash: str, vocab_size: int, cach
     model = target / "tokenizer.model"
     if model.exists():
         return model
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=_lines(docs),
-            model_prefix=str(work / "tokenizer"),
-            vocab_size=vocab_size,
-            num_threads=os.cpu_count() or 1,
-            **_SETTINGS,
-        )
-    except RuntimeError as error:
-        shutil.rmtree(work, ignore_errors=True)
-        message = str(error).strip().splitlines()[-1] if str(error).strip() else "training failed"
-        raise UserError(
-            f"data.vocab_size {vocab_size}: the training split cannot support it ({message})"
-        ) from None
-    try:
-        os.rename(work, target)
-    except OSError:  # another process finished first: use theirs
-        shutil.rmtree(work, ignore_errors=True)
+    with directory_written_whole(target) as work:  # another process may finish first: fine
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=_lines(docs),
+                model_prefix=str(work / "tokenizer"),
+                vocab_size=vocab_size,
+                num_threads=os.cpu_count() or 1,
+                **_SETTINGS,
+            )
+        except RuntimeError as error:
+            message = str(error).strip().splitlines()[-1] if str(error).strip() else "training failed"
+            raise UserError(
+                f"data.vocab_size {vocab_size}: the training split cannot support it ({message})"
+            ) from None
     return model
 
 

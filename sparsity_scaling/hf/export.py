@@ -10,7 +10,6 @@ heads, no biases) is Llama's already, so the exported logits equal ours.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from ..config import ModelConfig, RunConfig
 from ..data.tokenizer import EOS_ID
 from ..errors import UserError
-from ..train.checkpoint import TMP_PREFIX
+from ..files import directory_written_whole
 from .load import read_weights
 
 # our per-layer names -> Llama's; the residual branch outputs carry scale_depth / sqrt(L)
@@ -108,19 +107,9 @@ def export_llama(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
                         f"unexpected {extra[:3]}")
     weights = llama_weights(config.model, state)
     hf_config = llama_config(config, vocab_size=state["embed.weight"].shape[0])
-    tokenizer = ck.path.resolve().parents[1] / "tokenizer.model"  # RUN/checkpoints/tokens_N
-
-    tmp = out.with_name(f"{TMP_PREFIX}{out.name}")  # a stale one is an interrupted export
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    tokenizer = ck.run.tokenizer
+    with directory_written_whole(out) as tmp:
         _save_llama(hf_config, weights, tmp, ck.path)
         if tokenizer.is_file():
-            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            shutil.copyfile(tokenizer, tmp / tokenizer.name)
     return out

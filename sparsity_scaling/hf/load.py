@@ -8,21 +8,21 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state as ps
 
-from ..config import RunConfig, load_config
-from ..errors import UserError
+from ..config import RunConfig
+from ..errors import SettingError, UserError
 from ..model import MiniCPM
 from ..parallel import device, load_full_state_dict
-from ..train.checkpoint import Checkpoint, read_checkpoint
+from ..rundir import Checkpoint, read_checkpoint
 from .causal_lm import HFCausalLM
 
 
 def read_weights(checkpoint: str | Path) -> tuple[Checkpoint, RunConfig, dict[str, torch.Tensor]]:
     """A complete checkpoint's manifest, run config and unsharded fp32 weights."""
     ck = read_checkpoint(checkpoint)
-    config = load_config(ck.path / "config.yaml")
-    file = ck.path / "model.pt"
+    config = ck.config()
+    file = ck.weights
     if not file.is_file():
-        raise UserError(f"{ck.path}: not a complete checkpoint (no model.pt)")
+        raise UserError(f"{ck.path}: not a complete checkpoint (no {file.name})")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
@@ -59,7 +59,7 @@ def load_target(checkpoint: str | Path | None = None, hf_model: str | Path | Non
         raise UserError("give either a checkpoint or a Hugging Face model directory")
     if hf_model is not None:
         if tp != 1:
-            raise UserError(f"--tp {tp}: a Hugging Face model runs unsharded; use --tp 1")
+            raise SettingError("tp", tp, "a Hugging Face model runs unsharded; use 1")
         return HFCausalLM.load(hf_model, device=device(), trust_remote_code=trust_remote_code)
     if not ps.model_parallel_is_initialized() or ps.get_tensor_model_parallel_world_size() != tp:
         raise RuntimeError(f"call init_parallel({tp}) before loading a checkpoint at TP size {tp}")

@@ -2,7 +2,8 @@
 
 Curves come from a curve source ({name: Curve}); `fit_curves` fits each model's law with
 bootstrap intervals; `predict_tokens` inverts a fitted law for a target activation ratio;
-`analysis` summarises fits across width-depth ratio and scale.
+`trends` summarises fits across width-depth ratio, scale and convergence speed; `tables`
+lays fits and predictions out as text.
 """
 
 from .curvefit import DEFAULT_WINDOW, CurveFit, Window, fit_curve, fit_curves

@@ -1,4 +1,4 @@
-"""Activation-ratio curves and where they come from; atomic output files.
+"""Activation-ratio curves and where they come from.
 
 A curve source is any function returning {name: Curve}. Files give one now: JSON in the
 paper's reference format (one model per file, named by its stem) and CSV (one row per
@@ -17,7 +17,6 @@ from typing import Callable
 
 import numpy as np
 
-from ..files import write_text_atomic
 from .errors import LawError
 from .presets import activation_from_name, params_from_name
 
@@ -220,38 +219,3 @@ def file_source(paths) -> CurveSource:
     """A curve source reading the given files and directories."""
     paths = list(paths)
     return lambda: read_curves(paths)
-
-
-def json_text(data) -> str:
-    """Indented JSON with infinities and nan written as null (JSON has neither)."""
-    return _indented(_finite_or_null(data)) + "\n"
-
-
-def _indented(value, indent=""):
-    """Like json.dumps(indent=2), but a list of plain values stays on one line, so that
-    bootstrap samples take one line per sample."""
-    inner = indent + "  "
-    if isinstance(value, dict) and value:
-        items = (f"{inner}{json.dumps(key)}: {_indented(v, inner)}" for key, v in value.items())
-        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
-    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
-        return "[\n" + ",\n".join(inner + _indented(v, inner) for v in value) + "\n" + indent + "]"
-    return json.dumps(value)
-
-
-def write_json(path, data) -> None:
-    write_text_atomic(path, json_text(data))
-
-
-def _finite_or_null(value):
-    if isinstance(value, dict):
-        return {key: _finite_or_null(v) for key, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_null(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value

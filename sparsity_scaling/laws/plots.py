@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from .analysis import Convergence, ScaleTrend, WidthDepthAnalysis
+from .trends import Convergence, ScaleTrend, WidthDepthAnalysis
 from .curvefit import CurveFit
 from .forms import ALTERNATIVES, TOKENS_PER_UNIT
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import UserError
+from ..errors import SettingError
 from ..model.probe import FFNTrace, Probe
 from .comm import gather_neurons, local_slice, max_tp
 
@@ -33,7 +33,7 @@ class Rule:
 
     def __post_init__(self):
         if self.site not in SITES:
-            raise UserError(f"--site {self.site}: expected one of {', '.join(SITES)}")
+            raise SettingError("site", self.site, f"expected one of {', '.join(SITES)}")
 
     def params(self) -> dict:
         return {"site": self.site}

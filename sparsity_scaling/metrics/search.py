@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from ..errors import UserError
+from ..errors import SettingError, UserError
 from .cett import CETTSearch
 from .measure import EvalData, SparsePass, check_vocab, dense_pass, matmul_params, sparse_pass
 from .result import SparsityResult
@@ -196,4 +196,4 @@ def critical(evaluator: Evaluator, make_rule: Callable[[float], Rule], low: floa
 
 def check_p(p: float) -> None:
     if not 0 < p <= 100:
-        raise UserError(f"--p {p}: must be in (0, 100]")
+        raise SettingError("p", p, "must be in (0, 100]")

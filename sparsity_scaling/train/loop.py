@@ -7,12 +7,9 @@ splits it into micro-batches, so any data-parallel size trains on the same globa
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Sequence
 
 import deepspeed
 import torch
@@ -25,17 +22,10 @@ from ..data.indexed import open_token_stream
 from ..data.sampler import WindowSampler
 from ..errors import UserError
 from ..model import MiniCPM
-from ..parallel import DeepSpeedMPU, device, full_state_dict, init_parallel
-from .checkpoint import (
-    TMP_PREFIX,
-    checkpoint_name,
-    claim_run_dir,
-    finish_checkpoint,
-    list_checkpoints,
-    remove_partial_checkpoints,
-    start_checkpoint,
-    write_json_atomic,
-)
+from ..parallel import DeepSpeedMPU, device
+from ..rundir import Checkpoint, RunDir
+from .callbacks import Callback, TrainPlan, TrainPoint
+from .checkpoint import CheckpointState, save_checkpoint
 from .schedule import wsd_factor
 
 
@@ -111,38 +101,6 @@ def _deepspeed_config(config: RunConfig, layout: Layout, bf16: bool) -> dict:
     }
 
 
-class Metrics:
-    """metrics.jsonl of a run: appended by rank 0, cut back to a checkpoint on resume."""
-
-    def __init__(self, run_dir: Path, active: bool):
-        self.path = run_dir / "metrics.jsonl"
-        self.active = active
-
-    def truncate_after(self, tokens: int) -> None:
-        """Drop points logged after the checkpoint we resume from: no point appears twice."""
-        if not self.active or not self.path.exists():
-            return
-        keep = [
-            line for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line)["tokens"] <= tokens
-        ]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
-
-    def log(self, **point) -> None:
-        if self.active:
-            with self.path.open("a") as f:
-                f.write(json.dumps(point) + "\n")
-
-
-def _format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
 @torch.no_grad()
 def validation_loss(model: MiniCPM, sampler: WindowSampler, num_samples: int, micro: int) -> float:
     """Mean token loss over the first `num_samples` validation windows, split over DP ranks."""
@@ -161,142 +119,126 @@ def validation_loss(model: MiniCPM, sampler: WindowSampler, num_samples: int, mi
     return (total[0] / total[1]).item()
 
 
-def train(config: RunConfig, run_dir: str | Path, data: PreparedData, on_event=None) -> Path:
-    """Train (or resume) one run into run_dir; return the newest checkpoint's path.
+class Trainer:
+    """One run's engine, data and schedule on this rank."""
 
-    `on_event(kind, path)` is called on rank 0 after points are logged ("log") and after a
-    checkpoint is complete ("checkpoint"): the launcher delivers metrics and queues
-    evaluations from it.
-    """
-    notify = on_event if (on_event is not None and dist.get_rank() == 0) else (lambda kind, path: None)
-    init_parallel(config.parallel.tp)
-    run_dir = Path(run_dir)
-    is_main = dist.get_rank() == 0
-    if is_main:
-        claim_run_dir(run_dir, config.hash(), config.to_yaml())
-        remove_partial_checkpoints(run_dir)
-        shutil.copyfile(data.tokenizer, run_dir / "tokenizer.model")
-        write_json_atomic(run_dir / "data.json", data.record)
-    dist.barrier()
+    def __init__(self, config: RunConfig, run: RunDir, data: PreparedData):
+        self.config, self.run, self.data = config, run, data
+        self.is_main = dist.get_rank() == 0
+        self.layout = Layout.of(config)
+        self.bf16 = config.train.dtype == "bf16" or (config.train.dtype == "auto" and torch.cuda.is_available())
+        torch.manual_seed(config.train.seed)
+        model = MiniCPM(config.model, data.vocab_size).to(device())
+        groups = _param_groups(model, config)
+        self.base_lrs = [g["lr"] for g in groups]
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=groups, config=_deepspeed_config(config, self.layout, self.bf16),
+            mpu=DeepSpeedMPU(),
+        )
+        seq_len = config.data.seq_len
+        self.train_sampler = WindowSampler(open_token_stream(data.train_prefix), seq_len, config.train.seed)
+        self.valid_sampler = WindowSampler(open_token_stream(data.valid_prefix), seq_len, 0, shuffle=False)
+        self.val_samples = max(1, min(self.valid_sampler.num_windows, config.data.val_tokens // seq_len))
+        self.schedule = checkpoint_tokens(config)
+        self.batch_tokens = self.layout.global_samples * seq_len
+        self.total_steps = self.schedule[-1] // self.batch_tokens
 
-    layout = Layout.of(config)
-    bf16 = config.train.dtype == "bf16" or (config.train.dtype == "auto" and torch.cuda.is_available())
-    torch.manual_seed(config.train.seed)
-    model = MiniCPM(config.model, data.vocab_size).to(device())
-    groups = _param_groups(model, config)
-    base_lrs = [g["lr"] for g in groups]
-    engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=groups, config=_deepspeed_config(config, layout, bf16),
-        mpu=DeepSpeedMPU(),
-    )
-
-    train_sampler = WindowSampler(open_token_stream(data.train_prefix), config.data.seq_len, config.train.seed)
-    valid_sampler = WindowSampler(open_token_stream(data.valid_prefix), config.data.seq_len, 0, shuffle=False)
-    val_samples = max(1, min(valid_sampler.num_windows, config.data.val_tokens // config.data.seq_len))
-    schedule = checkpoint_tokens(config)
-    batch_tokens = layout.global_samples * config.data.seq_len
-    total_steps = schedule[-1] // batch_tokens
-    metrics = Metrics(run_dir, is_main)
-
-    step = 0
-    done = list_checkpoints(run_dir)
-    if done:
+    def resume(self) -> Checkpoint | None:
+        """Load the newest complete checkpoint, if any, and forget metrics logged after it."""
+        done = self.run.checkpoints()
+        if not done:
+            return None
         latest = done[-1]
-        for key, expected in (("tp", config.parallel.tp), ("dp", layout.dp)):
+        for key, expected in (("tp", self.config.parallel.tp), ("dp", self.layout.dp)):
             if latest.manifest.get(key) != expected:
-                raise UserError(
-                    f"{latest.path}: written with {key}={latest.manifest.get(key)}, cannot resume "
-                    f"with {key}={expected}"
-                )
-        engine.load_checkpoint(str(latest.path), tag="engine")
-        step = latest.step
-        metrics.truncate_after(latest.tokens)
-        if is_main and step >= total_steps:
-            print(f"already complete: {latest.path.name}; nothing to train", flush=True)
-        elif is_main:
-            print(f"resuming from {latest.path.name} (step {step})", flush=True)
-    if is_main:
-        params = config.model.non_embedding_params()
-        print(
-            f"training {config.model.name}: {params / 1e6:.2f}M non-embedding parameters, "
-            f"{total_steps} steps of {batch_tokens:,} tokens, tp={config.parallel.tp} dp={layout.dp}, "
-            f"{'bf16' if bf16 else 'fp32'}, {len(schedule)} checkpoints",
-            flush=True,
+                raise UserError(f"{latest.path}: written with {key}={latest.manifest.get(key)}, cannot resume "
+                                f"with {key}={expected}")
+        self.engine.load_checkpoint(str(latest.path), tag=Checkpoint.ENGINE_TAG)
+        if self.is_main:
+            self.run.truncate_metrics_after(latest.tokens)
+        return latest
+
+    def plan(self, start_step: int, resumed_from: Checkpoint | None) -> TrainPlan:
+        return TrainPlan(
+            model=self.config.model.name, non_embedding_params=self.config.model.non_embedding_params(),
+            total_steps=self.total_steps, batch_tokens=self.batch_tokens, tp=self.config.parallel.tp,
+            dp=self.layout.dp, dtype="bf16" if self.bf16 else "fp32", checkpoints=len(self.schedule),
+            start_step=start_step, resumed_from=resumed_from,
         )
 
-    dev = device()
-    started, start_step = time.time(), step
-    while step < total_steps:
-        factor = wsd_factor(step, total_steps, config.train)
-        for group, base in zip(engine.optimizer.param_groups, base_lrs):
+    def lr_factor(self, step: int) -> float:
+        """Set the WSD learning rate of every parameter group for this step; return its factor."""
+        factor = wsd_factor(step, self.total_steps, self.config.train)
+        for group, base in zip(self.engine.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
-        consumed = step * layout.global_samples
+        return factor
+
+    def step(self, step: int) -> torch.Tensor:
+        """One optimizer step over this rank's micro-batches; the sum of their mean losses."""
+        consumed = step * self.layout.global_samples
         loss_sum = torch.zeros(1, dtype=torch.float64)
-        for first, count in layout.micro_batches(consumed):
-            batch = train_sampler.samples(first, count).to(dev)
-            loss = engine.module.token_losses(batch[:, :-1], batch[:, 1:]).mean()
-            engine.backward(loss)
-            engine.step()
+        dev = device()
+        for first, count in self.layout.micro_batches(consumed):
+            batch = self.train_sampler.samples(first, count).to(dev)
+            loss = self.engine.module.token_losses(batch[:, :-1], batch[:, 1:]).mean()
+            self.engine.backward(loss)
+            self.engine.step()
             loss_sum += loss.item()
+        return loss_sum
+
+    def mean_loss(self, loss_sum: torch.Tensor) -> float:
+        """The global batch's mean loss (a collective over data-parallel ranks)."""
+        dist.all_reduce(loss_sum, group=ps.get_data_parallel_group())
+        return (loss_sum / (self.layout.accumulation * self.layout.dp)).item()
+
+    def validate(self) -> float:
+        return validation_loss(self.engine.module, self.valid_sampler, self.val_samples, self.layout.micro)
+
+    def save(self, step: int, train_loss: float, val_loss: float) -> Checkpoint:
+        state = CheckpointState(
+            tokens=step * self.batch_tokens, step=step, consumed_samples=step * self.layout.global_samples,
+            config_hash=self.config.hash(), tp=self.config.parallel.tp, dp=self.layout.dp,
+            vocab_size=self.data.vocab_size, activation=self.config.model.activation,
+            train_loss=train_loss, val_loss=val_loss,
+        )
+        return save_checkpoint(self.engine, self.config, self.run, state)
+
+
+def train(config: RunConfig, run: RunDir, data: PreparedData, callbacks: Sequence[Callback] = ()) -> Checkpoint:
+    """Train (or resume) one run into its directory; return its newest checkpoint.
+
+    Every rank calls it inside the run's process groups, after rank 0 has claimed the
+    directory (`start.train_on_rank` does both). Callbacks run on rank 0.
+    """
+    trainer = Trainer(config, run, data)
+    callbacks = callbacks if trainer.is_main else ()
+
+    def log(point: TrainPoint) -> None:
+        if trainer.is_main:
+            run.append_metric(point.record())
+        for callback in callbacks:
+            callback.on_log(point)
+
+    resumed = trainer.resume()
+    step = resumed.step if resumed else 0
+    for callback in callbacks:
+        callback.on_start(trainer.plan(step, resumed))
+    started, start_step = time.time(), step
+    while step < trainer.total_steps:
+        factor = trainer.lr_factor(step)
+        loss_sum = trainer.step(step)
         step += 1
-        tokens = step * batch_tokens
-        if step % config.train.log_every == 0 or tokens in schedule:
-            dist.all_reduce(loss_sum, group=ps.get_data_parallel_group())
-            train_loss = (loss_sum / (layout.accumulation * layout.dp)).item()
-            rate = (step - start_step) * batch_tokens / max(time.time() - started, 1e-9)
-            lr = base_lrs[1] * factor
-            metrics.log(kind="train", step=step, tokens=tokens, loss=train_loss, lr=lr, tokens_per_s=rate)
-            notify("log", run_dir)
-            if is_main:
-                eta = (total_steps - step) * batch_tokens / max(rate, 1e-9)
-                print(
-                    f"step {step}/{total_steps} | tokens {tokens:,} | loss {train_loss:.4f} | "
-                    f"lr {lr:.2e} | {rate:,.0f} tok/s | ETA {_format_duration(eta)}",
-                    flush=True,
-                )
-        if tokens in schedule:
-            val = validation_loss(engine.module, valid_sampler, val_samples, layout.micro)
-            metrics.log(kind="val", step=step, tokens=tokens, loss=val)
-            path = _save(engine, config, run_dir, layout, data, step, tokens, train_loss, val)
-            if is_main:
-                print(f"checkpoint {path.name} | val loss {val:.4f}", flush=True)
-            notify("checkpoint", path)
-    final = list_checkpoints(run_dir)[-1].path
+        tokens = step * trainer.batch_tokens
+        at_checkpoint = tokens in trainer.schedule
+        if step % config.train.log_every == 0 or at_checkpoint:
+            train_loss = trainer.mean_loss(loss_sum)
+            rate = (step - start_step) * trainer.batch_tokens / max(time.time() - started, 1e-9)
+            log(TrainPoint("train", step, tokens, train_loss, lr=trainer.base_lrs[1] * factor, tokens_per_s=rate))
+        if at_checkpoint:
+            val_loss = trainer.validate()
+            log(TrainPoint("val", step, tokens, val_loss))
+            checkpoint = trainer.save(step, train_loss, val_loss)
+            for callback in callbacks:
+                callback.on_checkpoint(checkpoint)
     dist.barrier()
-    return final
-
-
-def _save(engine, config, run_dir, layout, data, step, tokens, train_loss, val_loss) -> Path:
-    """All ranks write DeepSpeed shards into one temporary directory; rank 0 seals it."""
-    is_main = dist.get_rank() == 0
-    manifest = {
-        "format": 1,
-        "tokens": tokens,
-        "step": step,
-        "consumed_samples": step * layout.global_samples,
-        "config_hash": config.hash(),
-        "tp": config.parallel.tp,
-        "dp": layout.dp,
-        "vocab_size": data.vocab_size,
-        "activation": config.model.activation,
-        "train_loss": train_loss,
-        "val_loss": val_loss,
-    }
-    weights = full_state_dict(engine.module)  # collective: every rank takes part
-    tmp = run_dir / "checkpoints" / f"{TMP_PREFIX}{checkpoint_name(tokens)}"
-    if is_main:
-        start_checkpoint(run_dir, tokens)
-    dist.barrier()
-    try:
-        engine.save_checkpoint(str(tmp), tag="engine", save_latest=False)
-        dist.barrier()
-        if is_main:
-            torch.save(weights, tmp / "model.pt")
-            (tmp / "config.yaml").write_text(config.to_yaml())
-            finish_checkpoint(tmp, manifest)
-    except BaseException:
-        if is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    dist.barrier()
-    return run_dir / "checkpoints" / checkpoint_name(tokens)
+    return run.checkpoints()[-1]

@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,12 +71,14 @@ def _params(target) -> int:
 
 
 def _checkpoint(work: Path) -> Path:
+    from sparsity_scaling.rundir import RunDir
+
     out = work / "micro"
     subprocess.run(
         [sys.executable, "-m", "sparsity_scaling.cli", "train", str(REPO / "configs/models/micro.yaml"),
          "--out", str(out)], check=True, cwd=REPO, stdout=subprocess.DEVNULL,
     )
-    return sorted((out / "checkpoints").iterdir())[-1]
+    return RunDir(out).checkpoints()[-1].path
 
 
 def main() -> None:
@@ -86,23 +87,17 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     args = parser.parse_args()
 
-    from sparsity_scaling.config import load_config
-    from sparsity_scaling.data import prepare_data
-    from sparsity_scaling.data.indexed import open_token_stream
-    from sparsity_scaling.hf import load_target
-    from sparsity_scaling.metrics.measure import EvalData
+    from sparsity_scaling.evaluation.inputs import ModelRef, load_eval_data
+    from sparsity_scaling.evaluation.settings import DataSettings
     from sparsity_scaling.metrics.search import Evaluator, ppl_p
     from sparsity_scaling.parallel import init_parallel, shutdown_parallel
 
     with tempfile.TemporaryDirectory() as work:
         checkpoint = Path(args.checkpoint) if args.checkpoint else _checkpoint(Path(work))
         init_parallel(1)
-        target = load_target(checkpoint=checkpoint)
-        config = load_config(checkpoint / "config.yaml")
-        stream = open_token_stream(prepare_data(config.data).valid_prefix)
-        length = config.data.seq_len + 1
-        count = max(1, min(len(stream) // length, args.eval_tokens // (length - 1)))
-        data = EvalData(torch.from_numpy(np.asarray(stream[: count * length], dtype=np.int64).reshape(count, length)))
+        model = ModelRef(checkpoint=str(checkpoint))
+        target = model.load()
+        data = load_eval_data(model, DataSettings(eval_tokens=args.eval_tokens))
 
         started = time.time()
         ours = ppl_p(Evaluator(target, data), 1.0)

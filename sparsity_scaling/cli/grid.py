@@ -2,49 +2,47 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
-from sparsity_scaling.errors import UserError
+def _grid_and_workdir(args):
+    from launcher.grid import load_grid
+    from launcher.workdir import Workdir
+
+    grid = load_grid(args.grid)
+    workdir = Workdir(args.workdir) if getattr(args, "workdir", None) else Workdir.default(grid.name)
+    return grid, Workdir(workdir.path.resolve())
 
 
 def _plan(args) -> None:
-    from .grid import load_grid, plan_table
+    from launcher.grid import load_grid, plan_table
 
     print(plan_table(load_grid(args.grid)))
 
 
 def _submit(args) -> None:
-    from .grid import load_grid
-    from .status import status_table
-    from .submit import submit
+    from launcher.status import status_table
+    from launcher.submit import submit
 
-    workdir = submit(args.grid, args.address, args.workdir)
-    print(status_table(load_grid(args.grid), workdir))
+    grid, workdir = _grid_and_workdir(args)
+    submit(grid, workdir, args.address)
+    print(status_table(grid, workdir))
 
 
 def _status(args) -> None:
-    from .grid import load_grid
-    from .status import status_table
+    from launcher.status import status_table
 
-    grid = load_grid(args.grid)
-    print(status_table(grid, Path(args.workdir or Path("runs") / grid.name)))
+    print(status_table(*_grid_and_workdir(args)))
 
 
 def _report(args) -> None:
-    from .grid import load_grid
-    from .report import write_report
-    from .tracking import tracking
+    from launcher.report import write_report
+    from launcher.tracking import tracking
 
-    grid = load_grid(args.grid)
-    workdir = Path(args.workdir or Path("runs") / grid.name).resolve()
-    if not (workdir / "mlflow").is_dir() and not os.environ.get("MLFLOW_TRACKING_URI"):
-        raise UserError(f"--workdir {workdir}: no MLflow store there; submit the grid first")
-    with tracking(workdir) as uri:
+    grid, workdir = _grid_and_workdir(args)
+    with tracking(workdir, create=False) as uri:
         write_report(grid, uri, workdir, args.target)
 
 
-def add_arguments(commands) -> None:
+def add_commands(commands) -> None:
     grid = commands.add_parser("grid", help="plan, submit and follow a grid of runs on Ray")
     sub = grid.add_subparsers(dest="grid_command", required=True)
     plan = sub.add_parser("plan", help="print the expanded runs, their sizes and token budgets")

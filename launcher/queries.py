@@ -1,4 +1,5 @@
-"""Activation curves out of MLflow: `tools/curves.py` and the law tools' MLflow source."""
+"""Activation curves read back out of MLflow (for `tools/curves.py`, the law tools and the
+report), and written as CSV, reference-format JSON or a plot."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import csv
 import io
 from pathlib import Path
 
-from sparsity_scaling.errors import UserError
-from sparsity_scaling.files import write_json_atomic
+from sparsity_scaling.errors import SettingError
+from sparsity_scaling.figures import save_figure
+from sparsity_scaling.files import write_json_atomic, write_text_atomic
 
 
 def query_curves(uri: str, experiment: str, filter_string: str = "", metric: str = "activation_ratio") -> dict:
@@ -18,11 +20,11 @@ def query_curves(uri: str, experiment: str, filter_string: str = "", metric: str
     mlflow = client(uri)
     found = mlflow.get_experiment_by_name(experiment)
     if found is None:
-        raise UserError(f"--experiment {experiment}: no such MLflow experiment at {uri}")
+        raise SettingError("experiment", experiment, f"no such MLflow experiment at {uri}")
     try:
         runs = mlflow.search_runs([found.experiment_id], filter_string=filter_string or "", max_results=10000)
     except Exception as error:  # MlflowException for a malformed filter
-        raise UserError(f"--filter {filter_string!r}: {str(error).splitlines()[0][:200]}") from None
+        raise SettingError("filter", repr(filter_string), str(error).splitlines()[0][:200]) from None
     curves = {}
     for run in runs:
         if run.data.tags.get("sparsity_scaling.role") == "parent":
@@ -36,7 +38,7 @@ def query_curves(uri: str, experiment: str, filter_string: str = "", metric: str
                 "tags": {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")},
             }
     if not curves:
-        raise UserError(f"--experiment {experiment}: no run with a {metric} curve matches {filter_string!r}")
+        raise SettingError("experiment", experiment, f"no run with a {metric} curve matches {filter_string!r}")
     return curves
 
 
@@ -50,18 +52,14 @@ def write_curves(curves: dict, metric: str, out: str | Path) -> None:
         for name, curve in curves.items():
             for tokens, value in zip(curve["token_passed"], curve[metric]):
                 writer.writerow([name, tokens, value, curve["tags"].get("activation", ""), curve["tags"].get("params", "")])
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(buffer.getvalue())
-        tmp.replace(out)
+        write_text_atomic(out, buffer.getvalue())
     elif out.suffix == ".json":
         write_json_atomic(out, {name: {"token_passed": c["token_passed"], metric: c[metric]} for name, c in curves.items()})
     elif out.suffix == ".png":
-        import matplotlib
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        figure = Figure(figsize=(7, 4.5), layout="tight")
+        ax = figure.add_subplot()
         for name, curve in sorted(curves.items()):
             ax.plot(curve["token_passed"], curve[metric], marker="o", ms=3, label=name)
         ax.set_xlabel("training tokens")
@@ -69,13 +67,9 @@ def write_curves(curves: dict, metric: str, out: str | Path) -> None:
         ax.set_title(f"{metric.replace('_', ' ')} against training tokens")
         ax.legend()
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        tmp = out.with_name(f".{out.stem}.tmp.png")
-        fig.savefig(tmp, dpi=120)
-        plt.close(fig)
-        tmp.replace(out)
+        save_figure(figure, out, dpi=120)
     else:
-        raise UserError(f"--out {out}: expected a .csv, .json or .png file")
+        raise SettingError("out", out, "expected a .csv, .json or .png file")
 
 
 def law_curve(name: str, tokens, ratios, tags: dict):

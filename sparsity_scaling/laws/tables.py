@@ -2,37 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
-from .analysis import Convergence, ScaleTrend, WidthDepthAnalysis
+from ..formatting import interval, sci, table
 from .curvefit import CurveFit
 from .forms import ALTERNATIVES
 from .predict import Prediction
-
-
-def sci(value, digits: int = 3) -> str:
-    """The paper's number style, 1.01e-1 and 3.20e+0; '-' for a missing value."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    mantissa, exponent = f"{value:.{digits - 1}e}".split("e")
-    return f"{mantissa}e{int(exponent):+d}"
-
-
-def interval(low, high) -> str:
-    return f"[{sci(low)}, {sci(high)}]"
-
-
-def table(headers, rows) -> str:
-    """Left-aligned columns separated by two spaces."""
-    rows = [[str(cell) for cell in row] for row in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h))
-              for i, h in enumerate(headers)]
-    lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths)).rstrip(),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines)
+from .trends import Convergence, ScaleTrend, WidthDepthAnalysis
 
 
 def coefficient_table(fits: dict[str, CurveFit]) -> str:

@@ -1,4 +1,5 @@
-"""Command lines of tools/fit_laws.py, tools/predict_tokens.py and tools/analyze_laws.py.
+"""The law tools: tools/curves.py (curves out of a grid's MLflow experiment),
+tools/fit_laws.py, tools/predict_tokens.py and tools/analyze_laws.py.
 
 Every user mistake (bad file, field, argument, or data a law cannot be fitted to) ends in one
 line `PROG: error: ...` on stderr and exit status 2, never a traceback.
@@ -8,46 +9,18 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-from . import analysis, report
-from .curvefit import DEFAULT_WINDOW, LEVEL, N_BOOTSTRAP, Window, fit_curves
-from ..errors import UserError
-from .errors import LawError
-from .fitted import read_fit_file
-from .io import file_source, json_text, write_json
-from .predict import check_target, predict_tokens
-from .presets import PRESETS
-
-
-class ToolParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line, like every other error of the tools."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _run(parser: ToolParser, body, argv) -> int:
-    args = parser.parse_args(argv)
-    try:
-        body(args)
-    except UserError as error:  # LawError, and the MLflow source's errors
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        where = f"{error.filename}: {error.strerror}" if error.filename else str(error)
-        print(f"{parser.prog}: error: {where}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
-    return value
+from ..files import json_text, write_json_atomic
+from ..laws import tables, trends
+from ..laws.curvefit import DEFAULT_WINDOW, LEVEL, N_BOOTSTRAP, Window, fit_curves
+from ..laws.errors import LawError
+from ..laws.fitted import read_fit_file
+from ..laws.io import file_source
+from ..laws.predict import check_target, predict_tokens
+from ..laws.presets import PRESETS
+from .common import Parser, positive_int, run
 
 
 def _non_negative(text):
@@ -70,8 +43,8 @@ def _file_name(name: str) -> str:
 
 # --- fit_laws.py -------------------------------------------------------------------------
 
-def fit_parser() -> ToolParser:
-    parser = ToolParser(
+def fit_parser() -> Parser:
+    parser = Parser(
         prog="fit_laws.py",
         description="Fit the sparsing law of each model's activation-ratio curve, with bootstrap "
                     "intervals and the logarithmic and sigmoid alternatives on the same points.",
@@ -90,38 +63,45 @@ def fit_parser() -> ToolParser:
                         help="drop checkpoints before this fraction of the run's last token count")
     parser.add_argument("--json", required=True, metavar="OUT", help="fit file to write")
     parser.add_argument("--plots", metavar="DIR", help="write one figure per model here")
-    parser.add_argument("--bootstrap", type=_positive_int, default=N_BOOTSTRAP, metavar="N",
+    parser.add_argument("--bootstrap", type=positive_int, default=N_BOOTSTRAP, metavar="N",
                         help=f"bootstrap refits per model (default {N_BOOTSTRAP})")
     parser.add_argument("--level", type=_fraction, default=LEVEL,
                         help=f"interval coverage (default {LEVEL})")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.set_defaults(run=_fit)
     parser.epilog = (f"Without a window option: {replace(DEFAULT_WINDOW, label='').describe()}. A "
                      "preset's own windows apply to its models; a window option sets the others'.")
     return parser
 
 
-def _mlflow_arguments(parser) -> None:
+def _mlflow_arguments(parser, required: bool = False) -> None:
     group = parser.add_argument_group("curves from MLflow (a grid's experiment)")
-    group.add_argument("--experiment", metavar="NAME", help="the grid's MLflow experiment")
+    group.add_argument("--experiment", metavar="NAME", required=required, help="the grid's MLflow experiment")
     group.add_argument("--filter", default="", help="MLflow search filter, e.g. \"tags.activation = 'relu'\"")
     group.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else the workdir's local MLflow")
     group.add_argument("--workdir", help="the grid's workdir (default runs/NAME)")
 
 
-def _curves(args) -> dict:
-    """Curves from the input files and, with --experiment, from MLflow."""
-    if not args.inputs and not args.experiment:
-        raise LawError("give input files or directories, or --experiment NAME")
-    curves = file_source(args.inputs)() if args.inputs else {}
-    if args.experiment:
-        from launcher.curves import mlflow_curves
-        from launcher.tracking import tracking
+def _mlflow_tracking(args):
+    """The tracking URI of --experiment: --tracking-uri, $MLFLOW_TRACKING_URI, or the grid
+    workdir's local MLflow server (started for the command)."""
+    from launcher.tracking import tracking
+    from launcher.workdir import Workdir
 
-        if args.tracking_uri:
-            curves.update(mlflow_curves(args.tracking_uri, args.experiment, args.filter))
-        else:
-            with tracking(Path(args.workdir or Path("runs") / args.experiment)) as uri:
-                curves.update(mlflow_curves(uri, args.experiment, args.filter))
+    workdir = Workdir(args.workdir) if args.workdir else Workdir.default(args.experiment)
+    return tracking(workdir, args.tracking_uri, create=False)
+
+
+def _curves(inputs: list[str], args) -> dict:
+    """Curves from the input files and, with --experiment, from MLflow."""
+    if not inputs and not args.experiment:
+        raise LawError("give input files or directories, or --experiment NAME")
+    curves = file_source(inputs)() if inputs else {}
+    if args.experiment:
+        from launcher.queries import mlflow_curves
+
+        with _mlflow_tracking(args) as uri:
+            curves.update(mlflow_curves(uri, args.experiment, args.filter))
     return curves
 
 
@@ -141,40 +121,40 @@ def _table_order(fitted):
 
 
 def _fit(args) -> None:
-    curves = _curves(args)
+    curves = _curves(args.inputs, args)
     fits = fit_curves(curves, _window(args), PRESETS.get(args.preset), n_bootstrap=args.bootstrap,
                       level=args.level, seed=args.seed)
     fits = dict(sorted(fits.items(), key=lambda item: _table_order(item[1].fitted)))
     print("Coefficients (D in units of 1e9 tokens; relu: A = exp(-c D^alpha + b) + A0, "
           "silu: A = -c / D^alpha + A0)")
-    print(report.coefficient_table(fits))
+    print(tables.coefficient_table(fits))
     print("\nBootstrap intervals")
-    print(report.interval_table(fits))
+    print(tables.interval_table(fits))
     print("\nFit quality on the fitted points (dAIC: against the law)")
-    print(report.quality_table(fits))
-    warnings = report.warning_lines(fits)
+    print(tables.quality_table(fits))
+    warnings = tables.warning_lines(fits)
     if warnings:
         print("\nWarnings\n" + warnings)
-    write_json(args.json, {
+    write_json_atomic(args.json, {
         "preset": args.preset, "bootstrap_samples": args.bootstrap, "level": args.level,
         "seed": args.seed, "models": {name: result.to_json() for name, result in fits.items()},
     })
     if args.plots:
         from ..figures import save_figure
-        from . import plots  # matplotlib only when figures are asked for
+        from ..laws import plots  # matplotlib only when figures are asked for
 
         for name, result in fits.items():
             save_figure(plots.fit_figure(result), Path(args.plots) / f"{_file_name(name)}.png")
 
 
 def fit_main(argv=None) -> int:
-    return _run(fit_parser(), _fit, argv)
+    return run(fit_parser(), argv)
 
 
 # --- predict_tokens.py -------------------------------------------------------------------
 
-def predict_parser() -> ToolParser:
-    parser = ToolParser(
+def predict_parser() -> Parser:
+    parser = Parser(
         prog="predict_tokens.py",
         description="Tokens each model needs before its activation ratio reaches a target "
                     "(ReLU: falls below it; SiLU: rises above it), from a fit file.",
@@ -189,6 +169,7 @@ def predict_parser() -> ToolParser:
     parser.add_argument("--model", metavar="NAME", help="only this model")
     parser.add_argument("--json", nargs="?", const="-", metavar="OUT",
                         help="write JSON (to OUT, or stdout without it) instead of the table")
+    parser.set_defaults(run=_predict)
     return parser
 
 
@@ -197,8 +178,7 @@ def _predict(args) -> None:
     if args.law:
         laws = read_fit_file(args.law)
     else:
-        args.inputs = []
-        fits = fit_curves(_curves(args), DEFAULT_WINDOW)
+        fits = fit_curves(_curves([], args), DEFAULT_WINDOW)
         laws = {name: result.fitted for name, result in fits.items()}
     if args.model is not None:
         if args.model not in laws:
@@ -208,23 +188,23 @@ def _predict(args) -> None:
                    for fitted in sorted(laws.values(), key=_table_order)]
     if args.json is None:
         print(f"Tokens until the activation ratio reaches {target:g}")
-        print(report.prediction_table(predictions))
+        print(tables.prediction_table(predictions))
         return
     data = {"target": target, "models": {p.name: p.to_json() for p in predictions}}
     if args.json == "-":
         print(json_text(data), end="")
     else:
-        write_json(args.json, data)
+        write_json_atomic(args.json, data)
 
 
 def predict_main(argv=None) -> int:
-    return _run(predict_parser(), _predict, argv)
+    return run(predict_parser(), argv)
 
 
 # --- analyze_laws.py ---------------------------------------------------------------------
 
-def analyze_parser() -> ToolParser:
-    parser = ToolParser(
+def analyze_parser() -> Parser:
+    parser = Parser(
         prog="analyze_laws.py",
         description="Limit activation ratio against width-depth ratio (bottleneck, best-loss "
                     "ratios) and parameter scale, and convergence speed against data-to-parameter "
@@ -233,10 +213,11 @@ def analyze_parser() -> ToolParser:
     parser.add_argument("fit", metavar="FIT.json", help="written by fit_laws.py")
     parser.add_argument("--plots", metavar="DIR", help="write one figure per analysis here")
     parser.add_argument("--json", metavar="OUT", help="write the tables as JSON")
-    parser.add_argument("--ratios", default=",".join(map(str, analysis.DEFAULT_RATIOS)),
+    parser.add_argument("--ratios", default=",".join(map(str, trends.DEFAULT_RATIOS)),
                         help="data-to-parameter ratios for the convergence table (comma-separated)")
-    parser.add_argument("--loss-tolerance", type=_non_negative, default=analysis.LOSS_TOLERANCE,
+    parser.add_argument("--loss-tolerance", type=_non_negative, default=trends.LOSS_TOLERANCE,
                         help="relative loss margin of the best width-depth ratios (default 0.005)")
+    parser.set_defaults(run=_analyze)
     return parser
 
 
@@ -249,9 +230,9 @@ def _analyze(args) -> None:
         raise LawError(f"--ratios: data-to-parameter ratios must be positive: {args.ratios!r}")
     laws = list(read_fit_file(args.fit).values())
     sections = {
-        "width_depth": lambda: analysis.width_depth_analysis(laws, args.loss_tolerance),
-        "scale": lambda: analysis.scale_analysis(laws),
-        "convergence": lambda: analysis.convergence_analysis(laws, ratios),
+        "width_depth": lambda: trends.width_depth_analysis(laws, args.loss_tolerance),
+        "scale": lambda: trends.scale_analysis(laws),
+        "convergence": lambda: trends.convergence_analysis(laws, ratios),
     }
     results, output = {}, {}
     for name, compute in sections.items():
@@ -260,16 +241,16 @@ def _analyze(args) -> None:
         except LawError as error:  # the fit file lacks what this analysis needs
             output[name] = {"skipped": str(error)}
             print(f"{error}: skipped\n")
-    reports = {"width_depth": report.width_depth_report, "scale": report.scale_report,
-               "convergence": report.convergence_report}
+    reports = {"width_depth": tables.width_depth_report, "scale": tables.scale_report,
+               "convergence": tables.convergence_report}
     for name, result in results.items():
         text, output[name] = reports[name](result)
         print(text + "\n")
     if args.json:
-        write_json(args.json, output)
+        write_json_atomic(args.json, output)
     if args.plots:
         from ..figures import save_figure
-        from . import plots  # matplotlib only when figures are asked for
+        from ..laws import plots  # matplotlib only when figures are asked for
 
         figures = {"width_depth": plots.width_depth_figure, "scale": plots.scale_figure,
                    "convergence": lambda result: plots.convergence_figure(result, laws)}
@@ -278,4 +259,29 @@ def _analyze(args) -> None:
 
 
 def analyze_main(argv=None) -> int:
-    return _run(analyze_parser(), _analyze, argv)
+    return run(analyze_parser(), argv)
+
+
+# --- curves.py -------------------------------------------------------------------------------
+
+def curves_parser() -> Parser:
+    parser = Parser(prog="curves.py", description="Pull activation curves of a grid's runs out of MLflow "
+                                                 "into CSV, reference-format JSON or a plot.")
+    _mlflow_arguments(parser, required=True)
+    parser.add_argument("--metric", default="activation_ratio")
+    parser.add_argument("--out", required=True, help="FILE.csv, FILE.json or FILE.png")
+    parser.set_defaults(run=_write_curves)
+    return parser
+
+
+def _write_curves(args) -> None:
+    from launcher.queries import query_curves, write_curves
+
+    with _mlflow_tracking(args) as uri:
+        curves = query_curves(uri, args.experiment, args.filter, args.metric)
+    write_curves(curves, args.metric, args.out)
+    print(f"{len(curves)} curves -> {args.out}")
+
+
+def curves_main(argv=None) -> int:
+    return run(curves_parser(), argv)

@@ -1,0 +1,69 @@
+"""A grid's working directory: the one place that knows where its parts live.
+
+    WORKDIR/runs/<run>/      each run's directory (layout: `sparsity_scaling.rundir`)
+    WORKDIR/mlflow/          the local MLflow store: mlflow.db (SQLite), artifacts/,
+                             server.json (the running server's URI and pid), server.log
+    WORKDIR/ray/             Ray Tune's and Ray Train's storage
+    WORKDIR/report.md, report_files/, report.html, report.json   the grid's report
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sparsity_scaling.rundir import RunDir
+
+REPORT = "report"
+
+
+class Workdir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @classmethod
+    def default(cls, grid_name: str) -> "Workdir":
+        """runs/GRID, relative to where the command runs."""
+        return cls(Path("runs") / grid_name)
+
+    @classmethod
+    def of_run(cls, run: RunDir) -> "Workdir":
+        """The grid workdir a run directory sits in (WORKDIR/runs/RUN)."""
+        return cls(run.path.resolve().parent.parent)
+
+    def run(self, name: str) -> RunDir:
+        return RunDir(self.path / "runs" / name)
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.path / "runs"
+
+    @property
+    def mlflow(self) -> Path:
+        return self.path / "mlflow"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.mlflow / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.mlflow / "artifacts"
+
+    @property
+    def mlflow_server(self) -> Path:
+        return self.mlflow / "server.json"
+
+    @property
+    def mlflow_log(self) -> Path:
+        return self.mlflow / "server.log"
+
+    def has_mlflow_store(self) -> bool:
+        return self.mlflow_db.is_file()
+
+    @property
+    def ray(self) -> Path:
+        return self.path / "ray"
+
+    def report(self, suffix: str) -> Path:
+        """report.md, report.html, report.json."""
+        return self.path / f"{REPORT}.{suffix}"

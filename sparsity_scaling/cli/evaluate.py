@@ -1,0 +1,84 @@
+"""`sparsity-scaling evaluate` (one model) and `evaluate-run` (every checkpoint of a run)."""
+
+from __future__ import annotations
+
+from ..errors import UserError
+from ..evaluation.settings import CRITICAL_RULES, METRICS, DataSettings, MetricSettings
+from ..metrics.rules import SITES
+from .common import ErrorLine, positive_int
+
+
+def data_settings(args) -> DataSettings:
+    """--data/--tokens (where the command has them), --eval-tokens, --seq-len, --batch-size."""
+    return DataSettings(text_file=getattr(args, "data", None), tokens=getattr(args, "tokens", None),
+                        eval_tokens=args.eval_tokens, seq_len=args.seq_len, batch_size=args.batch_size)
+
+
+def metric_settings(args, **fixed) -> MetricSettings:
+    """The metric flags the command has (the rest at their defaults), and `fixed` values."""
+    given = {name: getattr(args, name) for name in ("metric", "p", "value", "site", "power", "rule", "tolerance",
+                                                     "calibration_tokens") if hasattr(args, name)}
+    return MetricSettings(**{**given, **fixed})
+
+
+def _evaluate(args) -> None:
+    from ..evaluation.inputs import ModelRef
+    from ..evaluation.jobs import evaluate_model
+    from ..ranks import on_ranks
+
+    if (args.checkpoint is None) == (args.hf_model is None):
+        raise UserError("give exactly one of --checkpoint DIR and --hf-model DIR")
+    if args.tokens and args.data:
+        raise UserError("give at most one of --data and --tokens")
+    model = ModelRef(args.checkpoint, args.hf_model)
+    metric, data = metric_settings(args), data_settings(args)
+    if args.checkpoint:
+        model.read_checkpoint()  # a clear error before any rank starts
+    on_ranks(args.tp, evaluate_model, model, metric, data, args.tp, args.json, args.thresholds,
+             report_error=ErrorLine())
+
+
+def _evaluate_run(args) -> None:
+    from ..evaluation.jobs import evaluate_run
+    from ..ranks import on_ranks
+
+    on_ranks(args.tp, evaluate_run, args.run_dir, metric_settings(args), data_settings(args), args.last, args.tp,
+             args.json, report_error=ErrorLine())
+
+
+def add_commands(commands) -> None:
+    ev = commands.add_parser("evaluate", help="measure activation sparsity of one model")
+    ev.add_argument("--checkpoint", help="a checkpoint directory of ours")
+    ev.add_argument("--hf-model", help="a local Hugging Face causal LM directory")
+    ev.add_argument("--metric", choices=METRICS, default="ppl-p")
+    ev.add_argument("--p", type=float, default=1.0, help="PPL-p%%: allowed perplexity increase, percent")
+    ev.add_argument("--value", type=float, help="the rule's parameter: CETT, k, eps or p")
+    ev.add_argument("--site", choices=SITES, default="intermediate")
+    ev.add_argument("--power", type=float, default=1.0, help="top-p: sum |a|**power")
+    ev.add_argument("--rule", choices=CRITICAL_RULES, default="top-p",
+                    help="critical: the rule whose critical sparsity is searched")
+    ev.add_argument("--tolerance", type=float, default=1.0, help="critical: PPL increase allowed, percent")
+    ev.add_argument("--thresholds", help="where to write per-neuron thresholds (default: beside --json)")
+    measurement_arguments(ev)
+    ev.add_argument("--data", help="validation text: .txt or .jsonl (text field)")
+    ev.add_argument("--tokens", help="validation tokens: .npy int array (sequences, length)")
+    ev.set_defaults(run=_evaluate)
+
+    run = commands.add_parser("evaluate-run", help="stabilised PPL-p%% over all checkpoints of a run")
+    run.add_argument("run_dir")
+    run.add_argument("--p", type=float, default=1.0)
+    run.add_argument("--last", type=int, default=5, help="checkpoints whose mean PPL ratio sets the CETT")
+    measurement_arguments(run)
+    run.set_defaults(run=_evaluate_run)
+
+
+def measurement_arguments(parser, out: bool = True) -> None:
+    """--tp, --json and the sizes of a measurement's data."""
+    parser.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel ranks to start")
+    if out:
+        parser.add_argument("--json", help="write the result here (atomically)")
+    parser.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens to use")
+    parser.add_argument("--seq-len", type=int, help="validation sequence length (default: the run's)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--calibration-tokens", type=int, default=8192,
+                        help="dense activations kept per rank for threshold calibration")

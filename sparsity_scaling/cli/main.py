@@ -1,0 +1,18 @@
+"""`sparsity-scaling`: train, evaluate, evaluate-run, analyze and grid."""
+
+from __future__ import annotations
+
+from . import analyze, evaluate, grid, train
+from .common import PROG, Parser, run
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog=PROG, description="Measure and predict activation sparsity in LLMs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for family in (train, evaluate, analyze, grid):
+        family.add_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), argv, interrupted="interrupted; rerun the same command to resume")

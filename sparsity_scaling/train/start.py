@@ -1,0 +1,50 @@
+"""Where training starts on every rank, whoever started the ranks: `sparsity-scaling
+train` (in this process or spawned), torchrun, deepspeed or a Ray Train worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch.distributed as dist
+
+from ..config import RunConfig
+from ..data import PreparedData, prepare_data
+from ..errors import SettingError
+from ..parallel import init_parallel
+from ..ranks import launched_externally, on_ranks
+from ..rundir import Checkpoint, RunDir
+from .callbacks import Callback, ConsoleProgress
+from .loop import train
+
+
+def _prepared_on_rank_zero(config: RunConfig, run: RunDir) -> PreparedData:
+    """Rank 0 prepares the data (tokenizer, indexed datasets; cached) and claims the run
+    directory; every rank receives the prepared data's paths."""
+    box: list[PreparedData | None] = [None]
+    if dist.get_rank() == 0:
+        data = prepare_data(config.data)
+        run.claim(config)
+        run.remove_partial_checkpoints()
+        run.record_data(data.tokenizer, data.record)
+        box[0] = data
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def train_on_rank(config: RunConfig, run_dir: str | Path, callbacks: Sequence[Callback] = ()) -> Checkpoint:
+    """Join the run's process groups, get its data, and train it; on every rank."""
+    init_parallel(config.parallel.tp)
+    run = RunDir(run_dir)
+    data = _prepared_on_rank_zero(config, run)
+    dist.barrier()
+    return train(config, run, data, callbacks)
+
+
+def run_training(config: RunConfig, run_dir: str | Path, nproc: int = 1, report_error=None) -> None:
+    """Train on `nproc` ranks of this machine (or on the ranks torchrun started)."""
+    if not launched_externally() and nproc % config.parallel.tp:
+        raise SettingError("nproc", nproc, f"is not a multiple of the tensor-parallel size {config.parallel.tp}")
+    options = {} if report_error is None else {"report_error": report_error}
+    on_ranks(1 if launched_externally() else nproc, train_on_rank, config, str(run_dir), [ConsoleProgress()],
+             **options)
