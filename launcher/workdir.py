@@ -34,10 +34,6 @@ class Workdir:
         return RunDir(self.path / "runs" / name)
 
     @property
-    def runs_dir(self) -> Path:
-        return self.path / "runs"
-
-    @property
     def mlflow(self) -> Path:
         return self.path / "mlflow"
 

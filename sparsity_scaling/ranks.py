@@ -18,7 +18,7 @@ def launched_externally() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _rank_entry(rank: int, world: int, port: int, report_error: Callable[[UserError], str],
+def _rank_entry(rank: int, world: int, port: int, report_error: Callable[[UserError], str] | None,
                 fn: Callable, args: tuple):
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
@@ -29,17 +29,13 @@ def _rank_entry(rank: int, world: int, port: int, report_error: Callable[[UserEr
         fn(*args)
     except UserError as error:
         if rank == 0:
-            print(report_error(error), file=sys.stderr, flush=True)
+            print(report_error(error) if report_error else f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
         shutdown_parallel()
 
 
-def _plain(error: UserError) -> str:
-    return f"error: {error}"
-
-
-def on_ranks(nproc: int, fn: Callable, *args, report_error: Callable[[UserError], str] = _plain) -> None:
+def on_ranks(nproc: int, fn: Callable, *args, report_error: Callable[[UserError], str] | None = None) -> None:
     """Run fn(*args) on `nproc` ranks: this process if one (or if launched externally).
 
     A UserError in spawned ranks is printed once, by rank 0, as `report_error` words it

@@ -64,7 +64,7 @@ def dead_on_rank(settings: AnalysisSettings, run_dir: str, dead_below: float = 0
     run = RunDir(run_dir)
     points = []
     for ck in run.checkpoints():
-        spec = ModelSpec(ck.name, ModelRef(checkpoint=str(ck.path)), train_tokens=ck.tokens)
+        spec = ModelSpec(ck.name, ModelRef(checkpoint=str(ck.path)))
         data = one_dataset(settings, spec)
         target, rule, setting = model_and_rule(settings, spec)
         activity = measure_activity(target, data, rule, ck.name)

@@ -32,7 +32,6 @@ class ModelSpec:
 
     label: str
     model: ModelRef
-    train_tokens: int | None = None
     thresholds: str | None = None  # saved per-neuron thresholds (evaluate --json) to use
 
 
@@ -53,7 +52,7 @@ def parse_model(text: str) -> ModelSpec:
     else:
         raise UserError(f"{text}: not a checkpoint, run or Hugging Face model directory")
     default = f"{ck.run.name} @ {short_count(ck.tokens)} tokens"
-    return ModelSpec(label or default, ModelRef(checkpoint=str(ck.path)), train_tokens=ck.tokens)
+    return ModelSpec(label or default, ModelRef(checkpoint=str(ck.path)))
 
 
 def parse_models(texts: list[str], thresholds: list[str] | None = None) -> list[ModelSpec]:

@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from scipy.stats import pearsonr, spearmanr
 
-from ..errors import UserError
+from ..errors import SettingError, UserError
 from ..parallel import init_parallel
 from .activity import Activity, measure_activity
 from .models import ModelSpec, Vocabulary, model_and_rule, one_dataset, vocabulary
@@ -43,8 +43,8 @@ def token_report(results: dict[str, Activity], vocab: Vocabulary, min_count: int
         counts = np.minimum(first.token_count, second.token_count)
         ids = np.flatnonzero(counts >= min_count)
         if len(ids) < 3:
-            raise UserError(f"analyze tokens: fewer than 3 tokens occur {min_count} times or more in "
-                            f"the data of both {a} and {b}; use more data or a lower --min-count")
+            raise SettingError("min_count", min_count, f"fewer than 3 tokens occur this often in the data of "
+                               f"both {a} and {b}; use more data or a lower count")
         x, y = first.token_ratios()[ids], second.token_ratios()[ids]
         order = np.argsort(-np.abs(y - x), kind="stable")[:top]
         comparisons.append({

@@ -45,6 +45,4 @@ def run_training(config: RunConfig, run_dir: str | Path, nproc: int = 1, report_
     """Train on `nproc` ranks of this machine (or on the ranks torchrun started)."""
     if not launched_externally() and nproc % config.parallel.tp:
         raise SettingError("nproc", nproc, f"is not a multiple of the tensor-parallel size {config.parallel.tp}")
-    options = {} if report_error is None else {"report_error": report_error}
-    on_ranks(1 if launched_externally() else nproc, train_on_rank, config, str(run_dir), [ConsoleProgress()],
-             **options)
+    on_ranks(nproc, train_on_rank, config, str(run_dir), [ConsoleProgress()], report_error=report_error)

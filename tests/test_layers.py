@@ -1,0 +1,116 @@
+"""The layering of ARCHITECTURE.md, read from the code's own imports: imports run down the
+stack, never up and never in a circle; only the command line imports argparse or launcher;
+only rundir.py names a run's files."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import REPO
+
+# ARCHITECTURE.md's layers, bottom to top: module prefixes of each.
+LAYERS = [
+    ["sparsity_scaling.errors", "sparsity_scaling.files", "sparsity_scaling.formatting"],
+    ["sparsity_scaling.config", "sparsity_scaling.parallel", "sparsity_scaling.figures", "sparsity_scaling.laws"],
+    ["sparsity_scaling.rundir", "sparsity_scaling.model", "sparsity_scaling.data", "sparsity_scaling.ranks"],
+    ["sparsity_scaling.metrics", "sparsity_scaling.hf", "sparsity_scaling.train"],
+    ["sparsity_scaling.evaluation"],
+    ["sparsity_scaling.analysis"],
+    ["launcher"],
+    ["sparsity_scaling.cli"],
+]
+RUN_FILES = {"run.json", "config.yaml", "data.json", "metrics.jsonl", "manifest.json", "model.pt",
+             "sparsity.json", "pareto.json", "pareto.png", "activation_curve.png", "mlflow_run.json",
+             "mlflow_cursor.json", "mlflow.lock"}
+NOT_RUN_FILES = {("launcher.report", "pareto.png")}  # the report's own picture, in WORKDIR/report_files/
+
+
+def _modules() -> dict[str, Path]:
+    files = [*REPO.glob("sparsity_scaling/**/*.py"), *REPO.glob("launcher/**/*.py")]
+    names = {}
+    for file in files:
+        parts = list(file.relative_to(REPO).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        names[".".join(parts)] = file
+    return names
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, file: Path) -> set[str]:
+    """Every project module (or outside top-level package) the file imports, anywhere in it."""
+    package = name if file.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
+    return found
+
+
+GRAPH = {name: _imports(name, file) for name, file in MODULES.items()}
+
+
+def _layer(name: str) -> int | None:
+    for index, prefixes in enumerate(LAYERS):
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            return index
+    return None
+
+
+def test_every_module_has_a_layer():
+    assert [name for name in MODULES if name != "sparsity_scaling" and _layer(name) is None] == []
+
+
+def test_imports_never_run_up_the_stack():
+    upward = [(a, b) for a, targets in GRAPH.items() for b in targets
+              if b in MODULES and _layer(a) is not None and _layer(b) is not None and _layer(b) > _layer(a)]
+    assert upward == []
+
+
+def test_only_the_command_line_imports_argparse_or_launcher():
+    offenders = [(a, b) for a, targets in GRAPH.items() for b in targets
+                 if (b == "argparse" or b.split(".")[0] == "launcher") and a.split(".")[0] == "sparsity_scaling"
+                 and not a.startswith("sparsity_scaling.cli")]
+    assert offenders == []
+
+
+def test_there_are_no_import_cycles():
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> list[str] | None:
+        state[name] = 1
+        for target in sorted(t for t in GRAPH[name] if t in MODULES):
+            if state.get(target) == 1:
+                return path + [name, target]
+            if target not in state:
+                cycle = visit(target, path + [name])
+                if cycle:
+                    return cycle
+        state[name] = 2
+        return None
+
+    for name in sorted(MODULES):
+        if name not in state:
+            assert visit(name, []) is None
+
+
+def test_only_rundir_names_the_files_of_a_run():
+    named = []
+    for name, file in MODULES.items():
+        if name == "sparsity_scaling.rundir":
+            continue
+        for node in ast.walk(ast.parse(file.read_text())):
+            text = node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else ""
+            if text and not any(c.isspace() for c in text) and text.rsplit("/", 1)[-1] in RUN_FILES:
+                named.append((name, text))
+    assert [n for n in named if n not in NOT_RUN_FILES] == []
