@@ -39,9 +39,12 @@ def init_parallel(tp: int) -> None:
             _WORLD_OF_ONE.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
             os.environ.update(_WORLD_OF_ONE)
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(device())
+            # Model tensors go through NCCL; the loss and measurement sums that the training
+            # loop and the evaluator keep on the CPU (in float64) go through gloo.
+            backend = "cpu:gloo,cuda:nccl"
         dist.init_process_group(backend)
     world = dist.get_world_size()
     if world % tp:
