@@ -5,6 +5,8 @@ only rundir.py names a run's files."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import REPO
@@ -114,3 +116,14 @@ def test_only_rundir_names_the_files_of_a_run():
             if text and not any(c.isspace() for c in text) and text.rsplit("/", 1)[-1] in RUN_FILES:
                 named.append((name, text))
     assert [n for n in named if n not in NOT_RUN_FILES] == []
+
+
+def test_the_launcher_does_not_import_torch_at_import_time():
+    """A Ray worker imports the launcher's modules (to unpickle its function) before Ray sets
+    its thread count in OMP_NUM_THREADS, which torch reads once, when it is first imported:
+    torch brought in with them would use every core in every worker and evaluation task."""
+    code = ("import sys, launcher.submit, launcher.eval_queue, launcher.status; "
+            "print(sorted(m for m in sys.modules if m == 'torch'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
