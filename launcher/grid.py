@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from sparsity_scaling.config import RunConfig, load_config
 from sparsity_scaling.errors import SettingError, UserError
@@ -120,9 +120,7 @@ class GridFile(_Section):
     points: dict[str, dict[str, Any]] = {}
     """Overrides for single runs, by name."""
     resources: Resources = Resources()
-    # A factory, not an instance: validating an Evaluation imports torch, which must not come
-    # with this module into a Ray worker before Ray has set the worker's thread count.
-    evaluation: Evaluation = Field(default_factory=Evaluation)
+    evaluation: Evaluation = Evaluation()
     report: Report = Report()
     max_failures: int = 3
     """How often Ray restarts a failed run from its newest checkpoint."""

@@ -87,8 +87,8 @@ def stop_local_server(workdir: Workdir) -> None:
         return
     server = json.loads(record.read_text())
     port = int(server["uri"].rsplit(":", 1)[1])
-    # Wait until its port is free: a server still answering while it shuts down would be
-    # taken for a running one by the next command, and a new one needs the old port.
+    # Wait until it has exited and its port is free: a server still answering while it shuts
+    # down would be taken for a running one by the next command, and a new one needs the port.
     for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(server["pid"], sig)
@@ -96,13 +96,22 @@ def stop_local_server(workdir: Workdir) -> None:
             return
         deadline = time.time() + wait
         while time.time() < deadline:
-            try:
-                os.waitpid(server["pid"], os.WNOHANG)  # reap it if this process started it
-            except ChildProcessError:
-                pass
-            if _port_free(port):
+            if _exited(server["pid"]) and _port_free(port):
                 return
             time.sleep(0.1)
+
+
+def _exited(pid: int) -> bool:
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:  # this process started it: reaped now
+            return True
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
 
 
 def _port_free(port: int) -> bool:

@@ -22,7 +22,8 @@ from ..files import write_json_atomic
 from ..formatting import table
 from ..metrics.comm import gather_neurons, tp_size
 from ..metrics.rules import FixedThreshold, ReluZero, TopK, TopP
-from ..metrics.search import Evaluator, check_p, ppl_p
+from ..metrics import check_p
+from ..metrics.search import Evaluator, ppl_p
 from ..parallel import init_parallel
 from ..rundir import RunDir
 from .models import ModelSpec

@@ -2,6 +2,9 @@
 library's typed settings from them, and words the library's errors in terms of its flags.
 The only library code that imports argparse or `launcher`."""
 
-from .main import main
 
-__all__ = ["main"]
+def main(argv: list[str] | None = None) -> int:
+    """`sparsity-scaling` (imported on use, so the tools load only their own command line)."""
+    from .program import main as run
+
+    return run(argv)

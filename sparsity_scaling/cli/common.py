@@ -4,6 +4,7 @@ names worded as flags, and argument types."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..errors import SettingError, UserError
@@ -49,6 +50,9 @@ def run(parser: Parser, argv=None, interrupted: str = "interrupted") -> int:
     except UserError as error:
         print(ErrorLine(prog)(error), file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as on SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as error:
         where = f"{error.filename}: {error.strerror}" if error.filename else str(error)
         print(f"{prog}: error: {where}", file=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import UserError
 from ..evaluation.settings import CRITICAL_RULES, METRICS, DataSettings, MetricSettings
-from ..metrics.rules import SITES
+from ..metrics import SITES
 from .common import ErrorLine, positive_int
 
 

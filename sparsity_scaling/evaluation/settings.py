@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import MissingSetting, SettingError
-from ..metrics.rules import SITES
-from ..metrics.search import check_p
+from ..metrics import check_p, check_site
 
 METRICS = ("ppl-p", "cett", "topk", "fat", "relu", "top-p", "max-p", "critical")
 CRITICAL_RULES = ("top-p", "max-p", "topk", "fat", "cett")
@@ -75,8 +74,7 @@ class MetricSettings:
             check_p(self.p)
         if self.metric in NEEDS_VALUE and self.value is None:
             raise MissingSetting("value", "metric", self.metric)
-        if self.site not in SITES:
-            raise SettingError("site", self.site, f"expected one of {', '.join(SITES)}")
+        check_site(self.site)
         if self.rule not in CRITICAL_RULES:
             raise SettingError("rule", self.rule, f"expected one of {', '.join(CRITICAL_RULES)}")
         if not self.tolerance > 0:

@@ -18,11 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import SettingError
 from ..model.probe import FFNTrace, Probe
+from . import check_site
 from .comm import gather_neurons, local_slice, max_tp
-
-SITES = ("intermediate", "gate", "up", "input")
 
 
 @dataclass
@@ -32,8 +30,7 @@ class Rule:
     name = "rule"
 
     def __post_init__(self):
-        if self.site not in SITES:
-            raise SettingError("site", self.site, f"expected one of {', '.join(SITES)}")
+        check_site(self.site)
 
     def params(self) -> dict:
         return {"site": self.site}

@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from ..errors import SettingError, UserError
+from ..errors import UserError
+from . import check_p
 from .cett import CETTSearch
 from .measure import EvalData, SparsePass, check_vocab, dense_pass, matmul_params, sparse_pass
 from .result import SparsityResult
@@ -193,7 +194,3 @@ def critical(evaluator: Evaluator, make_rule: Callable[[float], Rule], low: floa
     result.params["tolerance"] = tolerance
     return result
 
-
-def check_p(p: float) -> None:
-    if not 0 < p <= 100:
-        raise SettingError("p", p, "must be in (0, 100]")

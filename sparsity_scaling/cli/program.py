@@ -1,4 +1,5 @@
-"""`sparsity-scaling`: train, evaluate, evaluate-run, analyze and grid."""
+"""The `sparsity-scaling` program: its command families (train, evaluate, evaluate-run,
+analyze, grid) under one parser, and `main`."""
 
 from __future__ import annotations
 
