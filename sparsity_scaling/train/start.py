@@ -20,7 +20,7 @@ from .loop import train
 
 def _prepared_on_rank_zero(config: RunConfig, run: RunDir) -> PreparedData:
     """Rank 0 prepares the data (tokenizer, indexed datasets; cached) and claims the run
-    directory; every rank receives the prepared data's paths."""
+    directory; every rank receives the prepared data's paths (so none starts before)."""
     box: list[PreparedData | None] = [None]
     if dist.get_rank() == 0:
         data = prepare_data(config.data)
@@ -36,9 +36,7 @@ def train_on_rank(config: RunConfig, run_dir: str | Path, callbacks: Sequence[Ca
     """Join the run's process groups, get its data, and train it; on every rank."""
     init_parallel(config.parallel.tp)
     run = RunDir(run_dir)
-    data = _prepared_on_rank_zero(config, run)
-    dist.barrier()
-    return train(config, run, data, callbacks)
+    return train(config, run, _prepared_on_rank_zero(config, run), callbacks)
 
 
 def run_training(config: RunConfig, run_dir: str | Path, nproc: int = 1, report_error=None) -> None:
