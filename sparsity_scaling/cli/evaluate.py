@@ -28,8 +28,6 @@ def _evaluate(args) -> None:
 
     if (args.checkpoint is None) == (args.hf_model is None):
         raise UserError("give exactly one of --checkpoint DIR and --hf-model DIR")
-    if args.tokens and args.data:
-        raise UserError("give at most one of --data and --tokens")
     model = ModelRef(args.checkpoint, args.hf_model)
     metric, data = metric_settings(args), data_settings(args)
     if args.checkpoint:
