@@ -5,6 +5,7 @@ directory, delivered to MLflow by `sync_run`."""
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import ray
 
@@ -26,7 +27,7 @@ def evaluate_checkpoint_task(checkpoint: str, evaluation: Evaluation) -> dict:
 
     ck = read_checkpoint(checkpoint)
     record = evaluate_checkpoint(checkpoint, evaluation.metric(), evaluation.data())
-    write_json_atomic(ck.run.evaluation_of(ck), record)
+    write_json_atomic(ck.run.evaluation_of(ck.path), record)
     sync_run(ck.run.path)
     return record
 
@@ -71,7 +72,7 @@ class EvaluationQueue:
         self.placement = {**OUTSIDE_TRIAL, "num_cpus": evaluation.cpus}
 
     def checkpoint_ready(self, checkpoint: str) -> None:
-        if checkpoint not in self.tasks and not self.run.evaluation_of(read_checkpoint(checkpoint)).is_file():
+        if checkpoint not in self.tasks and not self.run.evaluation_of(Path(checkpoint)).is_file():
             self.tasks[checkpoint] = evaluate_checkpoint_task.options(**self.placement).remote(
                 checkpoint, self.evaluation
             )

@@ -191,9 +191,9 @@ class RunDir:
     def mlflow_lock(self) -> Path:
         return self.path / "mlflow.lock"
 
-    def evaluation_of(self, checkpoint: Checkpoint) -> Path:
-        """Where the grid's PPL-p% result of one checkpoint goes."""
-        return self.evaluations_dir / f"{checkpoint.name}.json"
+    def evaluation_of(self, checkpoint_dir: Path) -> Path:
+        """Where the grid's PPL-p% result of the checkpoint in `checkpoint_dir` goes."""
+        return self.evaluations_dir / f"{checkpoint_dir.name}.json"
 
     # ------------------------------------------------------------ reading
 

@@ -93,7 +93,7 @@ def sparsity_setting(settings: AnalysisSettings, spec: ModelSpec, target) -> tup
     rule = fixed_rule(metric, spec.model.activation(target))
     if rule is not None:
         return rule, {"metric": metric.metric, **rule.params()}
-    evaluator = Evaluator(target, load_eval_data(spec.model, settings.first_data), metric.calibration_tokens)
+    evaluator = Evaluator(target, one_dataset(settings, spec), metric.calibration_tokens)
     if metric.metric == "cett":
         rule = evaluator.cett_rule(metric.value)
         return rule, {"metric": "cett", "cett": rule.cett}

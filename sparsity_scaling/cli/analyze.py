@@ -45,9 +45,10 @@ def _p_values(text: str | None) -> tuple[float, ...]:
 
 def _stabilised_metric(args):
     """--stabilised: the CETT that evaluate-run set for the run, at every checkpoint."""
-    record = RunDir(args.run_dir).sparsity_record()
+    run = RunDir(args.run_dir)
+    record = run.sparsity_record()
     if record is None or record.get("cett") is None:
-        raise UserError(f"--stabilised: {RunDir(args.run_dir).sparsity} is missing; run evaluate-run first")
+        raise UserError(f"--stabilised: {run.sparsity} is missing; run evaluate-run first")
     return metric_settings(args, metric="cett", value=record["cett"])
 
 
