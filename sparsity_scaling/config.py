@@ -82,14 +82,31 @@ class ModelConfig(_Section):
         return self.n_layers * per_layer + h
 
 
-class DataConfig(_Section):
-    """Where tokens come from. `corpus: stdlib` is the embedded default (no download)."""
+class BlendPart(_Section):
+    """One corpus of a blend: a `data prepare` output and its share of the training samples."""
 
-    corpus: str = "stdlib"
+    prefix: str  # PREFIX of `sparsity-scaling data prepare --out PREFIX`
+    weight: float
+
+    @model_validator(mode="after")
+    def _check(self) -> "BlendPart":
+        if not self.weight > 0:
+            raise ValueError(f"weight of {self.prefix} must be positive")
+        return self
+
+
+class DataConfig(_Section):
+    """Where tokens come from: a corpus tokenized on the fly and cached (`corpus`; `stdlib`
+    is the embedded default, no download), a Megatron-prepared corpus (`train_prefix`,
+    `valid_prefix`, `tokenizer`), or a blend of `data prepare` outputs (`blend`, `tokenizer`)."""
+
+    corpus: Optional[str] = "stdlib"
     vocab_size: int = 4096
-    tokenizer: Optional[str] = None  # an existing sentencepiece .model instead of training one
+    tokenizer: Optional[str] = None  # sentencepiece .model or Hugging Face tokenizer directory
     train_prefix: Optional[str] = None  # a Megatron .bin/.idx prefix prepared elsewhere
     valid_prefix: Optional[str] = None
+    blend: Optional[list[BlendPart]] = None  # megatron-core's blended-dataset semantics
+    max_epochs: float = 1.0  # the epoch guard: train.tokens may be at most this many epochs
     seq_len: int = 256
     val_fraction: float = 0.05
     val_tokens: Count = 65536
@@ -104,11 +121,24 @@ class DataConfig(_Section):
             raise ValueError("vocab_size must be at least 64")
         if self.seq_len < 8:
             raise ValueError("seq_len must be at least 8")
+        if not self.max_epochs > 0:
+            raise ValueError("max_epochs must be positive")
         if (self.train_prefix is None) != (self.valid_prefix is None):
             raise ValueError("train_prefix and valid_prefix go together")
-        if self.train_prefix and not self.tokenizer:
-            raise ValueError("a prebuilt train_prefix needs the tokenizer it was made with")
+        if self.blend is not None and self.train_prefix:
+            raise ValueError("give blend or train_prefix, not both")
+        if self.blend is not None and not self.blend:
+            raise ValueError("blend needs at least one corpus")
+        if (self.train_prefix or self.blend) and not self.tokenizer:
+            raise ValueError("a prepared corpus needs the tokenizer it was made with (data.tokenizer)")
         return self
+
+    @property
+    def source(self) -> str:
+        """What the run trains on, in a few words (for plans and errors)."""
+        if self.blend:
+            return "blend of " + ", ".join(Path(part.prefix).name for part in self.blend)
+        return self.train_prefix or self.corpus or "no corpus"
 
 
 class TrainConfig(_Section):
@@ -156,11 +186,14 @@ class CheckpointConfig(_Section):
     count: int = 16
     final_count: int = 5
     final_fraction: float = 0.1
+    keep_engine: int = 2  # checkpoints that keep their DeepSpeed state (the newest); all keep weights
 
     @model_validator(mode="after")
     def _check(self) -> "CheckpointConfig":
         if self.first_tokens <= 0 or self.count < 1 or self.final_count < 0:
             raise ValueError("first_tokens and count must be positive, final_count >= 0")
+        if self.keep_engine < 1:
+            raise ValueError("keep_engine must be at least 1 (resuming needs the newest engine state)")
         if not 0 < self.final_fraction < 1:
             raise ValueError("final_fraction must be in (0, 1)")
         return self
@@ -196,8 +229,10 @@ class RunConfig(_Section):
         return self
 
     def hash(self) -> str:
-        """Identity of a run: the same config always trains the same model."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Identity of a run: the same config always trains the same model. Settings that
+        do not change the model (storage retention, the epoch guard) are not part of it."""
+        exclude = {"checkpoint": {"keep_engine"}, "data": {"max_epochs"} | ({"blend"} if self.data.blend is None else set())}
+        text = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

@@ -9,7 +9,8 @@ checkpoints lives. Every other module asks `RunDir` or `Checkpoint` for a path.
         manifest.json                tokens, step, config hash, sha256 of every file
         model.pt                     unsharded fp32 weights (any TP size can load them)
         config.yaml                  the run config, so a checkpoint stands on its own
-        engine/                      DeepSpeed state for exact resume (optimizer shards)
+        engine/                      DeepSpeed state for exact resume (optimizer shards); only
+                                     the newest checkpoint.keep_engine checkpoints keep it
     RUN/evaluations/tokens_<N>.json  PPL-p% of one checkpoint (a grid's evaluation jobs)
     RUN/sparsity.json                the stabilised activation curve and thresholds (evaluate-run)
     RUN/pareto.json, pareto.png      Pareto curves of every sparsity method at the last checkpoint
@@ -81,6 +82,15 @@ class Checkpoint:
     @property
     def config_file(self) -> Path:
         return self.path / self.CONFIG
+
+    @property
+    def engine(self) -> Path:
+        return self.path / self.ENGINE_TAG
+
+    @property
+    def has_engine(self) -> bool:
+        """Whether the checkpoint still keeps the DeepSpeed state that resuming needs."""
+        return any(rel.startswith(self.ENGINE_TAG + "/") for rel in self.manifest["files"])
 
     def config(self) -> RunConfig:
         """The run config the checkpoint was trained with."""
@@ -294,6 +304,23 @@ class RunDir:
         else:
             os.rename(tmp, final)
         return read_checkpoint(final)
+
+    def drop_engine_states(self, keep: int) -> list[Checkpoint]:
+        """Remove the DeepSpeed state of all but the newest `keep` (>= 1) complete checkpoints.
+
+        The weights stay (evaluation and export need only them). The manifest stops listing
+        the engine's files before they are deleted, so an interrupted removal leaves a
+        checkpoint whose manifest is still true; the next call removes the leftovers.
+        """
+        dropped = []
+        for checkpoint in self.checkpoints()[:-keep]:
+            if checkpoint.has_engine:
+                files = {rel: digest for rel, digest in checkpoint.manifest["files"].items()
+                         if not rel.startswith(Checkpoint.ENGINE_TAG + "/")}
+                write_json_atomic(checkpoint.path / MANIFEST, {**checkpoint.manifest, "files": files})
+                dropped.append(checkpoint)
+            shutil.rmtree(checkpoint.engine, ignore_errors=True)
+        return dropped
 
     def remove_partial_checkpoints(self) -> None:
         """Delete leftovers of interrupted writes (never a complete checkpoint)."""

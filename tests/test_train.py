@@ -41,6 +41,9 @@ def test_training_lowers_validation_loss_and_writes_checkpoints(reference_run):
         ck.verify()  # every file matches the manifest's checksum
         assert ck.manifest["config_hash"] == json.loads((reference_run / "run.json").read_text())["config_hash"]
         assert {"model.pt", "config.yaml"} <= set(ck.manifest["files"])
+    # retention (checkpoint.keep_engine 2): only the two newest keep their DeepSpeed state
+    assert [ck.has_engine for ck in checkpoints] == [False, False, True, True]
+    assert [ck.engine.is_dir() for ck in checkpoints] == [False, False, True, True]
     assert (reference_run / "tokenizer.model").is_file()
 
 
@@ -97,6 +100,7 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(reference_run, tmp_p
     assert not partial.exists()
     assert _points(out, "train") == _points(reference_run, "train")  # exactly, not approximately
     assert _points(out, "val") == _points(reference_run, "val")
+    assert [c.has_engine for c in RunDir(out).checkpoints()] == [False, False, True, True]
     final, expected = RunDir(out).checkpoints()[-1], RunDir(reference_run).checkpoints()[-1]
     assert sha256_file(final.path / "model.pt") == sha256_file(expected.path / "model.pt")
 

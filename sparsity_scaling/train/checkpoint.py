@@ -1,5 +1,6 @@
 """Saving a training checkpoint: DeepSpeed's engine state for exact resume, plus the
-unsharded weights that any tensor-parallel size can load (layout: `rundir`)."""
+unsharded weights that any tensor-parallel size can load (layout: `rundir`). Only the
+newest `checkpoint.keep_engine` checkpoints keep their engine state."""
 
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def save_checkpoint(engine, config: RunConfig, run: RunDir, state: CheckpointSta
             torch.save(weights, tmp / Checkpoint.WEIGHTS)
             (tmp / Checkpoint.CONFIG).write_text(config.to_yaml())
             run.finish_checkpoint(tmp, state.manifest())
+            run.drop_engine_states(config.checkpoint.keep_engine)  # only once the new one is whole
     except BaseException:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -149,6 +149,9 @@ class Trainer:
         if not done:
             return None
         latest = done[-1]
+        if not latest.has_engine:
+            raise UserError(f"{latest.path}: holds no engine state (removed by checkpoint.keep_engine), "
+                            "cannot resume from it")
         for key, expected in (("tp", self.config.parallel.tp), ("dp", self.layout.dp)):
             if latest.manifest.get(key) != expected:
                 raise UserError(f"{latest.path}: written with {key}={latest.manifest.get(key)}, cannot resume "
