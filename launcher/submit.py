@@ -9,17 +9,17 @@ complete checkpoint, and logs into the same MLflow run.
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import ray
 from ray import tune
 
 from sparsity_scaling.config import checkpoint_tokens
-from sparsity_scaling.errors import SettingError, UserError
+from sparsity_scaling.errors import UserError
 from sparsity_scaling.rundir import Checkpoint, RunDir
 from sparsity_scaling.train.callbacks import Callback, ConsoleProgress, TrainPoint
 
+from .cluster import connect_ray
 from .grid import Grid, GridFile, RunSpec
 from .report import write_report
 from .tracking import check_tracking_uri, child_run, parent_run, sync_run, sync_until_delivered, tracking
@@ -29,39 +29,6 @@ from .workdir import Workdir
 def is_trained(run: RunDir, spec: RunSpec) -> bool:
     done = run.checkpoints()
     return bool(done) and done[-1].tokens == checkpoint_tokens(spec.config)[-1]
-
-
-def connect_ray(address: str | None) -> None:
-    """Join the cluster at --address / RAY_ADDRESS, or start a local instance."""
-    address = address or os.environ.get("RAY_ADDRESS")
-    if ray.is_initialized():
-        return
-    if not address or address == "local":
-        # A single-machine instance: keep Ray on the loopback interface (Ray's switch for
-        # laptop clusters), so the embedded default opens nothing to the network.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(include_dashboard=False, log_to_driver=True,
-                 runtime_env={"worker_process_setup_hook": _without_state_api_warnings})
-        return
-    if address != "auto" and not address.startswith("ray://"):
-        host, _, port = address.rpartition(":")
-        try:
-            socket.create_connection((host or "127.0.0.1", int(port or 6379)), timeout=5).close()
-        except (OSError, ValueError):
-            raise SettingError("address", address, "no Ray cluster reachable there") from None
-    try:
-        ray.init(address=address, include_dashboard=False)
-    except (ConnectionError, RuntimeError) as error:
-        raise SettingError("address", address, f"cannot join the Ray cluster ({str(error).splitlines()[0]})") from None
-
-
-def _without_state_api_warnings() -> None:
-    """In every worker of the local instance: Ray Train's placement-group cleaner asks the
-    State API (a dashboard service the embedded default does not start) every few seconds
-    and warns each time it cannot; those warnings would bury the training progress."""
-    import logging
-
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def check_resources(grid: Grid) -> None:

@@ -3,7 +3,8 @@ checkpoints lives. Every other module asks `RunDir` or `Checkpoint` for a path.
 
     RUN/run.json                     which run this directory belongs to (config hash)
     RUN/config.yaml                  the resolved run config
-    RUN/tokenizer.model, data.json   the tokenizer and the record of the data trained on
+    RUN/tokenizer.model, data.json   the tokenizer (a Hugging Face one: RUN/tokenizer/) and the
+                                     record of the data trained on
     RUN/metrics.jsonl                training and validation points, one JSON object a line
     RUN/checkpoints/tokens_<N>/      one checkpoint:
         manifest.json                tokens, step, config hash, sha256 of every file
@@ -150,7 +151,9 @@ class RunDir:
 
     @property
     def tokenizer(self) -> Path:
-        return self.path / "tokenizer.model"
+        """tokenizer.model (sentencepiece), or the directory tokenizer/ (Hugging Face)."""
+        directory = self.path / "tokenizer"
+        return directory if directory.is_dir() else self.path / "tokenizer.model"
 
     @property
     def data_record(self) -> Path:
@@ -262,7 +265,15 @@ class RunDir:
 
     def record_data(self, tokenizer: str | Path, record: dict) -> None:
         """Keep the run's tokenizer and what it trained on beside its checkpoints."""
-        shutil.copyfile(tokenizer, self.tokenizer)
+        tokenizer = Path(tokenizer)
+        if tokenizer.is_dir():  # a Hugging Face tokenizer: its definition and settings
+            target = self.path / "tokenizer"
+            target.mkdir(exist_ok=True)
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                if (tokenizer / name).is_file():
+                    shutil.copyfile(tokenizer / name, target / name)
+        else:
+            shutil.copyfile(tokenizer, self.path / "tokenizer.model")
         write_json_atomic(self.data_record, record)
 
     def append_metric(self, point: dict) -> None:

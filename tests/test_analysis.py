@@ -27,11 +27,11 @@ HF_VOCAB = 100
 def tokens_file(micro_run, tmp_path_factory) -> Path:
     """Validation sequences from the run's own split, as a user would pass with --tokens."""
     from sparsity_scaling.config import load_config
-    from sparsity_scaling.data import prepare_data
+    from sparsity_scaling.data.pipeline import prepare_data
     from sparsity_scaling.data.indexed import open_token_stream
 
     config = load_config(micro_run / "config.yaml")
-    stream = open_token_stream(prepare_data(config.data).valid_prefix)
+    stream = open_token_stream(prepare_data(config.data).valid[0])
     length = config.data.seq_len + 1
     path = tmp_path_factory.mktemp("tokens") / "valid.npy"
     np.save(path, np.asarray(stream[: SEQUENCES * length], dtype=np.int64).reshape(SEQUENCES, length))

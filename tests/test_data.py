@@ -10,11 +10,11 @@ import sentencepiece as spm
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from sparsity_scaling.config import DataConfig
-from sparsity_scaling.data import prepare_data
+from sparsity_scaling.data.pipeline import prepare_data
 from sparsity_scaling.data.corpus import load_documents, split_documents
 from sparsity_scaling.data.indexed import open_token_stream
 from sparsity_scaling.data.sampler import WindowSampler
-from sparsity_scaling.data.tokenizer import Tokenizer
+from sparsity_scaling.data.tokenizer import load_tokenizer
 from sparsity_scaling.errors import UserError
 
 SMALL = dict(max_corpus_bytes=1_500_000, vocab_size=512)
@@ -37,13 +37,13 @@ def test_default_corpus_has_code_and_docs_split_disjointly():
 
 def test_prepared_data_is_megatron_format_and_records_the_split(tmp_path):
     data = prepare_data(DataConfig(**SMALL))
-    for prefix, key in ((data.train_prefix, "train_tokens"), (data.valid_prefix, "valid_tokens")):
+    for prefix, key in ((data.train[0], "train_tokens"), (data.valid[0], "valid_tokens")):
         dataset = IndexedDataset(prefix)  # megatron-core reads it as it is
         stream = open_token_stream(prefix)
         assert len(stream) == data.record[key] == int(dataset.sequence_lengths.sum())
         assert stream.max() < data.vocab_size
-    tokenizer = Tokenizer(data.tokenizer)
-    valid = IndexedDataset(data.valid_prefix)
+    tokenizer = load_tokenizer(data.tokenizer)
+    valid = IndexedDataset(data.valid[0])
     first_doc = np.array(valid[0])  # copy: the array views the dataset's mmap
     assert first_doc[-1] == tokenizer.eos_id  # every document ends with EOS
     valid_docs = set(data.record["valid_documents"])
@@ -60,7 +60,7 @@ def test_tokenizer_is_cached_by_input_and_settings(monkeypatch):
 
     monkeypatch.setattr(spm.SentencePieceTrainer, "train", refuse)
     again = prepare_data(DataConfig(**SMALL))
-    assert again.tokenizer == first.tokenizer and again.train_prefix == first.train_prefix
+    assert again.tokenizer == first.tokenizer and again.train[0] == first.train[0]
     with pytest.raises(AssertionError, match="retrained"):
         prepare_data(DataConfig(**{**SMALL, "vocab_size": 600}))  # new settings: new tokenizer
 

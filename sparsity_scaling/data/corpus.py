@@ -133,12 +133,16 @@ class Split:
         }
 
 
+def in_validation(digest: str, val_fraction: float) -> bool:
+    """Whether the text with this sha256 hex digest belongs to the validation split."""
+    return int(digest[:8], 16) / 0xFFFFFFFF < val_fraction
+
+
 def split_documents(docs: list[Document], val_fraction: float) -> Split:
     """Assign each document by the hash of its text: identical texts land in the same split."""
     train, valid = [], []
     for doc in docs:
-        bucket = int(doc.digest[:8], 16) / 0xFFFFFFFF
-        (valid if bucket < val_fraction else train).append(doc)
+        (valid if in_validation(doc.digest, val_fraction) else train).append(doc)
     if not train or not valid:
         raise UserError(
             f"data.corpus: {len(docs)} documents are too few to split into train and "

@@ -1,4 +1,5 @@
-"""From a DataConfig to tokenizer + train/validation token streams, all cached on disk."""
+"""From a DataConfig to tokenizer + train/validation token streams, all cached on disk, and
+the epoch guard that refuses a token budget the corpus cannot honestly supply."""
 
 from __future__ import annotations
 
@@ -7,21 +8,51 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..config import DataConfig
-from ..errors import UserError
+from ..errors import SettingError, UserError
 from ..files import directory_written_whole, write_json_atomic
+from ..formatting import sci
 from .corpus import load_documents, split_documents
-from .indexed import open_token_stream, write_indexed
-from .tokenizer import Tokenizer, train_tokenizer
+from .indexed import indexed_tokens, open_token_stream, write_indexed
+from .prepared import PreparedCorpus
+from .sampler import BlendedSampler, WindowSampler, consecutive_windows
+from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+
+PREPARE_HINT = ("prepare a corpus with `sparsity-scaling data prepare INPUT... --out PREFIX --tokenizer train:VOCAB` "
+                "and set data.train_prefix/valid_prefix/tokenizer or data.blend (README: the paper's grid on a Ray cluster)")
 
 
 @dataclass(frozen=True)
 class PreparedData:
-    tokenizer: str  # path of the sentencepiece model
+    tokenizer: str  # sentencepiece .model or Hugging Face tokenizer directory
     vocab_size: int
-    train_prefix: str
-    valid_prefix: str
+    train: tuple[str, ...]  # indexed-dataset prefixes: one, or a blend's
+    valid: tuple[str, ...]
+    weights: tuple[float, ...]  # blend weights (one corpus: (1.0,))
     record: dict  # split hashes, document and token counts: saved with the run
+
+    @property
+    def train_tokens(self) -> list[int]:
+        return [indexed_tokens(p) for p in self.train]
+
+    def sampler(self, split: str, seq_len: int, seed: int, size: int):
+        """The deterministic sampler of a split; `size`: samples a blend is mixed for."""
+        prefixes = self.train if split == "train" else self.valid
+        shuffle = split == "train"
+        samplers = [WindowSampler(open_token_stream(p), seq_len, seed, shuffle=shuffle) for p in prefixes]
+        if len(samplers) == 1:
+            return samplers[0]
+        return BlendedSampler(samplers, list(self.weights), size)
+
+    def validation_windows(self, seq_len: int, max_tokens: int) -> torch.Tensor:
+        """Validation sequences of seq_len + 1 tokens for a measurement: consecutive windows
+        of the split (a blend: its unshuffled mix)."""
+        if len(self.valid) == 1:
+            return consecutive_windows(open_token_stream(self.valid[0]), seq_len + 1, max_tokens, self.valid[0])
+        count = max(1, max_tokens // seq_len)
+        return self.sampler("valid", seq_len, 0, count).samples(0, count)
 
 
 def cache_root(config: DataConfig) -> Path:
@@ -31,26 +62,86 @@ def cache_root(config: DataConfig) -> Path:
     return default.expanduser()
 
 
-def prepare_data(config: DataConfig) -> PreparedData:
-    """Build (or find in the cache) the tokenizer and indexed datasets a run needs."""
-    if config.train_prefix:
-        tokenizer = Tokenizer(config.tokenizer)
+def _tokenizer(path: str) -> Tokenizer:
+    """data.tokenizer, with errors that name the config field."""
+    try:
+        return load_tokenizer(path)
+    except SettingError as error:
+        raise UserError(f"data.tokenizer {path}: {error.reason}") from None
+
+
+def _check_made_with(corpus: PreparedCorpus, tokenizer: Tokenizer, field: str) -> dict:
+    """A `data prepare` output's manifest, refused if it was made with another tokenizer."""
+    manifest = corpus.manifest()
+    theirs = manifest["tokenizer"]["sha256"]
+    if theirs != tokenizer.digest():
+        raise UserError(f"{field} {corpus.prefix}: made with another tokenizer ({manifest['tokenizer']['path']}, "
+                        f"hash {theirs}) than data.tokenizer {tokenizer.path} (hash {tokenizer.digest()})")
+    return manifest
+
+
+def _prepared(config: DataConfig) -> PreparedData:
+    """A Megatron-prepared corpus (train_prefix) or a blend of `data prepare` outputs."""
+    tokenizer = _tokenizer(config.tokenizer)
+    if config.blend:
+        train, valid, records = [], [], []
+        for index, part in enumerate(config.blend):
+            corpus = PreparedCorpus(part.prefix)
+            manifest = _check_made_with(corpus, tokenizer, f"data.blend[{index}].prefix")
+            train.append(str(corpus.split("train")))
+            valid.append(str(corpus.split("valid")))
+            records.append({"prefix": str(corpus.prefix), "weight": part.weight, "splits": manifest["splits"]})
+        weights = tuple(part.weight for part in config.blend)
+        record = {"blend": records}
+    else:
+        for field in ("train_prefix", "valid_prefix"):
+            corpus = PreparedCorpus.of_split(getattr(config, field))
+            if corpus is not None:
+                _check_made_with(corpus, tokenizer, f"data.{field}")
+        train, valid, weights = [config.train_prefix], [config.valid_prefix], (1.0,)
         record = {"train_prefix": config.train_prefix, "valid_prefix": config.valid_prefix}
-        data = PreparedData(
-            str(tokenizer.path), tokenizer.vocab_size, config.train_prefix, config.valid_prefix, record
-        )
-        for prefix in (data.train_prefix, data.valid_prefix):
-            open_token_stream(prefix)
+    for prefix in (*train, *valid):
+        open_token_stream(prefix)  # exists, or a clear error
+    return PreparedData(str(tokenizer.path), tokenizer.vocab_size, tuple(train), tuple(valid), weights, record)
+
+
+def check_epochs(config: DataConfig, budget: int, corpus_tokens: list[int], weights, bound: bool = False) -> None:
+    """The epoch guard: refuse a budget of more than data.max_epochs passes over any corpus
+    (a blend's corpus gets its weight's share of the budget). `bound`: the counts are upper
+    bounds (UTF-8 bytes of untokenized text), so a refusal is certain."""
+    total = float(sum(weights))
+    for tokens, weight in zip(corpus_tokens, weights):
+        share = budget * weight / total
+        epochs = share / max(tokens, 1)
+        if epochs > config.max_epochs:
+            what = f"at most {sci(tokens)} tokens" if bound else f"{sci(tokens)} tokens"
+            of = f"its {weight / total:.0%} share {sci(share)}" if len(weights) > 1 else f"train.tokens {sci(budget)}"
+            raise UserError(
+                f"{of} is {epochs:,.1f} epochs of the training split of {config.source} ({what}), more than "
+                f"data.max_epochs {config.max_epochs:g}; {PREPARE_HINT}"
+            )
+
+
+def prepare_data(config: DataConfig, budget: int = 0) -> PreparedData:
+    """Build (or find in the cache) the tokenizer and indexed datasets a run needs; with a
+    token `budget`, refuse it first if it exceeds data.max_epochs of the corpus."""
+    if config.train_prefix or config.blend:
+        data = _prepared(config)
+        if budget:
+            check_epochs(config, budget, data.train_tokens, data.weights)
         return data
+    if not config.corpus:
+        raise UserError(f"data: this config names no corpus; {PREPARE_HINT}")
 
     cache = cache_root(config)
     split = split_documents(load_documents(config.corpus, config.max_corpus_bytes), config.val_fraction)
+    if budget:  # before tokenizing: a tokenizer with byte fallback never makes more tokens than bytes
+        upper = sum(len(d.text.encode()) + 1 for d in split.train)
+        check_epochs(config, budget, [upper], (1.0,), bound=True)
     if config.tokenizer:
-        tokenizer = Tokenizer(config.tokenizer)
+        tokenizer = _tokenizer(config.tokenizer)
     else:
-        tokenizer = Tokenizer(
-            train_tokenizer(split.train, split.train_hash, config.vocab_size, cache)
-        )
+        tokenizer = load_tokenizer(train_tokenizer(split.train, split.train_hash, config.vocab_size, cache))
     key = f"{tokenizer.digest()}-{split.train_hash}-{split.valid_hash}"
     target = cache / "datasets" / key
     if not (target / "record.json").exists():
@@ -67,10 +158,7 @@ def prepare_data(config: DataConfig) -> PreparedData:
             f"data.corpus: the validation split has {record['valid_tokens']} tokens, fewer than "
             f"one sequence of data.seq_len {config.seq_len}; use a larger corpus or val_fraction"
         )
-    return PreparedData(
-        str(tokenizer.path),
-        tokenizer.vocab_size,
-        str(target / "train"),
-        str(target / "valid"),
-        record,
-    )
+    if budget:
+        check_epochs(config, budget, [record["train_tokens"]], (1.0,))
+    return PreparedData(str(tokenizer.path), tokenizer.vocab_size, (str(target / "train"),),
+                        (str(target / "valid"),), (1.0,), record)

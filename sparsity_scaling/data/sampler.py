@@ -13,6 +13,15 @@ import torch
 from ..errors import UserError
 
 
+def consecutive_windows(stream: np.ndarray, length: int, max_tokens: int, what: str = "validation data") -> torch.Tensor:
+    """The stream's first non-overlapping windows of `length` tokens, about `max_tokens` of them
+    (at least one): the sequences a measurement runs on."""
+    count = min(len(stream) // length, max(1, max_tokens // (length - 1)))
+    if count < 1:
+        raise UserError(f"{what}: {len(stream)} tokens, fewer than one sequence of {length}")
+    return torch.from_numpy(np.asarray(stream[: count * length], dtype=np.int64).reshape(count, length))
+
+
 class WindowSampler:
     def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, shuffle: bool = True):
         self.tokens = tokens
@@ -42,3 +51,32 @@ class WindowSampler:
             start = self._window(sample) * self.seq_len
             rows.append(np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64))
         return torch.from_numpy(np.stack(rows))
+
+
+class BlendedSampler:
+    """Samples of several corpora mixed by weight, with megatron-core's blended-dataset
+    semantics: sample i comes from the corpus furthest below its share so far
+    (`helpers.build_blending_indices`), and is that corpus' next sample of its own sampler.
+
+    The mix is fixed for `size` samples (a run's whole budget), so the batch at a consumed
+    count is still a pure function of it, and resuming sees the same samples."""
+
+    def __init__(self, samplers: list[WindowSampler], weights: list[float], size: int):
+        from megatron.core.datasets import helpers
+
+        self.samplers = samplers
+        total = float(sum(weights))
+        self.corpus = np.zeros(size, dtype=np.int16)
+        self.index = np.zeros(size, dtype=np.int64)
+        helpers.build_blending_indices(self.corpus, self.index, np.array([w / total for w in weights], dtype=np.float64),
+                                       len(samplers), size, False)
+
+    @property
+    def num_windows(self) -> int:
+        return len(self.corpus)
+
+    def samples(self, first: int, count: int) -> torch.Tensor:
+        if first + count > len(self.corpus):
+            raise IndexError(f"samples {first}..{first + count - 1} beyond the blend's {len(self.corpus)}")
+        return torch.cat([self.samplers[self.corpus[i]].samples(int(self.index[i]), 1)
+                          for i in range(first, first + count)])

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..data.corpus import Document, file_documents, load_documents, split_documents
+from ..data.sampler import consecutive_windows
 from ..errors import SettingError, UserError
 from ..metrics.measure import EvalData
 from ..rundir import Checkpoint, read_checkpoint
@@ -53,13 +54,13 @@ class ModelRef:
         return getattr(config, "hidden_act", None) or getattr(config, "activation_function", None)
 
     def run_tokenizer(self):
-        """The sentencepiece tokenizer of a checkpoint's run."""
-        from ..data.tokenizer import Tokenizer
+        """The tokenizer of a checkpoint's run (sentencepiece or Hugging Face)."""
+        from ..data.tokenizer import load_tokenizer
 
         path = self.read_checkpoint().run.tokenizer
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"{self.checkpoint}: no {path.name} in its run directory; give validation tokens")
-        return Tokenizer(path)
+        return load_tokenizer(path)
 
     def hf_tokenizer(self):
         """A local Hugging Face model's tokenizer (never downloaded)."""
@@ -81,13 +82,6 @@ class ModelRef:
         return (lambda text: tok(text, add_special_tokens=False)["input_ids"]), eos
 
 
-def _windows(stream: np.ndarray, length: int, max_tokens: int) -> torch.Tensor:
-    count = min(len(stream) // length, max(1, max_tokens // (length - 1)))
-    if count < 1:
-        raise UserError(f"validation data: {len(stream)} tokens, fewer than one sequence of {length}")
-    return torch.from_numpy(np.asarray(stream[: count * length], dtype=np.int64).reshape(count, length))
-
-
 def tokenize_documents(docs: Iterable[Document], encoder: Encoder, seq_len: int, max_tokens: int) -> torch.Tensor | None:
     """Documents joined by end-of-document tokens, cut into sequences of seq_len + 1;
     None if the documents hold no text."""
@@ -98,7 +92,7 @@ def tokenize_documents(docs: Iterable[Document], encoder: Encoder, seq_len: int,
         ids.append(eos)
         if len(ids) > max_tokens + seq_len + 1:
             break
-    return _windows(np.asarray(ids), seq_len + 1, max_tokens) if ids else None
+    return consecutive_windows(np.asarray(ids), seq_len + 1, max_tokens) if ids else None
 
 
 def _token_file(path: str) -> torch.Tensor:
@@ -127,11 +121,10 @@ def load_eval_data(model: ModelRef, data: DataSettings) -> EvalData:
         seq_len = data.seq_len or config.data.seq_len
         if data.text_file:
             return EvalData(_text_file(data.text_file, model, seq_len, data.eval_tokens), data.batch_size)
-        from ..data import prepare_data
-        from ..data.indexed import open_token_stream
+        from ..data.pipeline import prepare_data
 
-        valid = open_token_stream(prepare_data(config.data).valid_prefix)
-        return EvalData(_windows(valid, seq_len + 1, data.eval_tokens), data.batch_size)
+        windows = prepare_data(config.data).validation_windows(seq_len, data.eval_tokens)
+        return EvalData(windows, data.batch_size)
     if not data.text_file:
         raise SettingError("text_file", None, "a Hugging Face model needs validation text or tokens")
     return EvalData(_text_file(data.text_file, model, data.seq_len or HF_SEQ_LEN, data.eval_tokens), data.batch_size)
@@ -142,7 +135,7 @@ def validation_by_kind(model: ModelRef, data: DataSettings) -> dict[str, EvalDat
     default corpus), tokenized as in training."""
     ck = model.read_checkpoint()
     config = ck.config()
-    if config.data.train_prefix:  # a prepared corpus: no documents to tell apart
+    if config.data.train_prefix or config.data.blend:  # a prepared corpus: no documents to tell apart
         return {"validation": load_eval_data(model, data)}
     run = ck.run
     split = split_documents(load_documents(config.data.corpus, config.data.max_corpus_bytes), config.data.val_fraction)

@@ -112,4 +112,7 @@ def export_llama(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
         _save_llama(hf_config, weights, tmp, ck.path)
         if tokenizer.is_file():
             shutil.copyfile(tokenizer, tmp / tokenizer.name)
+        elif tokenizer.is_dir():  # a Hugging Face tokenizer: its files beside the model's
+            for file in tokenizer.iterdir():
+                shutil.copyfile(file, tmp / file.name)
     return out

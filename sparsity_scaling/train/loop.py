@@ -17,9 +17,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from ..config import RunConfig, checkpoint_tokens
-from ..data import PreparedData
-from ..data.indexed import open_token_stream
-from ..data.sampler import WindowSampler
+from ..data.pipeline import PreparedData
+from ..data.sampler import BlendedSampler, WindowSampler
 from ..errors import UserError
 from ..model import MiniCPM
 from ..parallel import DeepSpeedMPU, device
@@ -102,7 +101,7 @@ def _deepspeed_config(config: RunConfig, layout: Layout, bf16: bool) -> dict:
 
 
 @torch.no_grad()
-def validation_loss(model: MiniCPM, sampler: WindowSampler, num_samples: int, micro: int) -> float:
+def validation_loss(model: MiniCPM, sampler: WindowSampler | BlendedSampler, num_samples: int, micro: int) -> float:
     """Mean token loss over the first `num_samples` validation windows, split over DP ranks."""
     model.eval()
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -136,12 +135,13 @@ class Trainer:
             mpu=DeepSpeedMPU(),
         )
         seq_len = config.data.seq_len
-        self.train_sampler = WindowSampler(open_token_stream(data.train_prefix), seq_len, config.train.seed)
-        self.valid_sampler = WindowSampler(open_token_stream(data.valid_prefix), seq_len, 0, shuffle=False)
-        self.val_samples = max(1, min(self.valid_sampler.num_windows, config.data.val_tokens // seq_len))
         self.schedule = checkpoint_tokens(config)
         self.batch_tokens = self.layout.global_samples * seq_len
         self.total_steps = self.schedule[-1] // self.batch_tokens
+        self.train_sampler = data.sampler("train", seq_len, config.train.seed, self.total_steps * self.layout.global_samples)
+        val_samples = max(1, config.data.val_tokens // seq_len)
+        self.valid_sampler = data.sampler("valid", seq_len, 0, val_samples)
+        self.val_samples = min(self.valid_sampler.num_windows, val_samples)
 
     def resume(self) -> Checkpoint | None:
         """Load the newest complete checkpoint, if any, and forget metrics logged after it."""

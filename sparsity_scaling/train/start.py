@@ -9,7 +9,7 @@ from typing import Sequence
 import torch.distributed as dist
 
 from ..config import RunConfig
-from ..data import PreparedData, prepare_data
+from ..data.pipeline import PreparedData, prepare_data
 from ..errors import SettingError
 from ..parallel import init_parallel
 from ..ranks import launched_externally, on_ranks
@@ -19,11 +19,12 @@ from .loop import train
 
 
 def _prepared_on_rank_zero(config: RunConfig, run: RunDir) -> PreparedData:
-    """Rank 0 prepares the data (tokenizer, indexed datasets; cached) and claims the run
-    directory; every rank receives the prepared data's paths (so none starts before)."""
+    """Rank 0 prepares the data (tokenizer, indexed datasets; cached), refuses a budget of
+    more than data.max_epochs, and claims the run directory; every rank receives the
+    prepared data's paths (so none starts before)."""
     box: list[PreparedData | None] = [None]
     if dist.get_rank() == 0:
-        data = prepare_data(config.data)
+        data = prepare_data(config.data, budget=config.train.tokens)
         run.claim(config)
         run.remove_partial_checkpoints()
         run.record_data(data.tokenizer, data.record)
