@@ -148,6 +148,8 @@ def prepare_corpus(settings: PrepareSettings, address: str | None = None) -> dic
         say(f"{corpus.parts} holds an unfinished preparation of other inputs or settings; starting over")
         shutil.rmtree(corpus.parts)
     corpus.parts.mkdir(parents=True, exist_ok=True)
+    for leftover in corpus.parts.glob(".tmp-*"):  # pieces of shards an interrupted run did not finish
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
     write_json_atomic(corpus.plan_file, plan)
 
     total_bytes = sum(s.size for s in shards)  # parquet: uncompressed

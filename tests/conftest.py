@@ -42,3 +42,17 @@ def micro_run(tmp_path_factory) -> Path:
     result = run_cli("train", str(MICRO), "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory):
+    """One local Ray instance for every test that needs one (a start costs 10-30 s)."""
+    from sparsity_scaling.parallel import free_port
+
+    port = free_port()
+    ray = str(Path(sys.executable).with_name("ray"))
+    temp = tmp_path_factory.mktemp("ray")
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                    "--disable-usage-stats", f"--temp-dir={temp}"], check=True, capture_output=True, timeout=180)
+    yield f"127.0.0.1:{port}"
+    subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)

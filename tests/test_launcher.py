@@ -20,18 +20,6 @@ from sparsity_scaling.rundir import RunDir
 GRID = REPO / "configs" / "grids" / "cpu_test.yaml"
 
 
-@pytest.fixture(scope="session")
-def ray_address(tmp_path_factory):
-    """One local Ray instance for every test that needs one (a start costs 10-30 s)."""
-    port = free_port()
-    ray = str(Path(sys.executable).with_name("ray"))
-    temp = tmp_path_factory.mktemp("ray")
-    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                    "--disable-usage-stats", f"--temp-dir={temp}"], check=True, capture_output=True, timeout=180)
-    yield f"127.0.0.1:{port}"
-    subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
-
-
 def _same_points(logged, expected) -> None:
     assert [s for s, _ in logged] == [s for s, _ in expected]
     assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6)

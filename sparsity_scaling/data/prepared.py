@@ -200,7 +200,8 @@ def tokenize_shard(corpus: PreparedCorpus, shard: Shard, tokenizer: Tokenizer, s
         for split in SPLITS:
             builders[split].finalize(f"{prefixes[split]}.idx")
 
-    tmp = {split: corpus.parts / f".tmp-{corpus.shard_split(shard.index, split).name}" for split in SPLITS}
+    # per-process names: a worker of an interrupted run may still be finishing the same shard
+    tmp = {split: corpus.parts / f".tmp-{os.getpid()}-{corpus.shard_split(shard.index, split).name}" for split in SPLITS}
     write(tmp)
     for split in SPLITS:
         for ext in (".bin", ".idx"):

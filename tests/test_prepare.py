@@ -1,0 +1,288 @@
+"""Real corpora: `data prepare` on Ray Data equals a direct tokenization, resumes, refuses bad
+input; blends mix by weight; the epoch guard; runs train on prepared corpora."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from conftest import MICRO, REPO, run_cli
+from sparsity_scaling.config import DataConfig, load_config
+from sparsity_scaling.data.corpus import in_validation
+from sparsity_scaling.data.indexed import write_indexed
+from sparsity_scaling.data.pipeline import PreparedData, prepare_data
+from sparsity_scaling.data.prepared import PreparedCorpus
+from sparsity_scaling.data.tokenizer import load_tokenizer
+from sparsity_scaling.errors import UserError
+from sparsity_scaling.rundir import RunDir
+
+SHARD = "60000"  # bytes: every format is cut into several shards
+
+
+def _texts() -> list[str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts = [p.read_text(encoding="utf-8") for p in sorted(root.glob("*.py"))[:150]]
+    texts[3] = "caf\u00e9 \u2014 \u65e5\u672c\u8a9e \U0001F600\n" + texts[3]  # beyond ASCII
+    return texts
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """About 2 MB in every input format, with blank lines and a whitespace-only document."""
+    texts = _texts()
+    root = tmp_path_factory.mktemp("corpus")
+    with open(root / "a.jsonl", "w") as f:
+        for text in texts[:60]:
+            f.write(json.dumps({"text": text, "id": len(text)}) + "\n\n")
+        f.write(json.dumps({"text": "   \n"}) + "\n")
+    with gzip.open(root / "b.jsonl.gz", "wt") as f:
+        for text in texts[60:90]:
+            f.write(json.dumps({"text": text}) + "\n")
+    pq.write_table(pa.table({"text": texts[90:130], "n": list(range(40))}), root / "c.parquet", row_group_size=4)
+    (root / "texts").mkdir()
+    for i, text in enumerate(texts[130:]):
+        (root / "texts" / f"{i:02d}.txt").write_text(text)
+    return root
+
+
+def _reference(corpus: Path, tokenizer, val_fraction: float = 0.05) -> dict[str, list[list[int]]]:
+    """A direct single-process tokenization: every document in path order, one at a time."""
+    texts = []
+    for path in sorted(p for p in corpus.rglob("*") if p.is_file()):
+        if path.name.endswith(".jsonl"):
+            texts += [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+        elif path.name.endswith(".jsonl.gz"):
+            texts += [json.loads(line)["text"] for line in gzip.open(path, "rt").read().splitlines() if line.strip()]
+        elif path.suffix == ".parquet":
+            texts += pq.read_table(path).column("text").to_pylist()
+        elif path.suffix == ".txt":
+            texts.append(path.read_text())
+    splits = {"train": [], "valid": []}
+    for text in texts:
+        if text.strip():
+            split = "valid" if in_validation(hashlib.sha256(text.encode()).hexdigest(), val_fraction) else "train"
+            splits[split].append(tokenizer.encode([text])[0] + [tokenizer.eos_id])
+    return splits
+
+
+def _read_back(prefix: Path) -> dict[str, list[list[int]]]:
+    out = {}
+    for split in ("train", "valid"):
+        dataset = IndexedDataset(f"{prefix}_{split}")
+        out[split] = [dataset[i].tolist() for i in range(len(dataset))]
+    return out
+
+
+def _prepare(*args, address: str):
+    return run_cli("data", "prepare", *map(str, args), "--shard-bytes", SHARD, "--address", address)
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory, ray_address) -> Path:
+    """The corpus prepared with a tokenizer trained on a sample of it (train:VOCAB)."""
+    prefix = tmp_path_factory.mktemp("prepared") / "corpus"
+    result = _prepare(corpus, "--out", prefix, "--tokenizer", "train:400", "--sample-bytes", "5e5", address=ray_address)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tokens/s" in result.stdout and "ETA" in result.stdout  # progress a person can follow
+    return prefix
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory) -> Path:
+    """A byte-level BPE Hugging Face tokenizer, trained here (nothing downloaded)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_texts()[:40], trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>"],
+                                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path = tmp_path_factory.mktemp("hf") / "tokenizer"
+    path.mkdir()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    return path
+
+
+def test_trained_tokenizer_output_equals_a_direct_tokenization(corpus, trained):
+    manifest = json.loads(PreparedCorpus(trained).manifest_file.read_text())
+    tokenizer = load_tokenizer(f"{trained}.model")
+    expected = _reference(corpus, tokenizer)
+    assert _read_back(trained) == expected  # token for token, every format, in corpus order
+    for split in ("train", "valid"):
+        assert manifest["splits"][split]["documents"] == len(expected[split])
+        assert manifest["splits"][split]["tokens"] == sum(map(len, expected[split]))
+    assert manifest["tokenizer"]["sha256"] == tokenizer.digest() and manifest["dtype"] == "uint16"
+    inputs = {Path(i["path"]).name: i for i in manifest["inputs"]}
+    assert len(inputs) == 3 + 20 and inputs["c.parquet"]["kind"] == "parquet"
+    assert inputs["a.jsonl"]["sha256"] == hashlib.sha256((corpus / "a.jsonl").read_bytes()).hexdigest()
+    assert not PreparedCorpus(trained).parts.exists()
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "huggingface"])
+def test_given_tokenizer_output_equals_a_direct_tokenization(corpus, trained, hf_tokenizer, tmp_path, ray_address, kind):
+    tokenizer = f"{trained}.model" if kind == "sentencepiece" else hf_tokenizer
+    result = _prepare(corpus, "--out", tmp_path / "out", "--tokenizer", tokenizer, "--workers", "2",
+                      address=ray_address)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _read_back(tmp_path / "out") == _reference(corpus, load_tokenizer(tokenizer))
+    if kind == "sentencepiece":  # the same tokenizer as train:400 made: the same bytes
+        for split in ("train", "valid"):
+            for ext in (".bin", ".idx"):
+                assert Path(f"{tmp_path}/out_{split}{ext}").read_bytes() == Path(f"{trained}_{split}{ext}").read_bytes()
+
+
+def test_interrupted_preparation_resumes_to_the_same_bytes(corpus, trained, tmp_path, ray_address):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "sparsity_scaling.cli", "data", "prepare", str(corpus), "--out", str(out),
+               "--tokenizer", f"{trained}.model", "--shard-bytes", "20000", "--workers", "1", "--address", ray_address]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    corpus_out = PreparedCorpus(out)
+    deadline = time.time() + 300
+    while len(list(corpus_out.parts.glob("shard_*.json"))) < 3 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done = len(list(corpus_out.parts.glob("shard_*.json")))
+    assert done >= 3 and not corpus_out.finished(), "the preparation was not killed half-way"
+    # a half-written shard of a worker that died with it:
+    (corpus_out.parts / ".tmp-1-shard_000099_train.bin").write_bytes(b"half")
+    with pytest.raises(UserError, match="was interrupted"):
+        corpus_out.manifest()  # never taken for a finished output
+
+    result = run_cli("data", "prepare", *command[5:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming: {done} of" in result.stdout
+    for split in ("train", "valid"):
+        for ext in (".bin", ".idx"):
+            assert Path(f"{out}_{split}{ext}").read_bytes() == Path(f"{trained}_{split}{ext}").read_bytes()
+    stamp = corpus_out.manifest_file.stat().st_mtime_ns
+    again = run_cli("data", "prepare", *command[5:])
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert corpus_out.manifest_file.stat().st_mtime_ns == stamp
+
+
+def _bad_jsonl(root: Path) -> None:
+    (root / "bad.jsonl").write_text('{"text": "one"}\n{"text": "two"\n{"text": "three"}\n')
+
+
+@pytest.mark.parametrize("setup, inputs, options, message", [
+    (_bad_jsonl, [], [], "bad.jsonl:2: not valid JSON"),
+    (lambda r: (r / "bad.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n'), [], [],
+     "bad.jsonl:2: expected an object with a string 'text' field"),
+    (lambda r: (r / "bad.parquet").write_bytes(b"PAR1 not really"), [], [], "bad.parquet: not a readable parquet file"),
+    (lambda r: pq.write_table(pa.table({"body": ["x"]}), r / "bad.parquet"), [], [], "bad.parquet: no column 'text'"),
+    (lambda r: (r / "empty.jsonl").write_text(""), [], [], "no documents in the train split"),
+    (lambda r: (r / "sub").mkdir(), ["{root}/sub"], [], "sub: holds no .jsonl.gz, .jsonl, .parquet, .txt files"),
+    (_bad_jsonl, [], ["--tokenizer", "{root}/bad.jsonl"], "--tokenizer {root}/bad.jsonl: not a sentencepiece model"),
+    (_bad_jsonl, [], ["--tokenizer", "train:12"], "--tokenizer train:12: train:VOCAB needs a vocabulary of at least 64"),
+    (_bad_jsonl, [], ["--out", "{root}/missing/corpus"],
+     "--out {root}/missing/corpus: directory {root}/missing does not exist"),
+], ids=["bad-json", "no-text", "bad-parquet", "no-column", "empty", "empty-dir", "bad-tokenizer", "bad-vocab", "bad-out"])
+def test_bad_input_is_one_line_and_leaves_nothing_finished(tmp_path, trained, ray_address, setup, inputs, options,
+                                                           message):
+    root = tmp_path / "in"
+    root.mkdir()
+    setup(root)
+    options = [o.format(root=root) for o in options]
+    for flag, value in (("--tokenizer", f"{trained}.model"), ("--out", str(tmp_path / "out"))):
+        if flag not in options:
+            options += [flag, value]
+    result = _prepare(*([i.format(root=root) for i in inputs] or [root]), *options, address=ray_address)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message.format(root=root) in result.stderr.strip().splitlines()[-1], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out.json").exists() and not (tmp_path / "out_train.bin").exists()
+
+
+def test_skip_bad_lines_counts_what_it_skipped(tmp_path, trained, ray_address):
+    root = tmp_path / "in"
+    root.mkdir()
+    _bad_jsonl(root)
+    (root / "more.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts()[:40]))
+    result = _prepare(root, "--out", tmp_path / "out", "--tokenizer", f"{trained}.model", "--skip-bad-lines",
+                      "--val-fraction", "0.4", address=ray_address)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped 1 bad records (the first: " in result.stdout and "bad.jsonl:2: not valid JSON" in result.stdout
+    assert json.loads((tmp_path / "out.json").read_text())["skipped_records"] == 1
+
+
+def _stream(prefix: Path, value: int, tokens: int) -> str:
+    write_indexed(prefix, [[value] * tokens], 512)
+    return str(prefix)
+
+
+def test_a_blend_samples_each_corpus_in_proportion_to_its_weight(tmp_path):
+    a, b = _stream(tmp_path / "a", 7, 20_000), _stream(tmp_path / "b", 9, 5_000)
+    data = PreparedData("tok", 512, (a, b), (a, b), (3.0, 1.0), {})
+    sampler = data.sampler("train", 8, seed=1, size=4000)
+    batch = sampler.samples(0, 4000)
+    share = (batch[:, 0] == 7).float().mean().item()
+    assert share == pytest.approx(0.75, abs=0.002)
+    assert {int(v) for v in batch.unique()} == {7, 9}
+    # a pure function of the sample index: any slice equals the same rows of the whole
+    assert (sampler.samples(1234, 16) == batch[1234:1250]).all()
+    # the first 100 samples are already mixed in proportion (megatron-core's greedy blending)
+    assert (batch[:100, 0] == 7).sum().item() == 75
+
+
+def test_the_epoch_guard_refuses_and_accepts_at_the_boundary(tmp_path):
+    tokenizer = load_tokenizer(prepare_data(load_config(MICRO).data).tokenizer)  # the micro run's (cached)
+    train, valid = _stream(tmp_path / "x_train", 5, 10_000), _stream(tmp_path / "x_valid", 5, 1_000)
+    config = DataConfig(train_prefix=train, valid_prefix=valid, tokenizer=str(tokenizer.path), max_epochs=2.5,
+                        seq_len=16)
+    prepare_data(config, budget=25_000)  # exactly 2.5 epochs: accepted
+    with pytest.raises(UserError, match=r"train.tokens \S+ is 2.5 epochs of the training split .* more than "
+                                        r"data.max_epochs 2.5; prepare a corpus with `sparsity-scaling data prepare"):
+        prepare_data(config, budget=25_001)
+
+
+def test_a_paper_scale_config_on_the_builtin_corpus_is_refused_with_the_epoch_message(tmp_path):
+    result = run_cli("train", str(REPO / "configs" / "models" / "0.1b.yaml"), "--out", str(tmp_path / "run"),
+                     "--set", "data.corpus=stdlib")
+    assert result.returncode == 2
+    assert "train.tokens 4.20e+10 is" in result.stderr and "more than data.max_epochs 1" in result.stderr
+    assert "sparsity-scaling data prepare" in result.stderr and not (tmp_path / "run").exists()
+    plain = run_cli("train", str(REPO / "configs" / "models" / "0.1b.yaml"), "--out", str(tmp_path / "run"))
+    assert plain.returncode == 2 and "names no corpus" in plain.stderr and "data prepare" in plain.stderr
+
+
+def test_a_run_trains_on_a_blend_of_prepared_corpora(corpus, trained, hf_tokenizer, tmp_path, ray_address):
+    second = tmp_path / "second"
+    result = _prepare(corpus / "c.parquet", "--out", second, "--tokenizer", f"{trained}.model", address=ray_address)
+    assert result.returncode == 0, result.stderr[-3000:]
+    blend = f"[{{prefix: {trained}, weight: 0.7}}, {{prefix: {second}, weight: 0.3}}]"
+    out = tmp_path / "run"
+    result = run_cli("train", str(MICRO), "--out", str(out), "--set", f"data.blend={blend}",
+                     "--set", f"data.tokenizer={trained}.model", "--set", "train.tokens=8192",
+                     "--set", "checkpoint.first_tokens=4096")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = RunDir(out)
+    assert [c.tokens for c in run.checkpoints()][-1] == 8192
+    record = json.loads(run.data_record.read_text())
+    assert [p["weight"] for p in record["blend"]] == [0.7, 0.3]
+    assert run.tokenizer.read_bytes() == Path(f"{trained}.model").read_bytes()
+
+    hf = tmp_path / "hf"
+    assert _prepare(corpus / "c.parquet", "--out", hf, "--tokenizer", hf_tokenizer, address=ray_address).returncode == 0
+    mixed = f"[{{prefix: {trained}, weight: 1}}, {{prefix: {hf}, weight: 1}}]"
+    refused = run_cli("train", str(MICRO), "--out", str(tmp_path / "mixed"), "--set", f"data.blend={mixed}",
+                      "--set", f"data.tokenizer={trained}.model")
+    assert refused.returncode == 2 and "data.blend[1].prefix" in refused.stderr
+    assert "made with another tokenizer" in refused.stderr
+    missing = run_cli("train", str(MICRO), "--out", str(tmp_path / "missing"), "--set",
+                      f"data.blend=[{{prefix: {tmp_path / 'nope'}, weight: 1}}]", "--set", f"data.tokenizer={trained}.model")
+    assert missing.returncode == 2 and "is not a `sparsity-scaling data prepare` output" in missing.stderr
