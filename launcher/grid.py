@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from sparsity_scaling.config import RunConfig, load_config
 from sparsity_scaling.errors import SettingError, UserError
+from sparsity_scaling.formatting import sci
 
 
 class _Section(BaseModel):
@@ -234,19 +235,58 @@ def load_grid(path: str | Path) -> Grid:
     return Grid(path, spec, runs)
 
 
-def plan_table(grid: Grid) -> str:
-    """What `grid plan` prints: one line per run with its size and token budget."""
+def _amount(value: float) -> str:
+    """1,308 or 0.0054: whole numbers when large, two significant digits when small."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.2g}"
+
+
+def _vocab_size(config: RunConfig) -> int:
+    """The tokenizer's vocabulary if it exists already, else data.vocab_size (to be trained)."""
+    from sparsity_scaling.data.tokenizer import load_tokenizer
+
+    if config.data.tokenizer:
+        try:
+            return load_tokenizer(config.data.tokenizer).vocab_size
+        except UserError:
+            pass
+    return config.data.vocab_size
+
+
+def plan_table(grid: Grid, mfu: float, peak_tflops: float) -> str:
+    """What `grid plan` prints: per run its size, budget, cost (FLOPs, GPU-hours, checkpoint
+    storage; formulas in `sparsity_scaling.costs`) and corpus, then the totals."""
+    from sparsity_scaling.costs import RunCost
+    from sparsity_scaling.data.pipeline import corpus_tokens
+    from sparsity_scaling.formatting import table
+
     res = grid.spec.resources
-    lines = [
+    rows, total = [], {"flops": 0.0, "gpu_hours": 0.0, "storage": 0}
+    for run in grid.runs:
+        config = run.config
+        m, t = config.model, config.train
+        bf16 = t.dtype == "bf16" or (t.dtype == "auto" and res.gpus_per_worker > 0)
+        cost = RunCost.of(config, _vocab_size(config), bf16, mfu, peak_tflops)
+        corpus = corpus_tokens(config.data)
+        if corpus is None:
+            corpus_text, epochs = f"not prepared ({config.data.source})", "-"
+        else:
+            weights = [p.weight for p in config.data.blend] if config.data.blend else [1.0]
+            corpus_text = sci(sum(corpus))
+            epochs = f"{max(cost.tokens * w / sum(weights) / max(n, 1) for n, w in zip(corpus, weights)):.2f}"
+        params = m.non_embedding_params()
+        rows.append([run.name, m.activation, m.d_model, m.n_layers, f"{m.width_depth_ratio:.1f}", sci(params),
+                     sci(t.tokens), f"{t.tokens / params:.0f}", sci(cost.flops), _amount(cost.gpu_hours),
+                     f"{cost.checkpoints}", _amount(cost.storage_bytes / 1e9), corpus_text, epochs])
+        total["flops"] += cost.flops
+        total["gpu_hours"] += cost.gpu_hours
+        total["storage"] += cost.storage_bytes
+    headers = ["run", "activation", "d_model", "layers", "w/d", "params", "tokens", "tok/param", "FLOPs",
+               "GPU-h", "ckpts", "storage GB", "corpus tokens", "epochs"]
+    return "\n".join([
         f"grid {grid.name}: {len(grid.runs)} runs, each {res.workers} workers "
         f"(tp {res.tp} x dp {res.dp}; {res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU per worker)",
-        f"{'run':<28}{'activation':>11}{'d_model':>9}{'layers':>8}{'w/d':>8}{'params':>12}{'tokens':>12}{'tok/param':>11}",
-    ]
-    for run in grid.runs:
-        m, t = run.config.model, run.config.train
-        params = m.non_embedding_params()
-        lines.append(
-            f"{run.name:<28}{m.activation:>11}{m.d_model:>9}{m.n_layers:>8}{m.width_depth_ratio:>8.1f}"
-            f"{params:>12.3e}{t.tokens:>12.3e}{t.tokens / params:>11.1f}"
-        )
-    return "\n".join(lines)
+        table(headers, rows),
+        f"total: {sci(total['flops'])} FLOPs, {_amount(total['gpu_hours'])} GPU-hours at MFU {mfu:g} of "
+        f"{peak_tflops:g} TFLOP/s, {_amount(total['storage'] / 1e9)} GB of checkpoints "
+        f"(weights of every checkpoint, engine state of the newest checkpoint.keep_engine)",
+    ])

@@ -14,7 +14,7 @@ from conftest import REPO
 # ARCHITECTURE.md's layers, bottom to top: module prefixes of each.
 LAYERS = [
     ["sparsity_scaling.errors", "sparsity_scaling.files", "sparsity_scaling.formatting"],
-    ["sparsity_scaling.config", "sparsity_scaling.parallel", "sparsity_scaling.figures", "sparsity_scaling.laws"],
+    ["sparsity_scaling.config", "sparsity_scaling.costs", "sparsity_scaling.parallel", "sparsity_scaling.figures", "sparsity_scaling.laws"],
     ["sparsity_scaling.rundir", "sparsity_scaling.model", "sparsity_scaling.data", "sparsity_scaling.ranks"],
     ["sparsity_scaling.metrics", "sparsity_scaling.hf", "sparsity_scaling.train"],
     ["sparsity_scaling.evaluation"],

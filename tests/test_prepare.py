@@ -27,6 +27,7 @@ from sparsity_scaling.data.pipeline import PreparedData, prepare_data
 from sparsity_scaling.data.prepared import PreparedCorpus
 from sparsity_scaling.data.tokenizer import load_tokenizer
 from sparsity_scaling.errors import UserError
+from sparsity_scaling.formatting import sci
 from sparsity_scaling.rundir import RunDir
 
 SHARD = "60000"  # bytes: every format is cut into several shards
@@ -286,3 +287,50 @@ def test_a_run_trains_on_a_blend_of_prepared_corpora(corpus, trained, hf_tokeniz
     missing = run_cli("train", str(MICRO), "--out", str(tmp_path / "missing"), "--set",
                       f"data.blend=[{{prefix: {tmp_path / 'nope'}, weight: 1}}]", "--set", f"data.tokenizer={trained}.model")
     assert missing.returncode == 2 and "is not a `sparsity-scaling data prepare` output" in missing.stderr
+
+
+def test_grid_plan_tells_the_cost_and_the_corpus_before_anything_runs():
+    result = run_cli("grid", "plan", str(REPO / "configs" / "grids" / "sparsing_law.yaml"), "--mfu", "0.5",
+                     "--peak-tflops", "1000")
+    assert result.returncode == 0, result.stderr
+    header = next(line for line in result.stdout.splitlines() if line.startswith("run "))
+    for column in ("FLOPs", "GPU-h", "storage GB", "corpus tokens", "epochs"):
+        assert column in header
+    row = next(line for line in result.stdout.splitlines() if line.startswith("1.2b-relu "))
+    # PaLM's count: (6 (N + V d) + 12 L d T) per token, 1.2B: d 1792, 32 layers, T 4096, V 16384
+    config = load_config(REPO / "configs" / "models" / "1.2b.yaml")
+    tokens = config.train.tokens // config.train.batch_tokens * config.train.batch_tokens
+    flops = tokens * (6 * (config.model.non_embedding_params() + 16384 * 1792) + 12 * 32 * 1792 * 4096)
+    assert sci(flops) in row
+    assert f"{flops / (0.5 * 1000e12) / 3600:,.0f}" in row
+    assert "not prepared (no corpus)" in row
+    assert "GPU-hours at MFU 0.5 of 1000 TFLOP/s" in result.stdout
+
+
+def test_checkpoint_storage_estimate_matches_a_real_run(micro_run):
+    from sparsity_scaling.costs import RunCost
+
+    checkpoints = RunDir(micro_run).checkpoints()
+    written = sum(f.stat().st_size for c in checkpoints for f in c.path.rglob("*") if f.is_file())
+    estimate = RunCost.of(checkpoints[-1].config(), vocab_size=512, bf16=False).storage_bytes
+    assert estimate == pytest.approx(written, rel=0.05)
+
+
+def test_grid_plan_shows_a_prepared_corpus_tokens_and_epochs(trained, tmp_path):
+    manifest = PreparedCorpus(trained).manifest()
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"""
+name: prepared
+base: {MICRO}
+overrides:
+  data.train_prefix: {trained}_train
+  data.valid_prefix: {trained}_valid
+  data.tokenizer: {trained}.model
+  train.tokens: 65536
+""")
+    result = run_cli("grid", "plan", str(grid))
+    assert result.returncode == 0, result.stderr
+    row = result.stdout.splitlines()[3]
+    corpus = manifest["splits"]["train"]["tokens"]
+    assert sci(corpus) in row
+    assert f"{65536 / corpus:.2f}" in row.split()[-1]

@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+
+from ..costs import DEFAULT_MFU, H100_BF16_PEAK_TFLOPS
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {text}")
+    return value
+
 
 def _grid_and_workdir(args):
     from launcher.grid import load_grid
@@ -15,7 +26,7 @@ def _grid_and_workdir(args):
 def _plan(args) -> None:
     from launcher.grid import load_grid, plan_table
 
-    print(plan_table(load_grid(args.grid)))
+    print(plan_table(load_grid(args.grid), args.mfu, args.peak_tflops))
 
 
 def _submit(args) -> None:
@@ -45,8 +56,12 @@ def _report(args) -> None:
 def add_commands(commands) -> None:
     grid = commands.add_parser("grid", help="plan, submit and follow a grid of runs on Ray")
     sub = grid.add_subparsers(dest="grid_command", required=True)
-    plan = sub.add_parser("plan", help="print the expanded runs, their sizes and token budgets")
+    plan = sub.add_parser("plan", help="print the expanded runs, their sizes, budgets, costs and corpora")
     plan.add_argument("grid")
+    plan.add_argument("--mfu", type=_fraction, default=DEFAULT_MFU,
+                      help=f"model FLOPs utilisation the GPU-hours assume (default {DEFAULT_MFU})")
+    plan.add_argument("--peak-tflops", type=float, default=H100_BF16_PEAK_TFLOPS,
+                      help=f"peak TFLOP/s of one GPU (default {H100_BF16_PEAK_TFLOPS:g}: H100 SXM, dense bf16)")
     plan.set_defaults(run=_plan)
     submit = sub.add_parser("submit", help="train and evaluate every run (resumes; skips what is done)")
     submit.add_argument("grid")

@@ -105,6 +105,19 @@ def _prepared(config: DataConfig) -> PreparedData:
     return PreparedData(str(tokenizer.path), tokenizer.vocab_size, tuple(train), tuple(valid), weights, record)
 
 
+def corpus_tokens(config: DataConfig) -> list[int] | None:
+    """Training-split tokens of each corpus a config trains on, without tokenizing anything:
+    None for a corpus not prepared yet (raw text is tokenized when its first run starts)."""
+    if config.blend:
+        corpora = [PreparedCorpus(part.prefix) for part in config.blend]
+        if not all(c.finished() for c in corpora):
+            return None
+        return [c.manifest()["splits"]["train"]["tokens"] for c in corpora]
+    if config.train_prefix and Path(f"{config.train_prefix}.bin").is_file():
+        return [indexed_tokens(config.train_prefix)]
+    return None
+
+
 def check_epochs(config: DataConfig, budget: int, corpus_tokens: list[int], weights, bound: bool = False) -> None:
     """The epoch guard: refuse a budget of more than data.max_epochs passes over any corpus
     (a blend's corpus gets its weight's share of the budget). `bound`: the counts are upper
