@@ -20,6 +20,7 @@ from dataclasses import asdict
 from sparsity_scaling.data.prepared import (
     PrepareSettings,
     PreparedCorpus,
+    auto_shard_bytes,
     file_sha256,
     merge_shards,
     plan_record,
@@ -142,7 +143,8 @@ def prepare_corpus(settings: PrepareSettings, address: str | None = None) -> dic
                            f"({corpus.manifest_file.name}); choose another --out or remove it")
     if not corpus.prefix.parent.is_dir():
         raise SettingError("out", settings.out, f"directory {corpus.prefix.parent} does not exist")
-    shards = plan_shards(inputs, settings.shard_bytes, settings.text_field)
+    shard_bytes = settings.shard_bytes or auto_shard_bytes(sum(f.size for f in inputs))
+    shards = plan_shards(inputs, shard_bytes, settings.text_field)
     plan = plan_record(settings, inputs, shards)
     if corpus.plan_file.is_file() and corpus.plan_file.read_text() != json_text(plan):
         say(f"{corpus.parts} holds an unfinished preparation of other inputs or settings; starting over")

@@ -110,9 +110,26 @@ def _run_trial(params: dict, specs: dict, grid_spec: GridFile, workdir: str) -> 
     return {"activation_ratio": summary["activation_ratio"], "tokens": summary["tokens"], "mlflow_delivered": delivered}
 
 
+def check_corpora(grid: Grid) -> None:
+    """Refuse, before anything runs, a run whose corpus is not prepared or too small for its
+    budget (the epoch guard; each distinct data setting is checked once)."""
+    from sparsity_scaling.data.pipeline import check_budget
+
+    checked = set()
+    for spec in grid.runs:
+        key = (spec.config.data.model_dump_json(), spec.config.train.tokens)
+        if key not in checked:
+            checked.add(key)
+            try:
+                check_budget(spec.config.data, spec.config.train.tokens)
+            except UserError as error:
+                raise UserError(f"{grid.path}: run {spec.name}: {error}") from None
+
+
 def submit(grid: Grid, workdir: Workdir, address: str | None = None) -> None:
     """Train and evaluate every run of the grid, then write its report into the workdir."""
     workdir = Workdir(workdir.path.resolve())
+    check_corpora(grid)
     # Ray Train's print patch sends each print of a worker to its logger and, where Ray
     # wraps stdout, to stdout as well: every progress line would reach the driver twice.
     # (Ray passes this variable from the driver to the trainers' workers.)

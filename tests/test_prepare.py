@@ -303,7 +303,7 @@ def test_grid_plan_tells_the_cost_and_the_corpus_before_anything_runs():
     flops = tokens * (6 * (config.model.non_embedding_params() + 16384 * 1792) + 12 * 32 * 1792 * 4096)
     assert sci(flops) in row
     assert f"{flops / (0.5 * 1000e12) / 3600:,.0f}" in row
-    assert "not prepared (no corpus)" in row
+    assert "not prepared (/shared/corpora/pretrain_train)" in row
     assert "GPU-hours at MFU 0.5 of 1000 TFLOP/s" in result.stdout
 
 

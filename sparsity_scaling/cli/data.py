@@ -47,8 +47,9 @@ def add_commands(commands) -> None:
                          help="share of documents in the validation split, by a hash of their text")
     prepare.add_argument("--sample-bytes", type=_count, default=100_000_000,
                          help="text the train:VOCAB tokenizer learns from (default 1e8)")
-    prepare.add_argument("--shard-bytes", type=_count, default=32_000_000,
-                         help="input bytes per shard, the unit of parallel work and of resuming (default 3.2e7)")
+    prepare.add_argument("--shard-bytes", type=_count, default=0,
+                         help="input bytes per shard, the unit of parallel work and of resuming "
+                              "(default: about 64 shards of 1 MB to 64 MB)")
     prepare.add_argument("--skip-bad-lines", action="store_true",
                          help="count and skip malformed records instead of stopping at the first")
     prepare.add_argument("--workers", type=positive_int, help="parallel workers, one CPU each (default: all)")

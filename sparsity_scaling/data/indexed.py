@@ -2,6 +2,15 @@
 
 Corpora prepared for Megatron (with an end-of-document token appended) load as they are:
 the .bin file is the documents' tokens back to back, which we read as one token stream.
+
+Writing needs no megatron-core (its import costs seconds in every tokenizing worker): the
+format is small, and `IndexedWriter` writes it exactly as megatron-core's `_IndexWriter`
+does (the tests read every output back through megatron-core's `IndexedDataset`):
+
+    .idx  b"MMIDIDX\\0\\0", version 1 (<Q), dtype code (<B), sequence count (<Q), document
+          count + 1 (<Q), then sequence lengths (int32), byte pointers into .bin (int64) and
+          document indices (int64: 0, then the sequence count after each document)
+    .bin  the tokens of every sequence back to back
 """
 
 from __future__ import annotations
@@ -12,32 +21,87 @@ import struct
 from pathlib import Path
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType, IndexedDataset, IndexedDatasetBuilder
 
 from ..errors import UserError
 
+_HEADER = b"MMIDIDX\x00\x00"
+# megatron-core's DType codes
+_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16): 3, np.dtype(np.int32): 4,
+          np.dtype(np.int64): 5, np.dtype(np.float64): 6, np.dtype(np.float32): 7, np.dtype(np.uint16): 8}
+_DTYPES = {code: dtype for dtype, code in _CODES.items()}
 
-def token_dtype(vocab_size: int) -> type:
-    """The narrowest dtype megatron-core stores this vocabulary's ids in."""
-    return DType.optimal_dtype(vocab_size)
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest dtype megatron-core stores this vocabulary's ids in (DType.optimal_dtype)."""
+    return np.dtype(np.uint16 if vocab_size < 65500 else np.int32)
+
+
+def _write_index(path: str, dtype: np.dtype, sequences: int, documents: int, sections) -> None:
+    """The .idx file; `sections` yields its arrays (lengths, pointers, document indices) in order."""
+    with open(path, "wb") as out:
+        out.write(_HEADER)
+        out.write(struct.pack("<Q", 1))
+        out.write(struct.pack("<B", _CODES[np.dtype(dtype)]))
+        out.write(struct.pack("<Q", sequences))
+        out.write(struct.pack("<Q", documents + 1))
+        for array in sections:
+            out.write(array.tobytes())
+
+
+class IndexedWriter:
+    """Documents appended one at a time to prefix.bin; prefix.idx written by `close`.
+    Memory: the documents' lengths only."""
+
+    def __init__(self, prefix: str | Path, dtype):
+        self.prefix, self.dtype = str(prefix), np.dtype(dtype)
+        self.bin = open(f"{self.prefix}.bin", "wb")
+        self.lengths: list[int] = []
+
+    def add(self, ids) -> None:
+        tokens = np.asarray(ids, dtype=self.dtype)
+        self.bin.write(tokens.tobytes())
+        self.lengths.append(len(tokens))
+
+    def close(self) -> None:
+        self.bin.close()
+        lengths = np.asarray(self.lengths, dtype=np.int64)
+        pointers = (np.cumsum(lengths) - lengths) * self.dtype.itemsize
+        _write_index(f"{self.prefix}.idx", self.dtype, len(lengths), len(lengths),
+                     [lengths.astype(np.int32), pointers, np.arange(len(lengths) + 1, dtype=np.int64)])
 
 
 def write_indexed(prefix: Path, documents: list[list[int]], vocab_size: int) -> None:
     """Write documents (token id lists) as prefix.bin / prefix.idx."""
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=token_dtype(vocab_size))
+    writer = IndexedWriter(prefix, token_dtype(vocab_size))
     for ids in documents:
-        builder.add_document(np.asarray(ids), [len(ids)])
-    builder.finalize(f"{prefix}.idx")
+        writer.add(ids)
+    writer.close()
+
+
+def read_index(prefix: str | Path) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarray]:
+    """(dtype, sequence lengths, byte pointers, document indices) of a dataset, memory-mapped."""
+    path = f"{prefix}.idx"
+    with open(path, "rb") as f:
+        head = f.read(len(_HEADER) + 8 + 1 + 8 + 8)
+    if len(head) < 34 or not head.startswith(_HEADER):
+        raise UserError(f"{path}: not a megatron-core index file")
+    code, sequences, documents = struct.unpack("<BQQ", head[17:34])
+    lengths = np.memmap(path, dtype=np.int32, mode="r", offset=34, shape=(sequences,)) if sequences else np.zeros(0, np.int32)
+    offset = 34 + 4 * sequences
+    pointers = np.memmap(path, dtype=np.int64, mode="r", offset=offset, shape=(sequences,)) if sequences else np.zeros(0, np.int64)
+    offset += 8 * sequences
+    indices = np.memmap(path, dtype=np.int64, mode="r", offset=offset, shape=(documents,))
+    return _DTYPES[code], lengths, pointers, indices
 
 
 def open_token_stream(prefix: str | Path) -> np.ndarray:
     """The whole dataset as a read-only memory-mapped 1-D token array."""
     prefix = str(prefix)
-    if not IndexedDataset.exists(prefix):
+    if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
         raise UserError(f"{prefix}: no Megatron indexed dataset (.bin and .idx) at this prefix")
-    if os.path.getsize(prefix + ".bin") == 0:  # megatron-core cannot open an empty dataset
+    if os.path.getsize(prefix + ".bin") == 0:  # numpy cannot map an empty file
         return np.zeros(0, dtype=np.int32)
-    return np.memmap(prefix + ".bin", dtype=IndexedDataset(prefix).index.dtype, mode="r")
+    return np.memmap(prefix + ".bin", dtype=read_index(prefix)[0], mode="r")
 
 
 def indexed_tokens(prefix: str | Path) -> int:
@@ -45,55 +109,34 @@ def indexed_tokens(prefix: str | Path) -> int:
     return len(open_token_stream(prefix))
 
 
-def _replace_pair(source: str, target: str) -> None:
-    os.replace(f"{source}.bin", f"{target}.bin")
-    os.replace(f"{source}.idx", f"{target}.idx")
-
-
-def write_indexed_atomic(prefix: Path, write) -> None:
-    """`write(temporary_prefix)` then rename .bin and .idx into place: a crash leaves only
-    `.tmp-` files, never a half-written dataset under `prefix`."""
-    tmp = prefix.with_name(".tmp-" + prefix.name)
-    write(tmp)
-    _replace_pair(str(tmp), str(prefix))
-
-
 def merge_indexed(prefix: Path, parts: list[str], dtype) -> None:
-    """Concatenate indexed datasets, in order, into one at `prefix` (atomically).
+    """Concatenate indexed datasets, in order, into one at `prefix`, atomically: written
+    under `.tmp-` names and renamed into place. Streams: memory holds one part's index."""
+    dtype = np.dtype(dtype)
+    for part in parts:
+        if read_index(part)[0] != dtype:
+            raise UserError(f"{part}: holds {read_index(part)[0]} tokens, not {dtype}")
+    counts = [(len(read_index(p)[1]), len(read_index(p)[3]) - 1) for p in parts]
+    tmp = prefix.with_name(".tmp-" + prefix.name)
+    with open(f"{tmp}.bin", "wb") as out:
+        for part in parts:
+            with open(f"{part}.bin", "rb") as source:
+                shutil.copyfileobj(source, out, 1 << 24)
 
-    Streams: memory holds one part's index at a time, whatever the corpus' size. The index
-    is megatron-core's (`_IndexWriter`): header, version, dtype code, sequence and document
-    counts, then sequence lengths (int32), byte pointers (int64) and document indices (int64).
-    """
-    parts = [part for part in parts if os.path.getsize(f"{part}.bin")]  # empty ones add nothing
-    indexes = [IndexedDataset(part).index for part in parts]
-    itemsize = np.dtype(dtype).itemsize
+    def sections():
+        for part in parts:
+            yield np.asarray(read_index(part)[1])
+        offset = 0
+        for part in parts:
+            _, lengths, pointers, _ = read_index(part)
+            yield np.asarray(pointers) + offset
+            offset += int(np.sum(lengths, dtype=np.int64)) * dtype.itemsize
+        yield np.zeros(1, dtype=np.int64)
+        done = 0
+        for part in parts:
+            yield np.asarray(read_index(part)[3][1:]) + done
+            done += len(read_index(part)[1])
 
-    def write(tmp: Path) -> None:
-        with open(f"{tmp}.bin", "wb") as out:
-            for part in parts:
-                with open(f"{part}.bin", "rb") as source:
-                    shutil.copyfileobj(source, out, 1 << 24)
-        sequences = sum(len(ix.sequence_lengths) for ix in indexes)
-        with open(f"{tmp}.idx", "wb") as out:
-            out.write(_INDEX_HEADER)
-            out.write(struct.pack("<Q", 1))
-            out.write(struct.pack("<B", DType.code_from_dtype(dtype)))
-            out.write(struct.pack("<Q", sequences))
-            out.write(struct.pack("<Q", 1 + sum(len(ix.document_indices) - 1 for ix in indexes)))
-            for ix in indexes:
-                out.write(np.asarray(ix.sequence_lengths, dtype=np.int32).tobytes())
-            offset = 0
-            for ix in indexes:
-                out.write((np.asarray(ix.sequence_pointers, dtype=np.int64) + offset).tobytes())
-                offset += int(np.sum(ix.sequence_lengths, dtype=np.int64)) * itemsize
-            out.write(np.zeros(1, dtype=np.int64).tobytes())
-            done = 0
-            for ix in indexes:
-                out.write((np.asarray(ix.document_indices[1:], dtype=np.int64) + done).tobytes())
-                done += len(ix.sequence_lengths)
-
-    for ix in indexes:
-        if ix.dtype != dtype:
-            raise ValueError(f"cannot merge {ix.dtype} tokens into a {np.dtype(dtype)} dataset")
-    write_indexed_atomic(prefix, write)
+    _write_index(f"{tmp}.idx", dtype, sum(s for s, _ in counts), sum(d for _, d in counts), sections())
+    for ext in (".bin", ".idx"):
+        os.replace(f"{tmp}{ext}", f"{prefix}{ext}")

@@ -135,6 +135,21 @@ def check_epochs(config: DataConfig, budget: int, corpus_tokens: list[int], weig
             )
 
 
+def check_budget(config: DataConfig, budget: int) -> None:
+    """The epoch guard without preparing anything: exact for a prepared corpus, the UTF-8
+    byte bound for raw text (a launcher refuses a grid's runs with it before submitting)."""
+    if config.train_prefix or config.blend:
+        tokens = corpus_tokens(config)
+        if tokens is None:
+            raise UserError(f"data: {config.source} is not prepared; {PREPARE_HINT}")
+        check_epochs(config, budget, tokens, [p.weight for p in config.blend] if config.blend else (1.0,))
+    elif not config.corpus:
+        raise UserError(f"data: this config names no corpus; {PREPARE_HINT}")
+    else:
+        split = split_documents(load_documents(config.corpus, config.max_corpus_bytes), config.val_fraction)
+        check_epochs(config, budget, [sum(len(d.text.encode()) + 1 for d in split.train)], (1.0,), bound=True)
+
+
 def prepare_data(config: DataConfig, budget: int = 0) -> PreparedData:
     """Build (or find in the cache) the tokenizer and indexed datasets a run needs; with a
     token `budget`, refuse it first if it exceeds data.max_epochs of the corpus."""
@@ -149,8 +164,7 @@ def prepare_data(config: DataConfig, budget: int = 0) -> PreparedData:
     cache = cache_root(config)
     split = split_documents(load_documents(config.corpus, config.max_corpus_bytes), config.val_fraction)
     if budget:  # before tokenizing: a tokenizer with byte fallback never makes more tokens than bytes
-        upper = sum(len(d.text.encode()) + 1 for d in split.train)
-        check_epochs(config, budget, [upper], (1.0,), bound=True)
+        check_epochs(config, budget, [sum(len(d.text.encode()) + 1 for d in split.train)], (1.0,), bound=True)
     if config.tokenizer:
         tokenizer = _tokenizer(config.tokenizer)
     else:

@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import SettingError, UserError
 from ..files import write_bytes_atomic, write_json_atomic
 from .corpus import in_validation
-from .indexed import indexed_tokens, merge_indexed, token_dtype
+from .indexed import IndexedWriter, indexed_tokens, merge_indexed, token_dtype
 from .sources import BadRecords, InputFile, Shard, shard_documents
 from .tokenizer import Tokenizer
 
@@ -53,8 +53,8 @@ class PrepareSettings:
     """Share of documents (by a hash of their text) in the validation split."""
     sample_bytes: int = 100_000_000
     """Text the train:VOCAB tokenizer is trained on (a sample of the training split)."""
-    shard_bytes: int = 32_000_000
-    """Input bytes per shard: the unit of parallel work and of resuming."""
+    shard_bytes: int = 0
+    """Input bytes per shard, the unit of parallel work and of resuming (0: `auto_shard_bytes`)."""
     skip_bad_lines: bool = False
     """Count and skip malformed records instead of stopping at the first."""
     workers: int = 0
@@ -65,9 +65,10 @@ class PrepareSettings:
             raise SettingError("inputs", None, "name at least one corpus file or directory")
         if not 0 < self.val_fraction < 0.5:
             raise SettingError("val_fraction", self.val_fraction, "must be in (0, 0.5)")
-        for name in ("sample_bytes", "shard_bytes"):
-            if getattr(self, name) < 1:
-                raise SettingError(name, getattr(self, name), "must be positive")
+        if self.sample_bytes < 1:
+            raise SettingError("sample_bytes", self.sample_bytes, "must be positive")
+        if self.shard_bytes < 0:
+            raise SettingError("shard_bytes", self.shard_bytes, "must be positive (or 0 for automatic)")
         if self.workers < 0:
             raise SettingError("workers", self.workers, "must be positive (or 0 for every CPU)")
         self.trained_vocab  # checks the train:VOCAB form
@@ -89,6 +90,13 @@ class PrepareSettings:
         if self.trained_vocab:
             fields["sample_bytes"] = self.sample_bytes
         return fields
+
+
+def auto_shard_bytes(total_bytes: int) -> int:
+    """About 64 shards, each 1 MB to 64 MB: enough to keep a pool of workers evenly busy to
+    the end, few enough files for a corpus of terabytes. It depends on the inputs alone, so
+    a resumed preparation cuts the same shards whatever the cluster's size."""
+    return int(min(max(total_bytes / 64, 1e6), 6.4e7))
 
 
 class PreparedCorpus:
@@ -174,9 +182,7 @@ def tokenize_shard(corpus: PreparedCorpus, shard: Shard, tokenizer: Tokenizer, s
     tokens = {split: 0 for split in SPLITS}
 
     def write(prefixes: dict[str, Path]) -> None:
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-        builders = {split: IndexedDatasetBuilder(f"{prefixes[split]}.bin", dtype=dtype) for split in SPLITS}
+        writers = {split: IndexedWriter(prefixes[split], dtype) for split in SPLITS}
         batch: list[str] = []
 
         def flush() -> None:
@@ -184,7 +190,7 @@ def tokenize_shard(corpus: PreparedCorpus, shard: Shard, tokenizer: Tokenizer, s
                 digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
                 split = "valid" if in_validation(digest, settings.val_fraction) else "train"
                 ids.append(tokenizer.eos_id)
-                builders[split].add_document(np.asarray(ids, dtype=dtype), [len(ids)])
+                writers[split].add(ids)
                 documents[split] += 1
                 tokens[split] += len(ids)
             batch.clear()
@@ -197,8 +203,8 @@ def tokenize_shard(corpus: PreparedCorpus, shard: Shard, tokenizer: Tokenizer, s
                 flush()
                 size = 0
         flush()
-        for split in SPLITS:
-            builders[split].finalize(f"{prefixes[split]}.idx")
+        for writer in writers.values():
+            writer.close()
 
     # per-process names: a worker of an interrupted run may still be finishing the same shard
     tmp = {split: corpus.parts / f".tmp-{os.getpid()}-{corpus.shard_split(shard.index, split).name}" for split in SPLITS}
