@@ -18,10 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 from sparsity_scaling.data.prepared import (
-    PrepareSettings,
     PreparedCorpus,
+    PrepareSettings,
     auto_shard_bytes,
-    file_sha256,
     merge_shards,
     plan_record,
     sample_for_tokenizer,
@@ -29,9 +28,13 @@ from sparsity_scaling.data.prepared import (
     write_manifest,
 )
 from sparsity_scaling.data.sources import Shard, find_inputs, plan_shards
-from sparsity_scaling.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
+from sparsity_scaling.data.tokenizer import (
+    Tokenizer,
+    load_tokenizer,
+    train_sentencepiece,
+)
 from sparsity_scaling.errors import SettingError, UserError
-from sparsity_scaling.files import json_text, write_json_atomic
+from sparsity_scaling.files import json_text, sha256_file, write_json_atomic
 from sparsity_scaling.formatting import duration, short_count
 
 
@@ -157,7 +160,7 @@ def prepare_corpus(settings: PrepareSettings, address: str | None = None) -> dic
     total_bytes = sum(s.size for s in shards)  # parquet: uncompressed
     say(f"{len(inputs)} input files, {total_bytes / 1e6:.1f} MB of text, {len(shards)} shards")
     with ThreadPoolExecutor(1) as hasher:  # checksums of the inputs, while the workers tokenize
-        hashes = hasher.map(file_sha256, [f.path for f in inputs])
+        hashes = hasher.map(sha256_file, [f.path for f in inputs])
         tokenizer = _tokenizer(corpus, settings, shards)
         records = {}
         for shard in shards:

@@ -6,6 +6,7 @@ with lists of plain values kept on one line.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -16,6 +17,15 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 hex digest of a file, read in chunks (files of any size)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

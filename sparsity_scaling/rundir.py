@@ -26,7 +26,6 @@ complete, and an interrupted write leaves older checkpoints untouched.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -35,18 +34,10 @@ from pathlib import Path
 
 from .config import RunConfig, load_config
 from .errors import SettingError, UserError
-from .files import write_json_atomic, write_text_atomic
+from .files import sha256_file, write_json_atomic, write_text_atomic
 
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import MICRO, REPO, run_cli
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from conftest import MICRO, REPO, run_cli
 from sparsity_scaling.config import DataConfig, load_config
 from sparsity_scaling.data.corpus import in_validation
 from sparsity_scaling.data.indexed import write_indexed
@@ -276,9 +276,19 @@ def test_a_run_trains_on_a_blend_of_prepared_corpora(corpus, trained, hf_tokeniz
     record = json.loads(run.data_record.read_text())
     assert [p["weight"] for p in record["blend"]] == [0.7, 0.3]
     assert run.tokenizer.read_bytes() == Path(f"{trained}.model").read_bytes()
+    # its checkpoints are measured on the blend's validation mix
+    measured = run_cli("evaluate", "--checkpoint", str(run.checkpoints()[-1].path), "--metric", "topk",
+                       "--value", "16", "--eval-tokens", "1024", "--json", str(tmp_path / "topk.json"))
+    assert measured.returncode == 0, measured.stderr[-3000:]
+    assert json.loads((tmp_path / "topk.json").read_text())["activation_ratio"] == pytest.approx(16 / 160, abs=0.01)
 
     hf = tmp_path / "hf"
     assert _prepare(corpus / "c.parquet", "--out", hf, "--tokenizer", hf_tokenizer, address=ray_address).returncode == 0
+    hf_run = run_cli("train", str(MICRO), "--out", str(tmp_path / "hf-run"), "--set", f"data.train_prefix={hf}_train",
+                     "--set", f"data.valid_prefix={hf}_valid", "--set", f"data.tokenizer={hf_tokenizer}",
+                     "--set", "train.tokens=4096", "--set", "checkpoint.first_tokens=4096")
+    assert hf_run.returncode == 0, hf_run.stderr[-3000:]
+    assert (RunDir(tmp_path / "hf-run").tokenizer / "tokenizer.json").is_file()
     mixed = f"[{{prefix: {trained}, weight: 1}}, {{prefix: {hf}, weight: 1}}]"
     refused = run_cli("train", str(MICRO), "--out", str(tmp_path / "mixed"), "--set", f"data.blend={mixed}",
                       "--set", f"data.tokenizer={trained}.model")

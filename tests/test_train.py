@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import MICRO, REPO, run_cli
-from sparsity_scaling.rundir import RunDir, sha256_file
+
+from sparsity_scaling.files import sha256_file
+from sparsity_scaling.rundir import RunDir
 
 
 def _points(run: Path, kind: str) -> dict[int, float]:

@@ -18,6 +18,11 @@ from typing import Iterable, Iterator
 from ..errors import UserError
 
 
+def text_digest(text: str) -> str:
+    """The sha256 of a text's UTF-8 bytes: what the train/validation split is drawn from."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 @dataclass(frozen=True)
 class Document:
     id: str  # "code/json/decoder.py", "doc/assert", "file.txt", "file.jsonl:12"
@@ -25,7 +30,7 @@ class Document:
 
     @property
     def digest(self) -> str:
-        return hashlib.sha256(self.text.encode()).hexdigest()
+        return text_digest(self.text)
 
     @property
     def kind(self) -> str:

@@ -16,7 +16,6 @@ is here; running the shards in parallel is the launcher's (`launcher/prepare.py`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ import numpy as np
 
 from ..errors import SettingError, UserError
 from ..files import write_bytes_atomic, write_json_atomic
-from .corpus import in_validation
+from .corpus import in_validation, text_digest
 from .indexed import IndexedWriter, indexed_tokens, merge_indexed, token_dtype
 from .sources import BadRecords, InputFile, Shard, shard_documents
 from .tokenizer import Tokenizer
@@ -164,52 +163,35 @@ class PreparedCorpus:
         return None
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def tokenize_shard(corpus: PreparedCorpus, shard: Shard, tokenizer: Tokenizer, settings: PrepareSettings) -> dict:
     """Tokenize one shard into its two indexed datasets, then write its record (last, so a
     shard with a record is whole). Streams: memory holds one batch of documents."""
     started = time.time()
     bad = BadRecords(settings.skip_bad_lines)
-    dtype = token_dtype(tokenizer.vocab_size)
     documents = {split: 0 for split in SPLITS}
     tokens = {split: 0 for split in SPLITS}
-
-    def write(prefixes: dict[str, Path]) -> None:
-        writers = {split: IndexedWriter(prefixes[split], dtype) for split in SPLITS}
-        batch: list[str] = []
-
-        def flush() -> None:
-            for text, ids in zip(batch, tokenizer.encode(batch, threads=1)):
-                digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-                split = "valid" if in_validation(digest, settings.val_fraction) else "train"
-                ids.append(tokenizer.eos_id)
-                writers[split].add(ids)
-                documents[split] += 1
-                tokens[split] += len(ids)
-            batch.clear()
-
-        size = 0
-        for text in shard_documents(shard, settings.text_field, bad):
-            batch.append(text)
-            size += len(text)
-            if size >= 1 << 20 or len(batch) >= 1024:
-                flush()
-                size = 0
-        flush()
-        for writer in writers.values():
-            writer.close()
-
     # per-process names: a worker of an interrupted run may still be finishing the same shard
     tmp = {split: corpus.parts / f".tmp-{os.getpid()}-{corpus.shard_split(shard.index, split).name}" for split in SPLITS}
-    write(tmp)
-    for split in SPLITS:
+    writers = {split: IndexedWriter(tmp[split], token_dtype(tokenizer.vocab_size)) for split in SPLITS}
+
+    def write(batch: list[str]) -> None:
+        for text, ids in zip(batch, tokenizer.encode(batch, threads=1)):
+            split = "valid" if in_validation(text_digest(text), settings.val_fraction) else "train"
+            ids.append(tokenizer.eos_id)
+            writers[split].add(ids)
+            documents[split] += 1
+            tokens[split] += len(ids)
+
+    batch, size = [], 0
+    for text in shard_documents(shard, settings.text_field, bad):
+        batch.append(text)
+        size += len(text)
+        if size >= 1 << 20 or len(batch) >= 1024:
+            write(batch)
+            batch, size = [], 0
+    write(batch)
+    for split, writer in writers.items():
+        writer.close()
         for ext in (".bin", ".idx"):
             os.replace(f"{tmp[split]}{ext}", f"{corpus.shard_split(shard.index, split)}{ext}")
     record = {"index": shard.index, "documents": documents, "tokens": tokens, "bytes": shard.size,
@@ -228,8 +210,7 @@ def sample_for_tokenizer(shards: list[Shard], settings: PrepareSettings) -> list
         for text in shard_documents(shard, settings.text_field, bad):
             if taken >= share:
                 break
-            if not in_validation(hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(),
-                                 settings.val_fraction):
+            if not in_validation(text_digest(text), settings.val_fraction):
                 texts.append(text)
                 taken += len(text.encode("utf-8", "surrogatepass"))
     if not texts:
