@@ -233,6 +233,49 @@ def test_evaluate_run_applies_one_stabilised_cett(micro_run):
     assert mean_ratio == pytest.approx(1.01, abs=3e-3)
 
 
+def _stabilising_checks(paths: list[str], tokens_path) -> dict:
+    import gc
+    import weakref
+
+    from sparsity_scaling.hf import load_target
+    from sparsity_scaling.metrics.measure import EvalData
+    from sparsity_scaling.metrics.search import Evaluator, ReloadingEvaluator, stabilised_cett
+    from sparsity_scaling.parallel import init_parallel
+
+    init_parallel(1)
+    data = EvalData(torch.from_numpy(np.load(tokens_path)))
+    alive, peak = weakref.WeakSet(), [0]
+
+    def loader(path):
+        def load():
+            gc.collect()
+            target = load_target(checkpoint=path)
+            alive.add(target)
+            peak[0] = max(peak[0], len(alive))
+            return target
+        return load
+
+    reloading = [ReloadingEvaluator(loader(p), data) for p in paths]
+    gc.collect()
+    between = len(alive)
+    bounded = stabilised_cett(reloading, 1.0)
+    parked = all(ev.target is None and all(layer.w_out is None for layer in ev.cett.layers.values())
+                 for ev in reloading)
+    every_model_kept = stabilised_cett([Evaluator(load_target(checkpoint=p), data) for p in paths], 1.0)
+    return {"between": between, "peak": peak[0], "parked": parked, "bounded": bounded, "kept": every_model_kept}
+
+
+def test_stabilising_strategy_holds_one_model_at_a_time_and_gives_the_same_cett(micro_run, tokens_file):
+    """The last checkpoints keep their calibration, not their models: the search loads each
+    model for a measurement and frees it, and finds the same CETT as with every model kept."""
+    paths = [str(c.path) for c in RunDir(micro_run).checkpoints()]
+    out = run_ranks(1, _stabilising_checks, paths, tokens_file)[0]
+    assert out["between"] == 0  # between measurements no model stays in memory
+    assert out["peak"] == 1  # while measuring, one
+    assert out["parked"]  # a parked evaluator keeps its calibration, no weights
+    assert out["bounded"] == out["kept"]  # the same search, the same arithmetic: exactly equal
+
+
 def test_exported_llama_gives_the_same_ppl_p_as_our_checkpoint(micro_run, tokens_file, tmp_path):
     from sparsity_scaling.hf import export_llama
 

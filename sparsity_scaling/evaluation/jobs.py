@@ -12,7 +12,7 @@ import torch.distributed as dist
 from ..errors import SettingError, UserError
 from ..files import json_text, write_json_atomic
 from ..metrics.result import thresholds_artifact
-from ..metrics.search import Evaluator, ppl_p, stabilised_cett
+from ..metrics.search import Evaluator, ReloadingEvaluator, ppl_p, stabilised_cett
 from ..parallel import init_parallel
 from ..rundir import RunDir, read_checkpoint
 from .inputs import ModelRef, load_eval_data
@@ -74,17 +74,21 @@ def evaluate_run(run_dir: str | Path, metric: MetricSettings, data: DataSettings
     init_parallel(tp)
     started = time.time()
 
-    def evaluator(checkpoint) -> Evaluator:
-        return load_evaluator(ModelRef(checkpoint=str(checkpoint.path)), data, metric, tp)
+    def reloading(checkpoint) -> ReloadingEvaluator:
+        model = ModelRef(checkpoint=str(checkpoint.path))
+        return ReloadingEvaluator(lambda: model.load(tp), load_eval_data(model, data), metric.calibration_tokens)
 
-    final = [evaluator(c) for c in checkpoints[-last:]]
+    # one model in memory at a time: the last checkpoints keep only their calibration
+    final = [reloading(c) for c in checkpoints[-last:]]
     cett = stabilised_cett(final, metric.p)
     points = []
     for index, ck in enumerate(checkpoints):
         reuse = index - (len(checkpoints) - len(final))
-        ev = final[reuse] if reuse >= 0 else evaluator(ck)
-        rule = ev.cett_rule(cett)
-        result = ev.result("ppl-p-stabilised", rule, ev.measure(rule))
+        evaluator = final[reuse] if reuse >= 0 else load_evaluator(ModelRef(checkpoint=str(ck.path)), data, metric, tp)
+        with evaluator.loaded() as ev:
+            rule = ev.cett_rule(cett)
+            result = ev.result("ppl-p-stabilised", rule, ev.measure(rule))
+        del evaluator
         record = result.to_dict()
         record["eval_tokens"] = record.pop("tokens")  # "tokens" is the training-token count here
         points.append({"checkpoint": ck.name, "tokens": ck.tokens, "step": ck.step, **record})

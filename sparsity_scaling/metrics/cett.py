@@ -43,9 +43,21 @@ class CETTSearch:
         }
         self.flops = 0.0  # multiply-adds x 2 spent in evaluations (per rank)
 
+    def release_weights(self) -> None:
+        """Let go of the model's W_out (to free the model); `attach` before new evaluations."""
+        for state in self.layers.values():
+            state.w_out = None
+
+    def attach(self, target: SparsityTarget) -> None:
+        """W_out again, from the same model reloaded."""
+        for ffn in target.ffns:
+            self.layers[ffn.layer].w_out = ffn.output_weight().cpu()
+
     def cett(self, layer: int, eps: float) -> float:
         """CETT of `layer` at threshold eps, averaged over all ranks' calibration tokens."""
         state = self.layers[layer]
+        if state.w_out is None:
+            raise RuntimeError("CETTSearch.cett after release_weights: attach the model first")
         inactive = state.a * (state.m < eps)
         residual = sum_tp(inactive @ state.w_out.t())[state.valid]
         self.flops += 2.0 * state.a.numel() * state.w_out.shape[0]

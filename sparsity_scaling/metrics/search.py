@@ -7,10 +7,12 @@ relative to one forward pass over the validation data.
 
 from __future__ import annotations
 
+import gc
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from ..errors import UserError
 from . import check_p
@@ -40,6 +42,11 @@ class Evaluator:
         self.passes += 1
         return sparse_pass(self.target, self.data, rule)
 
+    @contextmanager
+    def loaded(self) -> Iterator["Evaluator"]:
+        """This evaluator with its model in memory (it always is; see `ReloadingEvaluator`)."""
+        yield self
+
     def cett_rule(self, value: float) -> PerNeuronThreshold:
         eps = self.cett.thresholds(value)
         return PerNeuronThreshold(
@@ -63,6 +70,32 @@ class Evaluator:
             thresholds=getattr(rule, "layer_eps", None),
             extra=extra,
         )
+
+
+class ReloadingEvaluator(Evaluator):
+    """An evaluator that keeps its dense pass and calibration but not its model between
+    measurements: `loaded()` loads the model for a measurement and frees it after. The
+    stabilising strategy compares several checkpoints at every step of its search; with
+    these, memory holds one model at a time plus each checkpoint's calibration."""
+
+    def __init__(self, load: Callable[[], SparsityTarget], data: EvalData, calibration_tokens: int = 8192):
+        super().__init__(load(), data, calibration_tokens)
+        self.load = load
+        self._park()
+
+    def _park(self) -> None:
+        self.target = None
+        self.cett.release_weights()
+        gc.collect()
+
+    @contextmanager
+    def loaded(self) -> Iterator[Evaluator]:
+        self.target = self.load()
+        self.cett.attach(self.target)
+        try:
+            yield self
+        finally:
+            self._park()
 
 
 @dataclass
@@ -148,13 +181,15 @@ def ppl_p(evaluator: Evaluator, p: float, measured: dict | None = None) -> Spars
 
 def stabilised_cett(evaluators: Sequence[Evaluator], p: float) -> float:
     """The paper's stabilising strategy: one CETT whose PPL ratio, averaged over the given
-    (last five) checkpoints, is 1 + p/100."""
+    (last five) checkpoints, is 1 + p/100. Each evaluator's model is in memory only while it
+    is measured (with `ReloadingEvaluator`s: one model at a time)."""
     check_p(p)
 
     def measure(c: float) -> Point:
         ratios, acts = [], []
-        for ev in evaluators:
-            sparse = ev.measure(ev.cett_rule(c))
+        for evaluator in evaluators:
+            with evaluator.loaded() as ev:
+                sparse = ev.measure(ev.cett_rule(c))
             ratios.append(sparse.ppl / ev.dense.ppl)
             acts.append(sparse.activation_ratio)
         return Point(c, sum(ratios) / len(ratios), sum(acts) / len(acts))
