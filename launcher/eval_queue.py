@@ -5,6 +5,7 @@ directory, delivered to MLflow by `sync_run`."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import ray
@@ -21,31 +22,94 @@ from .tracking import sync_run
 OUTSIDE_TRIAL = {"scheduling_strategy": "DEFAULT"}
 
 
-@ray.remote(num_cpus=1)
-def evaluate_checkpoint_task(checkpoint: str, evaluation: Evaluation) -> dict:
+@ray.remote(num_cpus=0)
+class _Rank:
+    """One rank of an evaluation job: a Ray worker with the job's CPUs and GPUs per rank."""
+
+    def address(self) -> tuple[str, int]:
+        from sparsity_scaling.parallel import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def run(self, rank: int, world: int, master: tuple[str, int], fn, *args):
+        from sparsity_scaling.parallel import shutdown_parallel
+
+        # Ray shows each rank only its own GPUs, so its device is always the first one.
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0",
+                          MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
+        try:
+            return fn(*args)
+        finally:
+            shutdown_parallel()
+
+
+def run_job(evaluation: Evaluation, fn, *args):
+    """fn(*args) on `evaluation.tp` ranks that form one process group (a placement group of
+    one bundle per rank); rank 0's result. fn runs `init_parallel(tp)` and lets rank 0 write."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    per_rank = evaluation.rank_resources()
+    group = placement_group([per_rank] * evaluation.tp, strategy="PACK")
+    ray.get(group.ready())
+    try:
+        ranks = [_Rank.options(num_cpus=evaluation.cpus, num_gpus=evaluation.gpus,
+                               scheduling_strategy=PlacementGroupSchedulingStrategy(group, index)).remote()
+                 for index in range(evaluation.tp)]
+        master = ray.get(ranks[0].address.remote())
+        results = ray.get([r.run.remote(i, evaluation.tp, master, fn, *args) for i, r in enumerate(ranks)])
+    finally:
+        remove_placement_group(group)
+    return results[0]
+
+
+def _checkpoint_job(checkpoint: str, evaluation: Evaluation) -> dict:
+    import torch.distributed as dist
+
     from sparsity_scaling.evaluation.jobs import evaluate_checkpoint
 
     ck = read_checkpoint(checkpoint)
-    record = evaluate_checkpoint(checkpoint, evaluation.metric(), evaluation.data())
-    write_json_atomic(ck.run.evaluation_of(ck.path), record)
-    sync_run(ck.run.path)
+    record = evaluate_checkpoint(checkpoint, evaluation.metric(), evaluation.data(), evaluation.tp)
+    if dist.get_rank() == 0:
+        write_json_atomic(ck.run.evaluation_of(ck.path), record)
     return record
 
 
-@ray.remote(num_cpus=1)
-def evaluate_run_task(run_dir: str, evaluation: Evaluation) -> None:
+def _run_job(run_dir: str, evaluation: Evaluation) -> None:
     from sparsity_scaling.evaluation.jobs import evaluate_run
 
-    evaluate_run(run_dir, evaluation.metric(), evaluation.data(), evaluation.last)
+    evaluate_run(run_dir, evaluation.metric(), evaluation.data(), evaluation.last, evaluation.tp)
+
+
+# A job's orchestrating task holds no resources (its ranks do); if a node with one of its
+# ranks dies, the task fails with the rank's actor and Ray runs it again.
+JOB = {**OUTSIDE_TRIAL, "num_cpus": 0, "retry_exceptions": [ray.exceptions.RayActorError], "max_retries": 3}
+
+
+@ray.remote
+def evaluate_checkpoint_task(checkpoint: str, evaluation: Evaluation) -> dict:
+    record = run_job(evaluation, _checkpoint_job, checkpoint, evaluation)
+    sync_run(read_checkpoint(checkpoint).run.path)
+    return record
+
+
+@ray.remote
+def evaluate_run_task(run_dir: str, evaluation: Evaluation) -> None:
+    run_job(evaluation, _run_job, run_dir, evaluation)
     plot_run(RunDir(run_dir))
     sync_run(run_dir)
 
 
-@ray.remote(num_cpus=1)
-def pareto_task(run_dir: str, evaluation: Evaluation) -> None:
+def _pareto_job(run_dir: str, evaluation: Evaluation) -> None:
     from sparsity_scaling.analysis.pareto import pareto_of_run
 
     pareto_of_run(run_dir, evaluation.metric(), evaluation.data())
+
+
+@ray.remote
+def pareto_task(run_dir: str, evaluation: Evaluation) -> None:
+    """The Pareto curves at the last checkpoint (one rank with the job's per-rank resources)."""
+    run_job(evaluation.model_copy(update={"tp": 1}), _pareto_job, run_dir, evaluation)
     sync_run(run_dir)
 
 
@@ -69,7 +133,7 @@ class EvaluationQueue:
         self.run = RunDir(run_dir)
         self.evaluation = evaluation
         self.tasks: dict[str, ray.ObjectRef] = {}
-        self.placement = {**OUTSIDE_TRIAL, "num_cpus": evaluation.cpus}
+        self.placement = JOB
 
     def checkpoint_ready(self, checkpoint: str) -> None:
         if checkpoint not in self.tasks and not self.run.evaluation_of(Path(checkpoint)).is_file():

@@ -66,7 +66,11 @@ class Evaluation(_Section):
     calibration_tokens: int = 8192
     """Dense activations kept to calibrate thresholds."""
     cpus: float = 1
-    """Logical CPUs of one evaluation job (below 1 to share cores with training)."""
+    """Logical CPUs of each rank of an evaluation job (below 1 to share cores with training)."""
+    gpus: float = 0
+    """GPUs of each rank of an evaluation job (fractional to share a GPU)."""
+    tp: int = 1
+    """Tensor-parallel ranks of one evaluation job (for checkpoints too large for one device)."""
     pareto: bool = True
     """Draw the Pareto curves of every method at the last checkpoint."""
 
@@ -78,7 +82,17 @@ class Evaluation(_Section):
             raise ValueError(str(error)) from None
         if self.last < 1:
             raise ValueError("last must be at least 1")
+        if self.tp < 1 or self.cpus <= 0 or self.gpus < 0:
+            raise ValueError("tp must be at least 1, cpus positive and gpus at least 0")
         return self
+
+    def rank_resources(self) -> dict[str, float]:
+        """What each rank of an evaluation job asks Ray for."""
+        return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
+
+    def describe(self) -> str:
+        per_rank = f"{self.cpus:g} CPU, {self.gpus:g} GPU"
+        return f"evaluation jobs: {self.tp} rank(s) of {per_rank}" if self.tp > 1 else f"evaluation jobs: {per_rank}"
 
     def metric(self):
         """The PPL-p% measurement these settings ask for."""
@@ -228,6 +242,10 @@ def load_grid(path: str | Path) -> Grid:
             config = load_config(base, list(overrides))
         except UserError as error:
             raise UserError(f"{path}: run {name}: {error}") from None
+        for field in ("n_heads", "d_ff"):
+            if getattr(config.model, field) % spec.evaluation.tp:
+                raise UserError(f"{path}: evaluation.tp {spec.evaluation.tp} does not divide model.{field} "
+                                f"{getattr(config.model, field)} of run {name}")
         runs.append(RunSpec(name, config, base, overrides))
     unknown = set(spec.points) - set(seen)
     if unknown:
@@ -284,7 +302,8 @@ def plan_table(grid: Grid, mfu: float, peak_tflops: float) -> str:
                "GPU-h", "ckpts", "storage GB", "corpus tokens", "epochs"]
     return "\n".join([
         f"grid {grid.name}: {len(grid.runs)} runs, each {res.workers} workers "
-        f"(tp {res.tp} x dp {res.dp}; {res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU per worker)",
+        f"(tp {res.tp} x dp {res.dp}; {res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU per worker); "
+        f"{grid.spec.evaluation.describe()}",
         table(headers, rows),
         f"total: {sci(total['flops'])} FLOPs, {_amount(total['gpu_hours'])} GPU-hours at MFU {mfu:g} of "
         f"{peak_tflops:g} TFLOP/s, {_amount(total['storage'] / 1e9)} GB of checkpoints "

@@ -48,6 +48,16 @@ def check_resources(grid: Grid) -> None:
                 f"{grid.path}: resources: a run needs {need * res.workers:g} {key} "
                 f"({res.workers} workers), the cluster has {total:g}"
             )
+    evaluation = grid.spec.evaluation
+    for key, need in evaluation.rank_resources().items():
+        if not any(node.get(key, 0) >= need for node in nodes):
+            best = max((node.get(key, 0) for node in nodes), default=0)
+            raise UserError(f"{grid.path}: evaluation.{key.lower()}s {need:g}: no node has that many {key}s "
+                            f"(the most on one node: {best:g})")
+        total = sum(node.get(key, 0) for node in nodes)
+        if need * evaluation.tp > total:
+            raise UserError(f"{grid.path}: evaluation.tp {evaluation.tp}: a job needs {need * evaluation.tp:g} "
+                            f"{key}s, the cluster has {total:g}")
 
 
 class GridCallback(Callback):
@@ -134,10 +144,10 @@ def submit(grid: Grid, workdir: Workdir, address: str | None = None) -> None:
     # wraps stdout, to stdout as well: every progress line would reach the driver twice.
     # (Ray passes this variable from the driver to the trainers' workers.)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    connect_ray(address)
+    check_resources(grid)
     with tracking(workdir) as uri:
         check_tracking_uri(uri)
-        connect_ray(address)
-        check_resources(grid)
         parent = parent_run(uri, grid)
         for spec in grid.runs:
             child_run(uri, grid, spec, parent, workdir.run(spec.name))

@@ -248,14 +248,17 @@ def _pending_points(run: RunDir, cursor: dict) -> tuple[list[tuple[str, float, i
         else:
             points.append(("val_loss", point["loss"], tokens))
         new[kind] = max(new.get(kind, -1), tokens)
+    # checkpoints' evaluations finish in any order: the cursor lists each one delivered
+    delivered = set(cursor.get("checkpoint_evals", []))
     for result in run.evaluations():
         tokens = result["train_tokens"]
-        if tokens <= cursor.get("checkpoint_eval", -1):
+        if tokens in delivered:
             continue
         points += [("activation_ratio_checkpoint", result["activation_ratio"], tokens),
                    ("cett_checkpoint", result["cett"], tokens),
                    ("ppl_ratio_checkpoint", result["ppl_ratio"], tokens)]
-        new["checkpoint_eval"] = max(new.get("checkpoint_eval", -1), tokens)
+        delivered.add(tokens)
+    new["checkpoint_evals"] = sorted(delivered)
     record = None if cursor.get("stabilised") else run.sparsity_record()
     if record is not None:
         for point in record["checkpoints"]:

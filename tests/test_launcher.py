@@ -192,6 +192,7 @@ def test_killed_worker_is_restarted_and_the_trajectory_is_unchanged(grid_run, ra
         ("name: g\nbase: ../models/micro.yaml\naxes: [{product: {model.activaton: [relu]}}]\n", "model.activaton"),
         ("name: g\nbase: ../models/micro.yaml\naxes: [{list: [{train.lr: 0.1}, {train.lr: 0.1}]}]\n", "share the output directory"),
         ("name: g\nbase: ../models/micro.yaml\naxes: [{triangle: {train.lr: [1]}}]\n", "unknown axis kind"),
+        ("name: g\nbase: ../models/micro.yaml\nevaluation: {tp: 3}\n", "evaluation.tp 3 does not divide model.n_heads 4"),
     ],
 )
 def test_invalid_grids_are_refused_before_anything_runs(tmp_path, grid_text, message):
@@ -203,6 +204,55 @@ def test_invalid_grids_are_refused_before_anything_runs(tmp_path, grid_text, mes
         grid.unlink()
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_evaluation_resources_no_node_has_are_refused_before_anything_runs(tmp_path, ray_address):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"name: g\nbase: {REPO / 'configs' / 'models' / 'micro.yaml'}\nevaluation: {{gpus: 1}}\n")
+    result = run_cli("grid", "submit", str(grid), "--address", ray_address, "--workdir", str(tmp_path / "w"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "evaluation.gpus 1: no node has that many GPUs (the most on one node: 0)" in result.stderr
+    assert not (tmp_path / "w").exists()
+    assert "evaluation jobs: 1 CPU, 1 GPU" in run_cli("grid", "plan", str(grid)).stdout
+
+
+def test_an_evaluation_job_across_two_tensor_parallel_ranks_matches_one_rank(micro_run, tmp_path, ray_address):
+    """The grid's evaluation job (a placement group of `evaluation.tp` Ray workers forming
+    one process group) gives the activation ratio of a single-rank job."""
+    import shutil
+
+    import ray
+
+    from launcher.eval_queue import _checkpoint_job, run_job
+    from launcher.grid import Evaluation
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    checkpoint = str(RunDir(run).checkpoints()[-1].path)
+    ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+    try:
+        one = run_job(Evaluation(eval_tokens=4096, cpus=1), _checkpoint_job, checkpoint, Evaluation(eval_tokens=4096))
+        two_ranks = Evaluation(eval_tokens=4096, cpus=1, tp=2)
+        two = run_job(two_ranks, _checkpoint_job, checkpoint, two_ranks)
+    finally:
+        ray.shutdown()
+    assert two["activation_ratio"] == pytest.approx(one["activation_ratio"], abs=2e-3)
+    assert two["cett"] == pytest.approx(one["cett"], rel=1e-2)
+    assert two["dense_ppl"] == pytest.approx(one["dense_ppl"], rel=1e-5)
+    written = json.loads((RunDir(run).evaluation_of(Path(checkpoint))).read_text())
+    assert written == two  # rank 0 wrote it, once
+
+
+def test_a_checkpoint_too_large_for_one_device_is_refused_with_the_tp_it_needs(micro_run):
+    from sparsity_scaling.errors import SettingError
+    from sparsity_scaling.evaluation.jobs import check_fits
+
+    checkpoint = RunDir(micro_run).checkpoints()[-1]
+    size = checkpoint.weights.stat().st_size
+    check_fits(checkpoint, tp=1, free_bytes=2 * size)
+    with pytest.raises(SettingError, match="do not fit one device .* it needs tp of at least 3"):
+        check_fits(checkpoint, tp=2, free_bytes=size // 2)
+    check_fits(checkpoint, tp=3, free_bytes=size // 2)
 
 
 def test_unreachable_ray_and_mlflow_are_clear_errors(tmp_path, ray_address):

@@ -4,9 +4,11 @@ of a grid run, and every checkpoint of a run with the stabilising strategy
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from ..errors import SettingError, UserError
@@ -14,7 +16,7 @@ from ..files import json_text, write_json_atomic
 from ..metrics.result import thresholds_artifact
 from ..metrics.search import Evaluator, ReloadingEvaluator, ppl_p, stabilised_cett
 from ..parallel import init_parallel
-from ..rundir import RunDir, read_checkpoint
+from ..rundir import Checkpoint, RunDir, read_checkpoint
 from .inputs import ModelRef, load_eval_data
 from .metric import measure
 from .settings import DataSettings, MetricSettings
@@ -49,12 +51,28 @@ def evaluate_model(model: ModelRef, metric: MetricSettings, data: DataSettings, 
     print(json_text(record), end="")
 
 
-def evaluate_checkpoint(checkpoint: str | Path, metric: MetricSettings, data: DataSettings) -> dict:
-    """PPL-p% of one of our checkpoints on its run's validation split (this process, TP 1),
-    as the grid records it."""
-    init_parallel(1)
+def check_fits(checkpoint: Checkpoint, tp: int, free_bytes: int | None = None) -> None:
+    """Refuse, before loading, a checkpoint whose share of weights does not fit its device:
+    each of `tp` ranks holds 1/tp of the fp32 weights, plus a quarter for activations and
+    calibration. `free_bytes`: the device's free memory (default: the GPU's, if any)."""
+    if free_bytes is None:
+        if not torch.cuda.is_available():
+            return
+        free_bytes = torch.cuda.mem_get_info()[0]
+    weights = checkpoint.weights.stat().st_size
+    if weights * 1.25 / tp > free_bytes:
+        needed = math.ceil(weights * 1.25 / free_bytes)
+        raise SettingError("tp", tp, f"{checkpoint.path}: its {weights / 1e9:.1f} GB of weights do not fit one "
+                           f"device ({free_bytes / 1e9:.1f} GB free) at this tp; it needs tp of at least {needed}")
+
+
+def evaluate_checkpoint(checkpoint: str | Path, metric: MetricSettings, data: DataSettings, tp: int = 1) -> dict:
+    """PPL-p% of one of our checkpoints on its run's validation split, on the `tp` ranks of
+    this job, as the grid records it (every rank returns it)."""
+    init_parallel(tp)
     ck = read_checkpoint(checkpoint)
-    result = ppl_p(load_evaluator(ModelRef(checkpoint=str(ck.path)), data, metric), metric.p)
+    check_fits(ck, tp)
+    result = ppl_p(load_evaluator(ModelRef(checkpoint=str(ck.path)), data, metric, tp), metric.p)
     record = result.to_dict()
     record["eval_tokens"] = record.pop("tokens")
     return {"checkpoint": ck.name, "train_tokens": ck.tokens, "step": ck.step, **record}
@@ -72,6 +90,7 @@ def evaluate_run(run_dir: str | Path, metric: MetricSettings, data: DataSettings
     if last < 1:
         raise SettingError("last", last, "must be at least 1")
     init_parallel(tp)
+    check_fits(checkpoints[-1], tp)
     started = time.time()
 
     def reloading(checkpoint) -> ReloadingEvaluator:
