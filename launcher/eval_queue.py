@@ -6,6 +6,7 @@ directory, delivered to MLflow by `sync_run`."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import ray
@@ -20,6 +21,28 @@ from .tracking import sync_run
 # Jobs started from a Tune trial would be captured by its placement group, which holds no
 # CPU for them: schedule them on the cluster at large instead.
 OUTSIDE_TRIAL = {"scheduling_strategy": "DEFAULT"}
+
+
+@ray.remote(num_cpus=0)
+class TrainingGate:
+    """Training keeps priority: evaluation jobs wait until every run of the grid has its
+    training resources (or is trained), so an evaluation never takes the CPUs or GPUs a run
+    was planned with."""
+
+    def __init__(self, runs: list[str]):
+        self.waiting = set(runs)
+
+    def training(self, run: str) -> None:
+        """The run holds its training resources (or needs none: it is trained)."""
+        self.waiting.discard(run)
+
+    def is_open(self) -> bool:
+        return not self.waiting
+
+
+def _after_training(gate) -> None:
+    while not ray.get(gate.is_open.remote()):
+        time.sleep(2)
 
 
 @ray.remote(num_cpus=0)
@@ -87,14 +110,16 @@ JOB = {**OUTSIDE_TRIAL, "num_cpus": 0, "retry_exceptions": [ray.exceptions.RayAc
 
 
 @ray.remote
-def evaluate_checkpoint_task(checkpoint: str, evaluation: Evaluation) -> dict:
+def evaluate_checkpoint_task(checkpoint: str, evaluation: Evaluation, gate) -> dict:
+    _after_training(gate)
     record = run_job(evaluation, _checkpoint_job, checkpoint, evaluation)
     sync_run(read_checkpoint(checkpoint).run.path)
     return record
 
 
 @ray.remote
-def evaluate_run_task(run_dir: str, evaluation: Evaluation) -> None:
+def evaluate_run_task(run_dir: str, evaluation: Evaluation, gate) -> None:
+    _after_training(gate)
     run_job(evaluation, _run_job, run_dir, evaluation)
     plot_run(RunDir(run_dir))
     sync_run(run_dir)
@@ -107,8 +132,9 @@ def _pareto_job(run_dir: str, evaluation: Evaluation) -> None:
 
 
 @ray.remote
-def pareto_task(run_dir: str, evaluation: Evaluation) -> None:
+def pareto_task(run_dir: str, evaluation: Evaluation, gate) -> None:
     """The Pareto curves at the last checkpoint (one rank with the job's per-rank resources)."""
+    _after_training(gate)
     run_job(evaluation.model_copy(update={"tp": 1}), _pareto_job, run_dir, evaluation)
     sync_run(run_dir)
 
@@ -129,16 +155,15 @@ def plot_run(run: RunDir) -> None:
 class EvaluationQueue:
     """Owns a run's evaluation tasks, so they outlive a training worker that fails."""
 
-    def __init__(self, run_dir: str, evaluation: Evaluation):
+    def __init__(self, run_dir: str, evaluation: Evaluation, gate):
         self.run = RunDir(run_dir)
-        self.evaluation = evaluation
+        self.evaluation, self.gate = evaluation, gate
         self.tasks: dict[str, ray.ObjectRef] = {}
-        self.placement = JOB
 
     def checkpoint_ready(self, checkpoint: str) -> None:
         if checkpoint not in self.tasks and not self.run.evaluation_of(Path(checkpoint)).is_file():
-            self.tasks[checkpoint] = evaluate_checkpoint_task.options(**self.placement).remote(
-                checkpoint, self.evaluation
+            self.tasks[checkpoint] = evaluate_checkpoint_task.options(**JOB).remote(
+                checkpoint, self.evaluation, self.gate
             )
 
     def finish(self) -> None:
@@ -147,7 +172,7 @@ class EvaluationQueue:
         ray.get(list(self.tasks.values()))
         jobs = []
         if not self.run.sparsity.is_file():
-            jobs.append(evaluate_run_task.options(**self.placement).remote(str(self.run.path), self.evaluation))
+            jobs.append(evaluate_run_task.options(**JOB).remote(str(self.run.path), self.evaluation, self.gate))
         if self.evaluation.pareto and not self.run.pareto.is_file():
-            jobs.append(pareto_task.options(**self.placement).remote(str(self.run.path), self.evaluation))
+            jobs.append(pareto_task.options(**JOB).remote(str(self.run.path), self.evaluation, self.gate))
         ray.get(jobs)

@@ -1,8 +1,12 @@
-"""`grid status`: each run's state from its files (no cluster needed)."""
+"""Each run's state from its files (no cluster needed): `grid status` from any shell, and
+the progress lines `grid submit` prints while the grid runs."""
 
 from __future__ import annotations
 
+import threading
+
 from sparsity_scaling.config import checkpoint_tokens
+from sparsity_scaling.formatting import duration, short_count
 from sparsity_scaling.rundir import RunDir
 
 from .grid import Grid, RunSpec
@@ -10,11 +14,14 @@ from .workdir import Workdir
 
 
 def run_state(run: RunDir, spec: RunSpec) -> dict:
+    """State (pending, training, evaluating, done), tokens of the budget, the latest rate,
+    loss and activation ratio, and how many checkpoints are measured."""
     checkpoints = run.checkpoints()
     final = checkpoint_tokens(spec.config)[-1]
     tokens = checkpoints[-1].tokens if checkpoints else 0
     train = [p for p in run.metric_points() if p["kind"] == "train"]
     loss = train[-1]["loss"] if train else None
+    rate = train[-1].get("tokens_per_s") if train else None
     tokens = max(tokens, train[-1]["tokens"]) if train else tokens
     evaluations = run.evaluations()
     ratio = evaluations[-1]["activation_ratio"] if evaluations else None
@@ -27,14 +34,67 @@ def run_state(run: RunDir, spec: RunSpec) -> dict:
     if stabilised is not None:
         state = "done"
         ratio = stabilised["checkpoints"][-1]["activation_ratio"]
-    return {"run": spec.name, "state": state, "tokens": tokens, "of": final, "loss": loss, "activation_ratio": ratio}
+    return {"run": spec.name, "state": state, "tokens": tokens, "of": final, "loss": loss,
+            "activation_ratio": ratio, "tokens_per_s": rate, "checkpoints": len(checkpoints),
+            "evaluated": len(evaluations)}
+
+
+def progress_line(s: dict) -> str:
+    """One run in a line: state, tokens, rate and ETA while training, activation ratio, and
+    the evaluation jobs done and pending."""
+    parts = [f"{s['run']}: {s['state']}", f"{short_count(s['tokens'])}/{short_count(s['of'])} tokens"]
+    if s["state"] == "training" and s["tokens_per_s"]:
+        parts.append(f"{short_count(int(s['tokens_per_s']))} tokens/s, ETA "
+                     f"{duration((s['of'] - s['tokens']) / s['tokens_per_s'])}")
+    if s["activation_ratio"] is not None:
+        parts.append(f"activation ratio {s['activation_ratio']:.4f}")
+    if s["checkpoints"] and s["state"] != "done":
+        pending = s["checkpoints"] - s["evaluated"]
+        parts.append(f"checkpoints measured {s['evaluated']}/{s['checkpoints']}"
+                     + (f", {pending} pending" if pending else "")
+                     + (", stabilising CETT" if s["state"] == "evaluating" and not pending else ""))
+    return ", ".join(parts)
 
 
 def status_table(grid: Grid, workdir: Workdir) -> str:
-    lines = [f"{'run':<24}{'state':>11}{'tokens':>14}{'of':>12}{'loss':>9}{'act. ratio':>12}"]
+    lines = [f"{'run':<24}{'state':>11}{'tokens':>14}{'of':>12}{'loss':>9}{'act. ratio':>12}{'measured':>10}"]
     for spec in grid.runs:
         s = run_state(workdir.run(spec.name), spec)
         loss = f"{s['loss']:.4f}" if s["loss"] is not None else "-"
         ratio = f"{s['activation_ratio']:.4f}" if s["activation_ratio"] is not None else "-"
-        lines.append(f"{s['run']:<24}{s['state']:>11}{s['tokens']:>14,}{s['of']:>12,}{loss:>9}{ratio:>12}")
+        measured = f"{s['evaluated']}/{s['checkpoints']}"
+        lines.append(f"{s['run']:<24}{s['state']:>11}{s['tokens']:>14,}{s['of']:>12,}{loss:>9}{ratio:>12}{measured:>10}")
     return "\n".join(lines)
+
+
+class ProgressPrinter:
+    """While a grid runs: every `every` seconds, the line of each run whose line changed."""
+
+    def __init__(self, grid: Grid, workdir: Workdir, every: float = 30.0):
+        self.grid, self.workdir, self.every = grid, workdir, every
+        self.shown: dict[str, str] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> "ProgressPrinter":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.print_changes()
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.every):
+            self.print_changes()
+
+    def print_changes(self) -> None:
+        for spec in self.grid.runs:
+            try:
+                line = progress_line(run_state(self.workdir.run(spec.name), spec))
+            except (OSError, ValueError, KeyError):  # a file being replaced: next time
+                continue
+            if self.shown.get(spec.name) != line:
+                self.shown[spec.name] = line
+                print(f"[grid {self.grid.name}] {line}", flush=True)

@@ -22,6 +22,7 @@ from sparsity_scaling.train.callbacks import Callback, ConsoleProgress, TrainPoi
 from .cluster import connect_ray
 from .grid import Grid, GridFile, RunSpec
 from .report import write_report
+from .status import ProgressPrinter
 from .tracking import check_tracking_uri, child_run, parent_run, sync_run, sync_until_delivered, tracking
 from .workdir import Workdir
 
@@ -64,8 +65,11 @@ class GridCallback(Callback):
     """In a grid's training worker: queue each new checkpoint's evaluation, and deliver the
     run's points to MLflow at each checkpoint and at most every 30 s in between."""
 
-    def __init__(self, run: RunDir, queue):
-        self.run, self.queue, self.synced = run, queue, 0.0
+    def __init__(self, run: RunDir, queue, gate):
+        self.run, self.queue, self.gate, self.synced = run, queue, gate, 0.0
+
+    def on_start(self, plan) -> None:
+        self.gate.training.remote(self.run.name)  # the workers hold their resources now
 
     def _sync(self) -> None:
         self.synced = time.time()
@@ -86,10 +90,10 @@ def _train_worker(config: dict) -> None:
 
     spec: RunSpec = config["spec"]
     run = RunDir(config["run_dir"])
-    train_on_rank(spec.config, run.path, [ConsoleProgress(), GridCallback(run, config["queue"])])
+    train_on_rank(spec.config, run.path, [ConsoleProgress(), GridCallback(run, config["queue"], config["gate"])])
 
 
-def _run_trial(params: dict, specs: dict, grid_spec: GridFile, workdir: str) -> dict:
+def _run_trial(params: dict, specs: dict, grid_spec: GridFile, workdir: str, gate) -> dict:
     """A Tune trial: train one run (if not trained), then wait for its evaluations."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -99,7 +103,7 @@ def _run_trial(params: dict, specs: dict, grid_spec: GridFile, workdir: str) -> 
     spec: RunSpec = specs[params["run"]]
     work = Workdir(workdir)
     run = work.run(spec.name)
-    queue = EvaluationQueue.options(**OUTSIDE_TRIAL).remote(str(run.path), grid_spec.evaluation)
+    queue = EvaluationQueue.options(**OUTSIDE_TRIAL).remote(str(run.path), grid_spec.evaluation, gate)
     for ck in run.checkpoints():
         queue.checkpoint_ready.remote(str(ck.path))
     if not is_trained(run, spec):
@@ -107,13 +111,14 @@ def _run_trial(params: dict, specs: dict, grid_spec: GridFile, workdir: str) -> 
         worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})}
         trainer = TorchTrainer(
             _train_worker,
-            train_loop_config={"spec": spec, "run_dir": str(run.path), "queue": queue},
+            train_loop_config={"spec": spec, "run_dir": str(run.path), "queue": queue, "gate": gate},
             scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
                                          resources_per_worker=worker),
             run_config=RunConfig(name=spec.name, storage_path=str(work.ray.resolve()),
                                  failure_config=FailureConfig(max_failures=grid_spec.max_failures)),
         )
         trainer.fit()
+    gate.training.remote(spec.name)  # trained (now or before): nothing of it to wait for
     ray.get(queue.finish.remote())
     delivered = sync_until_delivered(run.path)
     summary = run.sparsity_record()["checkpoints"][-1]
@@ -152,15 +157,20 @@ def submit(grid: Grid, workdir: Workdir, address: str | None = None) -> None:
         for spec in grid.runs:
             child_run(uri, grid, spec, parent, workdir.run(spec.name))
         print(f"grid {grid.name}: {len(grid.runs)} runs, workdir {workdir.path}, MLflow {uri}", flush=True)
+        from .eval_queue import OUTSIDE_TRIAL, TrainingGate
+
+        gate = TrainingGate.options(**OUTSIDE_TRIAL).remote([s.name for s in grid.runs])
         trial = tune.with_parameters(
-            _run_trial, specs={s.name: s for s in grid.runs}, grid_spec=grid.spec, workdir=str(workdir.path)
+            _run_trial, specs={s.name: s for s in grid.runs}, grid_spec=grid.spec, workdir=str(workdir.path),
+            gate=gate,
         )
         tuner = tune.Tuner(
             tune.with_resources(trial, {"CPU": 0.01}),
             param_space={"run": tune.grid_search([s.name for s in grid.runs])},
-            run_config=tune.RunConfig(name=grid.name, storage_path=str(workdir.ray), verbose=1),
+            run_config=tune.RunConfig(name=grid.name, storage_path=str(workdir.ray), verbose=0),
         )
-        results = tuner.fit()
+        with ProgressPrinter(grid, workdir):  # instead of Tune's periodic status table
+            results = tuner.fit()
         failed = [r for r in results if r.error]
         if failed:
             raise UserError(f"{len(failed)} of {len(grid.runs)} runs failed: {failed[0].error}".splitlines()[0])

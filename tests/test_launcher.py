@@ -50,7 +50,26 @@ def grid_run(ray_address, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("grid") / "work"
     result = run_cli("grid", "submit", str(GRID), "--address", ray_address, "--workdir", str(workdir), timeout=900)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    (workdir / "submit.log").write_text(result.stdout)
     return workdir
+
+
+def test_submit_prints_its_own_progress_lines_not_tunes_table(grid_run):
+    log = (grid_run / "submit.log").read_text()
+    assert "Trial Status" not in log and "RUNNING" not in log  # Tune's periodic table is gone
+    for name in ("relu", "silu"):
+        lines = [line for line in log.splitlines() if line.startswith(f"[grid cpu_test] {name}: ")]
+        assert lines and lines[-1].startswith(f"[grid cpu_test] {name}: done, 16.4K/16.4K tokens, activation ratio ")
+    assert "checkpoints measured " in log  # the evaluation phase is visible
+
+
+def test_training_keeps_priority_over_evaluation(grid_run):
+    """The cluster holds one training at a time (1.01 CPUs of 2 each): no evaluation job
+    starts before the last run has its training resources, so none delays a training."""
+    runs = [RunDir(grid_run / "runs" / name) for name in ("relu", "silu")]
+    last_claimed = max(run.identity.stat().st_mtime for run in runs)
+    first_evaluated = min(f.stat().st_mtime for run in runs for f in run.evaluations_dir.glob("*.json"))
+    assert first_evaluated > last_claimed
 
 
 def test_grid_trains_evaluates_and_mirrors_everything_in_mlflow(grid_run):
