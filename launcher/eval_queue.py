@@ -1,7 +1,8 @@
 """Evaluation jobs on the cluster: PPL-p% of each new checkpoint as it appears, then the
-stabilising strategy and the Pareto curves of the last checkpoint when the run ends. They
-run as Ray tasks beside training, never in its way; results are files in the run
-directory, delivered to MLflow by `sync_run`."""
+stabilising strategy and the Pareto curves of the last checkpoint when the run ends. Each
+job is a placement group of `evaluation.tp` ranks (`run_job`), started only once every run
+holds its training resources (`TrainingGate`); results are files in the run directory,
+delivered to MLflow by `sync_run`."""
 
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def _checkpoint_job(checkpoint: str, evaluation: Evaluation) -> dict:
     return record
 
 
-def _run_job(run_dir: str, evaluation: Evaluation) -> None:
+def _stabilised_job(run_dir: str, evaluation: Evaluation) -> None:
     from sparsity_scaling.evaluation.jobs import evaluate_run
 
     evaluate_run(run_dir, evaluation.metric(), evaluation.data(), evaluation.last, evaluation.tp)
@@ -120,7 +121,7 @@ def evaluate_checkpoint_task(checkpoint: str, evaluation: Evaluation, gate) -> d
 @ray.remote
 def evaluate_run_task(run_dir: str, evaluation: Evaluation, gate) -> None:
     _after_training(gate)
-    run_job(evaluation, _run_job, run_dir, evaluation)
+    run_job(evaluation, _stabilised_job, run_dir, evaluation)
     plot_run(RunDir(run_dir))
     sync_run(run_dir)
 
