@@ -16,7 +16,7 @@ import gzip
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..errors import UserError
 
@@ -163,16 +163,21 @@ def _line_number(path: str, offset: int) -> int:
     return count + 1
 
 
-def _text_of(line: bytes, text_field: str) -> tuple[str | None, str | None]:
-    """(text, None) of a JSON line, or (None, what is wrong with it)."""
+def _line_document(line: bytes, text_field: str, bad: BadRecords, where: Callable[[], str]) -> str | None:
+    """The document of a JSON line; None for a blank line, an empty text, or a bad record
+    (reported to `bad` at `where()`, computed only then)."""
+    if not line.strip():
+        return None
     try:
         record = json.loads(line)
     except (ValueError, UnicodeDecodeError) as error:
-        return None, f"not valid JSON ({getattr(error, 'msg', None) or type(error).__name__})"
+        bad(where(), f"not valid JSON ({getattr(error, 'msg', None) or type(error).__name__})")
+        return None
     text = record.get(text_field) if isinstance(record, dict) else None
     if not isinstance(text, str):
-        return None, f"expected an object with a string {text_field!r} field"
-    return text, None
+        bad(where(), f"expected an object with a string {text_field!r} field")
+        return None
+    return text if text.strip() else None
 
 
 def _jsonl_range(shard: Shard, text_field: str, bad: BadRecords) -> Iterator[str]:
@@ -187,12 +192,9 @@ def _jsonl_range(shard: Shard, text_field: str, bad: BadRecords) -> Iterator[str
             line = f.readline()
             if not line:
                 break
-            if line.strip():
-                text, problem = _text_of(line, text_field)
-                if problem:
-                    bad(f"{path}:{_line_number(path, position)}", problem)
-                elif text.strip():
-                    yield text
+            text = _line_document(line, text_field, bad, lambda at=position: f"{path}:{_line_number(path, at)}")
+            if text is not None:
+                yield text
             position += len(line)
 
 
@@ -201,12 +203,9 @@ def _jsonl_gz(shard: Shard, text_field: str, bad: BadRecords) -> Iterator[str]:
     try:
         with gzip.open(path, "rb") as f:
             for number, line in enumerate(f, 1):
-                if line.strip():
-                    text, problem = _text_of(line, text_field)
-                    if problem:
-                        bad(f"{path}:{number}", problem)
-                    elif text.strip():
-                        yield text
+                text = _line_document(line, text_field, bad, lambda at=number: f"{path}:{at}")
+                if text is not None:
+                    yield text
     except (OSError, EOFError) as error:
         raise UserError(f"{path}: not a readable gzip file ({error})") from None
 
