@@ -111,12 +111,13 @@ def indexed_tokens(prefix: str | Path) -> int:
 
 def merge_indexed(prefix: Path, parts: list[str], dtype) -> None:
     """Concatenate indexed datasets, in order, into one at `prefix`, atomically: written
-    under `.tmp-` names and renamed into place. Streams: memory holds one part's index."""
+    under `.tmp-` names and renamed into place. Streams: the parts' indexes are memory-mapped
+    and written section by section."""
     dtype = np.dtype(dtype)
-    for part in parts:
-        if read_index(part)[0] != dtype:
-            raise UserError(f"{part}: holds {read_index(part)[0]} tokens, not {dtype}")
-    counts = [(len(read_index(p)[1]), len(read_index(p)[3]) - 1) for p in parts]
+    indexes = [read_index(part) for part in parts]  # memory-mapped: nothing read yet
+    for part, (part_dtype, *_) in zip(parts, indexes):
+        if part_dtype != dtype:
+            raise UserError(f"{part}: holds {part_dtype} tokens, not {dtype}")
     tmp = prefix.with_name(".tmp-" + prefix.name)
     with open(f"{tmp}.bin", "wb") as out:
         for part in parts:
@@ -124,19 +125,20 @@ def merge_indexed(prefix: Path, parts: list[str], dtype) -> None:
                 shutil.copyfileobj(source, out, 1 << 24)
 
     def sections():
-        for part in parts:
-            yield np.asarray(read_index(part)[1])
+        for _, lengths, _, _ in indexes:
+            yield np.asarray(lengths)
         offset = 0
-        for part in parts:
-            _, lengths, pointers, _ = read_index(part)
+        for _, lengths, pointers, _ in indexes:
             yield np.asarray(pointers) + offset
             offset += int(np.sum(lengths, dtype=np.int64)) * dtype.itemsize
         yield np.zeros(1, dtype=np.int64)
         done = 0
-        for part in parts:
-            yield np.asarray(read_index(part)[3][1:]) + done
-            done += len(read_index(part)[1])
+        for _, lengths, _, documents in indexes:
+            yield np.asarray(documents[1:]) + done
+            done += len(lengths)
 
-    _write_index(f"{tmp}.idx", dtype, sum(s for s, _ in counts), sum(d for _, d in counts), sections())
+    sequences = sum(len(lengths) for _, lengths, _, _ in indexes)
+    documents = sum(len(documents) - 1 for _, _, _, documents in indexes)
+    _write_index(f"{tmp}.idx", dtype, sequences, documents, sections())
     for ext in (".bin", ".idx"):
         os.replace(f"{tmp}{ext}", f"{prefix}{ext}")

@@ -135,6 +135,12 @@ def check_epochs(config: DataConfig, budget: int, corpus_tokens: list[int], weig
             )
 
 
+def _token_bound(split) -> int:
+    """At most this many training tokens: a tokenizer with byte fallback never makes more
+    tokens than UTF-8 bytes, plus one end-of-document token per document."""
+    return sum(len(d.text.encode()) + 1 for d in split.train)
+
+
 def check_budget(config: DataConfig, budget: int) -> None:
     """The epoch guard without preparing anything: exact for a prepared corpus, the UTF-8
     byte bound for raw text (a launcher refuses a grid's runs with it before submitting)."""
@@ -147,7 +153,7 @@ def check_budget(config: DataConfig, budget: int) -> None:
         raise UserError(f"data: this config names no corpus; {PREPARE_HINT}")
     else:
         split = split_documents(load_documents(config.corpus, config.max_corpus_bytes), config.val_fraction)
-        check_epochs(config, budget, [sum(len(d.text.encode()) + 1 for d in split.train)], (1.0,), bound=True)
+        check_epochs(config, budget, [_token_bound(split)], (1.0,), bound=True)
 
 
 def prepare_data(config: DataConfig, budget: int = 0) -> PreparedData:
@@ -163,8 +169,8 @@ def prepare_data(config: DataConfig, budget: int = 0) -> PreparedData:
 
     cache = cache_root(config)
     split = split_documents(load_documents(config.corpus, config.max_corpus_bytes), config.val_fraction)
-    if budget:  # before tokenizing: a tokenizer with byte fallback never makes more tokens than bytes
-        check_epochs(config, budget, [sum(len(d.text.encode()) + 1 for d in split.train)], (1.0,), bound=True)
+    if budget:  # before tokenizing
+        check_epochs(config, budget, [_token_bound(split)], (1.0,), bound=True)
     if config.tokenizer:
         tokenizer = _tokenizer(config.tokenizer)
     else:
