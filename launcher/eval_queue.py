@@ -1,13 +1,17 @@
 """Evaluation jobs on the cluster: PPL-p% of each new checkpoint as it appears, then the
 stabilising strategy and the Pareto curves of the last checkpoint when the run ends. Each
 job is a placement group of `evaluation.tp` ranks (`run_job`), started only once every run
-holds its training resources (`TrainingGate`); results are files in the run directory,
-delivered to MLflow by `sync_run`."""
+holds its training resources (`TrainingGate`). A job whose node is lost is retried on
+another; while it runs, its rank 0 reports in RUN/jobs/ (`JobStatus`). Results are files in
+the run directory, delivered to MLflow by `sync_run`."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import time
+import traceback
 from pathlib import Path
 
 import ray
@@ -15,14 +19,10 @@ import ray
 from sparsity_scaling.files import write_json_atomic
 from sparsity_scaling.rundir import RunDir, read_checkpoint
 
+from .cluster import ON_HEAD, NodeWatch, this_node
 from .grid import Evaluation
 from .queries import write_curves
 from .tracking import sync_run
-
-# Jobs started from a Tune trial would be captured by its placement group, which holds no
-# CPU for them: schedule them on the cluster at large instead.
-OUTSIDE_TRIAL = {"scheduling_strategy": "DEFAULT"}
-
 
 @ray.remote(num_cpus=0)
 class TrainingGate:
@@ -55,75 +55,100 @@ class _Rank:
 
         return ray.util.get_node_ip_address(), free_port()
 
-    def run(self, rank: int, world: int, master: tuple[str, int], fn, *args):
+    def run(self, rank: int, world: int, master: tuple[str, int], log: str, fn, *args):
         from sparsity_scaling.parallel import shutdown_parallel
 
         # Ray shows each rank only its own GPUs, so its device is always the first one.
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0",
                           MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
-        try:
-            return fn(*args)
-        finally:
-            shutdown_parallel()
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a", buffering=1) as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            try:
+                return fn(*args)
+            except BaseException:
+                traceback.print_exc()
+                raise
+            finally:
+                shutdown_parallel()
 
 
-def run_job(evaluation: Evaluation, fn, *args):
+def run_job(evaluation: Evaluation, wait_s: float, run: RunDir, job: str, fn, *args):
     """fn(*args) on `evaluation.tp` ranks that form one process group (a placement group of
-    one bundle per rank); rank 0's result. fn runs `init_parallel(tp)` and lets rank 0 write."""
+    one bundle per rank); rank 0's result. fn runs `init_parallel(tp)` and lets rank 0 write.
+    The ranks' output goes to the run's evaluation log. Waits for room on the cluster, but
+    stops after `wait_s` seconds in which no node could hold a rank at all."""
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     per_rank = evaluation.rank_resources()
     group = placement_group([per_rank] * evaluation.tp, strategy="PACK")
-    ray.get(group.ready())
+    watch = NodeWatch(per_rank, wait_s)
     try:
+        while not ray.wait([group.ready()], timeout=5)[0]:
+            watch.check(f"a rank of its evaluation job {job}")
         ranks = [_Rank.options(num_cpus=evaluation.cpus, num_gpus=evaluation.gpus,
                                scheduling_strategy=PlacementGroupSchedulingStrategy(group, index)).remote()
                  for index in range(evaluation.tp)]
         master = ray.get(ranks[0].address.remote())
-        results = ray.get([r.run.remote(i, evaluation.tp, master, fn, *args) for i, r in enumerate(ranks)])
+        results = ray.get([r.run.remote(i, evaluation.tp, master, str(run.evaluation_log), fn, *args) for i, r in enumerate(ranks)])
     finally:
         remove_placement_group(group)
     return results[0]
 
 
-def _checkpoint_job(checkpoint: str, evaluation: Evaluation) -> dict:
-    import torch.distributed as dist
+class JobStatus:
+    """RUN/jobs/JOB.json while an evaluation job runs, written by its rank 0: the node it
+    runs on, its attempt (a job whose node was lost runs again elsewhere) and the latest
+    step of its CETT search. `grid status` shows it; it goes once the job's result is written."""
 
+    def __init__(self, run: RunDir, job: str):
+        self.path = run.job_status(job)
+        try:
+            attempt = json.loads(self.path.read_text())["attempt"] + 1  # an attempt was cut off
+        except (OSError, ValueError, KeyError):
+            attempt = 1
+        node_id, ip = this_node()
+        self.record = {"job": job, "node_id": node_id, "ip": ip, "attempt": attempt, "started": time.time()}
+        write_json_atomic(self.path, self.record)
+
+    def search_step(self, step: int, point) -> None:
+        self.record.update(search_step=step, cett=point.x, ppl_ratio=point.ratio)
+        write_json_atomic(self.path, self.record)
+
+    def where(self) -> dict:
+        """What the job's result records of how it was computed."""
+        return {key: self.record[key] for key in ("node_id", "ip", "attempt")}
+
+    def done(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _status(run: RunDir, job: str) -> JobStatus | None:
+    """The job's status on its rank 0 (the only one that writes); None on other ranks."""
+    return JobStatus(run, job) if os.environ.get("RANK") == "0" else None
+
+
+def _checkpoint_job(checkpoint: str, evaluation: Evaluation) -> dict:
     from sparsity_scaling.evaluation.jobs import evaluate_checkpoint
 
     ck = read_checkpoint(checkpoint)
-    record = evaluate_checkpoint(checkpoint, evaluation.metric(), evaluation.data(), evaluation.tp)
-    if dist.get_rank() == 0:
-        write_json_atomic(ck.run.evaluation_of(ck.path), record)
+    status = _status(ck.run, ck.name)
+    record = evaluate_checkpoint(checkpoint, evaluation.metric(), evaluation.data(), evaluation.tp,
+                                 on_step=status.search_step if status else None)
+    if status:
+        write_json_atomic(ck.run.evaluation_of(ck.path), {**record, "evaluated_on": status.where()})
+        status.done()
     return record
 
 
 def _stabilised_job(run_dir: str, evaluation: Evaluation) -> None:
     from sparsity_scaling.evaluation.jobs import evaluate_run
 
-    evaluate_run(run_dir, evaluation.metric(), evaluation.data(), evaluation.last, evaluation.tp)
-
-
-# A job's orchestrating task holds no resources (its ranks do); if a node with one of its
-# ranks dies, the task fails with the rank's actor and Ray runs it again.
-JOB = {**OUTSIDE_TRIAL, "num_cpus": 0, "retry_exceptions": [ray.exceptions.RayActorError], "max_retries": 3}
-
-
-@ray.remote
-def evaluate_checkpoint_task(checkpoint: str, evaluation: Evaluation, gate) -> dict:
-    _after_training(gate)
-    record = run_job(evaluation, _checkpoint_job, checkpoint, evaluation)
-    sync_run(read_checkpoint(checkpoint).run.path)
-    return record
-
-
-@ray.remote
-def evaluate_run_task(run_dir: str, evaluation: Evaluation, gate) -> None:
-    _after_training(gate)
-    run_job(evaluation, _stabilised_job, run_dir, evaluation)
-    plot_run(RunDir(run_dir))
-    sync_run(run_dir)
+    status = _status(RunDir(run_dir), "stabilised")
+    evaluate_run(run_dir, evaluation.metric(), evaluation.data(), evaluation.last, evaluation.tp,
+                 on_step=status.search_step if status else None)
+    if status:
+        status.done()
 
 
 def _pareto_job(run_dir: str, evaluation: Evaluation) -> None:
@@ -132,11 +157,35 @@ def _pareto_job(run_dir: str, evaluation: Evaluation) -> None:
     pareto_of_run(run_dir, evaluation.metric(), evaluation.data())
 
 
+# A job's orchestrating task holds no resources (its ranks do) and runs on the head node; if
+# a node with one of its ranks dies, the task fails with the rank's actor and Ray runs it
+# again, on the nodes left.
+JOB = {**ON_HEAD, "retry_exceptions": [ray.exceptions.RayActorError], "max_retries": 3}
+
+
 @ray.remote
-def pareto_task(run_dir: str, evaluation: Evaluation, gate) -> None:
+def evaluate_checkpoint_task(checkpoint: str, evaluation: Evaluation, gate, wait_s: float) -> dict:
+    _after_training(gate)
+    run = read_checkpoint(checkpoint).run
+    record = run_job(evaluation, wait_s, run, Path(checkpoint).name, _checkpoint_job, checkpoint, evaluation)
+    sync_run(run.path)
+    return record
+
+
+@ray.remote
+def evaluate_run_task(run_dir: str, evaluation: Evaluation, gate, wait_s: float) -> None:
+    _after_training(gate)
+    run_job(evaluation, wait_s, RunDir(run_dir), "stabilised", _stabilised_job, run_dir, evaluation)
+    plot_run(RunDir(run_dir))
+    sync_run(run_dir)
+
+
+@ray.remote
+def pareto_task(run_dir: str, evaluation: Evaluation, gate, wait_s: float) -> None:
     """The Pareto curves at the last checkpoint (one rank with the job's per-rank resources)."""
     _after_training(gate)
-    run_job(evaluation.model_copy(update={"tp": 1}), _pareto_job, run_dir, evaluation)
+    run_job(evaluation.model_copy(update={"tp": 1}), wait_s, RunDir(run_dir), "pareto", _pareto_job, run_dir,
+            evaluation)
     sync_run(run_dir)
 
 
@@ -156,15 +205,15 @@ def plot_run(run: RunDir) -> None:
 class EvaluationQueue:
     """Owns a run's evaluation tasks, so they outlive a training worker that fails."""
 
-    def __init__(self, run_dir: str, evaluation: Evaluation, gate):
+    def __init__(self, run_dir: str, evaluation: Evaluation, gate, wait_s: float):
         self.run = RunDir(run_dir)
-        self.evaluation, self.gate = evaluation, gate
+        self.evaluation, self.gate, self.wait_s = evaluation, gate, wait_s
         self.tasks: dict[str, ray.ObjectRef] = {}
 
     def checkpoint_ready(self, checkpoint: str) -> None:
         if checkpoint not in self.tasks and not self.run.evaluation_of(Path(checkpoint)).is_file():
             self.tasks[checkpoint] = evaluate_checkpoint_task.options(**JOB).remote(
-                checkpoint, self.evaluation, self.gate
+                checkpoint, self.evaluation, self.gate, self.wait_s
             )
 
     def finish(self) -> None:
@@ -173,7 +222,8 @@ class EvaluationQueue:
         ray.get(list(self.tasks.values()))
         jobs = []
         if not self.run.sparsity.is_file():
-            jobs.append(evaluate_run_task.options(**JOB).remote(str(self.run.path), self.evaluation, self.gate))
+            jobs.append(evaluate_run_task.options(**JOB).remote(str(self.run.path), self.evaluation, self.gate,
+                                                               self.wait_s))
         if self.evaluation.pareto and not self.run.pareto.is_file():
-            jobs.append(pareto_task.options(**JOB).remote(str(self.run.path), self.evaluation, self.gate))
+            jobs.append(pareto_task.options(**JOB).remote(str(self.run.path), self.evaluation, self.gate, self.wait_s))
         ray.get(jobs)

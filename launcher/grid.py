@@ -8,7 +8,7 @@
       - list: [{model.d_model: 512}, {model.d_model: 768, train.lr: 0.005}]
     overrides: {train.tokens: 2e6}     # for every run
     points: {0.1b-relu: {train.lr: 0.005}}   # for one run, by name
-    resources: {tp: 1, dp: 1, cpus_per_worker: 1, gpus_per_worker: 0}
+    resources: {tp: 1, dp: 1, cpus_per_worker: 1, gpus_per_worker: 0, node_wait_s: 600}
     evaluation: {p: 1.0, eval_tokens: 65536, last: 5, cpus: 1, pareto: true}
     report: {targets: [0.07]}          # activation ratios whose token budgets are predicted
     max_failures: 3
@@ -48,6 +48,9 @@ class Resources(_Section):
     """Logical CPUs of each of the run's tp x dp workers."""
     gpus_per_worker: float = 0
     """GPUs of each worker."""
+    node_wait_s: float = 600
+    """How long a run or evaluation job waits once no node of the cluster could hold it (an
+    autoscaler may add one) before the grid stops, checkpoints intact for a resubmit."""
 
     @property
     def workers(self) -> int:

@@ -14,8 +14,9 @@ from .workdir import Workdir
 
 
 def run_state(run: RunDir, spec: RunSpec) -> dict:
-    """State (pending, training, evaluating, done), tokens of the budget, the latest rate,
-    loss and activation ratio, and how many checkpoints are measured."""
+    """State (pending, training, evaluating, done, failed), tokens of the budget, the latest
+    rate, loss and activation ratio, how many checkpoints are measured, the evaluation jobs
+    running, and a failure's error and log."""
     checkpoints = run.checkpoints()
     final = checkpoint_tokens(spec.config)[-1]
     tokens = checkpoints[-1].tokens if checkpoints else 0
@@ -34,37 +35,63 @@ def run_state(run: RunDir, spec: RunSpec) -> dict:
     if stabilised is not None:
         state = "done"
         ratio = stabilised["checkpoints"][-1]["activation_ratio"]
+    failure = run.failed()
+    if failure is not None and state != "done":
+        state = "failed"
     return {"run": spec.name, "state": state, "tokens": tokens, "of": final, "loss": loss,
             "activation_ratio": ratio, "tokens_per_s": rate, "checkpoints": len(checkpoints),
-            "evaluated": len(evaluations)}
+            "evaluated": len(evaluations), "jobs": run.running_jobs(), "failure": failure,
+            "nodes": len(run.nodes())}
+
+
+def _job_text(job: dict) -> str:
+    """`tokens_4096 (search step 3: CETT 0.2100, PPL ratio 1.0132; attempt 2)`."""
+    name = "stabilising CETT" if job["job"] == "stabilised" else f"measuring {job['job']}"
+    details = []
+    if "search_step" in job:
+        details.append(f"search step {job['search_step']}: CETT {job['cett']:.4f}, PPL ratio {job['ppl_ratio']:.4f}")
+    if job.get("attempt", 1) > 1:
+        details.append(f"attempt {job['attempt']}")
+    return name + (f" ({'; '.join(details)})" if details else "")
 
 
 def progress_line(s: dict) -> str:
     """One run in a line: state, tokens, rate and ETA while training, activation ratio, and
     the evaluation jobs done and pending."""
+    if s["state"] == "failed":
+        return f"{s['run']}: failed: {s['failure']['error']} (log: {s['failure']['log']})"
     parts = [f"{s['run']}: {s['state']}", f"{short_count(s['tokens'])}/{short_count(s['of'])} tokens"]
     if s["state"] == "training" and s["tokens_per_s"]:
         parts.append(f"{short_count(int(s['tokens_per_s']))} tokens/s, ETA "
                      f"{duration((s['of'] - s['tokens']) / s['tokens_per_s'])}")
+    if s["nodes"] > 1:
+        parts.append(f"trained on {s['nodes']} nodes (moved after losing one)")
     if s["activation_ratio"] is not None:
         parts.append(f"activation ratio {s['activation_ratio']:.4f}")
     if s["checkpoints"] and s["state"] != "done":
         pending = s["checkpoints"] - s["evaluated"]
         parts.append(f"checkpoints measured {s['evaluated']}/{s['checkpoints']}"
                      + (f", {pending} pending" if pending else "")
-                     + (", stabilising CETT" if s["state"] == "evaluating" and not pending else ""))
+                     + (", stabilising CETT" if s["state"] == "evaluating" and not pending and not s["jobs"]
+                        else ""))
+    parts += [_job_text(job) for job in s["jobs"]]
     return ", ".join(parts)
 
 
 def status_table(grid: Grid, workdir: Workdir) -> str:
+    """`grid status`: a table of the runs, then the line of each run that is failed or has
+    evaluation jobs running (what the job is doing, or the error and the log to read)."""
     lines = [f"{'run':<24}{'state':>11}{'tokens':>14}{'of':>12}{'loss':>9}{'act. ratio':>12}{'measured':>10}"]
+    notes = []
     for spec in grid.runs:
         s = run_state(workdir.run(spec.name), spec)
+        if s["state"] == "failed" or s["jobs"]:
+            notes.append(progress_line(s))
         loss = f"{s['loss']:.4f}" if s["loss"] is not None else "-"
         ratio = f"{s['activation_ratio']:.4f}" if s["activation_ratio"] is not None else "-"
         measured = f"{s['evaluated']}/{s['checkpoints']}"
         lines.append(f"{s['run']:<24}{s['state']:>11}{s['tokens']:>14,}{s['of']:>12,}{loss:>9}{ratio:>12}{measured:>10}")
-    return "\n".join(lines)
+    return "\n".join(lines + notes)
 
 
 class ProgressPrinter:

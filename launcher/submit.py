@@ -8,18 +8,23 @@ complete checkpoint, and logs into the same MLflow run.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import threading
 import time
+import traceback
 
 import ray
 from ray import tune
 
 from sparsity_scaling.config import checkpoint_tokens
 from sparsity_scaling.errors import UserError
+from sparsity_scaling.files import write_json_atomic
 from sparsity_scaling.rundir import Checkpoint, RunDir
 from sparsity_scaling.train.callbacks import Callback, ConsoleProgress, TrainPoint
 
-from .cluster import connect_ray
+from .cluster import HEAD, ON_HEAD, NodeWatch, connect_ray, node_can_hold, this_node
 from .grid import Grid, GridFile, RunSpec
 from .report import write_report
 from .status import ProgressPrinter
@@ -37,7 +42,7 @@ def check_resources(grid: Grid) -> None:
     res = grid.spec.resources
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     per_worker = {"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker}
-    if not any(all(node.get(k, 0) >= v for k, v in per_worker.items() if v) for node in nodes):
+    if not node_can_hold(per_worker):
         raise UserError(
             f"{grid.path}: resources: no node has {res.cpus_per_worker:g} CPUs and "
             f"{res.gpus_per_worker:g} GPUs for one worker"
@@ -85,41 +90,98 @@ class GridCallback(Callback):
 
 
 def _train_worker(config: dict) -> None:
-    """One rank of one run, inside a Ray Train worker (the process group already exists)."""
+    """One rank of one run, inside a Ray Train worker (the process group already exists).
+    Notes the node it runs on; its output goes to the run's log for this rank."""
+    from ray import train
+
     from sparsity_scaling.train.start import train_on_rank
 
     spec: RunSpec = config["spec"]
     run = RunDir(config["run_dir"])
-    train_on_rank(spec.config, run.path, [ConsoleProgress(), GridCallback(run, config["queue"], config["gate"])])
+    rank = train.get_context().get_world_rank()
+    node_id, ip = this_node()
+    run.record_node(node_id, ip, time.time())
+    run.logs_dir.mkdir(parents=True, exist_ok=True)
+    with open(run.train_log(rank), "a", buffering=1) as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}: rank {rank} on node {node_id} ({ip})")
+        try:
+            train_on_rank(spec.config, run.path, [ConsoleProgress(), GridCallback(run, config["queue"], config["gate"])])
+        except BaseException:
+            traceback.print_exc()
+            raise
+
+
+def _worker_resources(grid_spec: GridFile) -> dict[str, float]:
+    res = grid_spec.resources
+    return {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})}
+
+
+def _fit(trainer, watch: NodeWatch) -> None:
+    """trainer.fit(), stopped once no node of the cluster could hold the run's workers for
+    the grid's node_wait_s (Ray Train alone would wait for one forever)."""
+    errors: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(5)
+        if thread.is_alive():
+            watch.check("a training worker")
+    if errors:
+        raise errors[0]
+
+
+def _error_line(error: BaseException) -> str:
+    """What went wrong, in a line: a worker's exception is the last line of Ray's report."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:500]
 
 
 def _run_trial(params: dict, specs: dict, grid_spec: GridFile, workdir: str, gate) -> dict:
-    """A Tune trial: train one run (if not trained), then wait for its evaluations."""
+    """A Tune trial: train one run (if not trained), then wait for its evaluations. A failure
+    is recorded in the run's failed.json with its log, for `grid status` and the driver."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .eval_queue import OUTSIDE_TRIAL, EvaluationQueue
+    from .eval_queue import EvaluationQueue
 
     spec: RunSpec = specs[params["run"]]
     work = Workdir(workdir)
     run = work.run(spec.name)
-    queue = EvaluationQueue.options(**OUTSIDE_TRIAL).remote(str(run.path), grid_spec.evaluation, gate)
-    for ck in run.checkpoints():
-        queue.checkpoint_ready.remote(str(ck.path))
-    if not is_trained(run, spec):
-        res = grid_spec.resources
-        worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})}
-        trainer = TorchTrainer(
-            _train_worker,
-            train_loop_config={"spec": spec, "run_dir": str(run.path), "queue": queue, "gate": gate},
-            scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
-                                         resources_per_worker=worker),
-            run_config=RunConfig(name=spec.name, storage_path=str(work.ray.resolve()),
-                                 failure_config=FailureConfig(max_failures=grid_spec.max_failures)),
-        )
-        trainer.fit()
-    gate.training.remote(spec.name)  # trained (now or before): nothing of it to wait for
-    ray.get(queue.finish.remote())
+    run.failure.unlink(missing_ok=True)
+    log = run.train_log(0)
+    try:
+        queue = EvaluationQueue.options(**ON_HEAD).remote(str(run.path), grid_spec.evaluation, gate,
+                                                          grid_spec.resources.node_wait_s)
+        for ck in run.checkpoints():
+            queue.checkpoint_ready.remote(str(ck.path))
+        if not is_trained(run, spec):
+            res = grid_spec.resources
+            trainer = TorchTrainer(
+                _train_worker,
+                train_loop_config={"spec": spec, "run_dir": str(run.path), "queue": queue, "gate": gate},
+                scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
+                                             resources_per_worker=_worker_resources(grid_spec)),
+                run_config=RunConfig(name=spec.name, storage_path=str(work.ray.resolve()),
+                                     failure_config=FailureConfig(max_failures=grid_spec.max_failures)),
+            )
+            _fit(trainer, NodeWatch(_worker_resources(grid_spec), res.node_wait_s))
+        gate.training.remote(spec.name)  # trained (now or before): nothing of it to wait for
+        log = run.evaluation_log
+        ray.get(queue.finish.remote())
+    except BaseException as error:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as out:
+            traceback.print_exc(file=out)
+        write_json_atomic(run.failure, {"error": _error_line(error), "log": str(log)})
+        raise
     delivered = sync_until_delivered(run.path)
     summary = run.sparsity_record()["checkpoints"][-1]
     return {"activation_ratio": summary["activation_ratio"], "tokens": summary["tokens"], "mlflow_delivered": delivered}
@@ -149,6 +211,10 @@ def submit(grid: Grid, workdir: Workdir, address: str | None = None) -> None:
     # wraps stdout, to stdout as well: every progress line would reach the driver twice.
     # (Ray passes this variable from the driver to the trainers' workers.)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's old engine prints nothing at verbose 0
+    # A failed run is reported in one line naming its log (which holds the traceback), not
+    # by Tune's traceback of the trial.
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     connect_ray(address)
     check_resources(grid)
     with tracking(workdir) as uri:
@@ -157,21 +223,24 @@ def submit(grid: Grid, workdir: Workdir, address: str | None = None) -> None:
         for spec in grid.runs:
             child_run(uri, grid, spec, parent, workdir.run(spec.name))
         print(f"grid {grid.name}: {len(grid.runs)} runs, workdir {workdir.path}, MLflow {uri}", flush=True)
-        from .eval_queue import OUTSIDE_TRIAL, TrainingGate
+        from .eval_queue import TrainingGate
 
-        gate = TrainingGate.options(**OUTSIDE_TRIAL).remote([s.name for s in grid.runs])
+        gate = TrainingGate.options(**ON_HEAD).remote([s.name for s in grid.runs])
         trial = tune.with_parameters(
             _run_trial, specs={s.name: s for s in grid.runs}, grid_spec=grid.spec, workdir=str(workdir.path),
             gate=gate,
         )
         tuner = tune.Tuner(
-            tune.with_resources(trial, {"CPU": 0.01}),
+            tune.with_resources(trial, {"CPU": 0, **HEAD}),  # trials run on the head node
             param_space={"run": tune.grid_search([s.name for s in grid.runs])},
             run_config=tune.RunConfig(name=grid.name, storage_path=str(workdir.ray), verbose=0),
         )
         with ProgressPrinter(grid, workdir):  # instead of Tune's periodic status table
             results = tuner.fit()
-        failed = [r for r in results if r.error]
+        failed = [workdir.run(r.config["run"]) for r in results if r.error]
         if failed:
-            raise UserError(f"{len(failed)} of {len(grid.runs)} runs failed: {failed[0].error}".splitlines()[0])
+            first = failed[0].failed() or {"error": "see its logs", "log": str(failed[0].logs_dir)}
+            more = f" ({len(failed) - 1} more runs failed: `grid status`)" if len(failed) > 1 else ""
+            raise UserError(f"grid {grid.name} stopped: run {failed[0].name}: {first['error']} "
+                            f"(log: {first['log']}){more}")
         write_report(grid, uri, workdir)

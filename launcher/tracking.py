@@ -268,6 +268,8 @@ def _pending_points(run: RunDir, cursor: dict) -> tuple[list[tuple[str, float, i
             points += [(f"layer_activation_ratio/{i}", r, tokens)
                        for i, r in enumerate(point["layer_activation_ratios"])]
         new["stabilised"] = True
+    # the nodes that trained the run (more than one after a lost node): the "nodes" tag
+    new["nodes"] = [f"{n['ip']}/{n['node_id'][:12]}" for n in run.nodes()]
     # each result file once it is complete; a rewritten file is not sent again
     new["artifacts"] = sorted(set(cursor.get("artifacts", [])) | {f.name for f in run.results if f.is_file()})
     return points, new
@@ -309,6 +311,8 @@ def sync_run(run_dir: str | Path, wait: bool = False) -> bool:
             metrics = [Metric(key, float(value), now, int(step)) for key, value, step in points]
             for i in range(0, len(metrics), 900):
                 mlflow.log_batch(identity["run_id"], metrics=metrics[i : i + 900])
+            if new["nodes"] != cursor.get("nodes"):
+                mlflow.set_tag(identity["run_id"], "nodes", ", ".join(new["nodes"]))
             for artifact in sorted(set(new["artifacts"]) - set(cursor.get("artifacts", []))):
                 mlflow.log_artifact(identity["run_id"], str(run.path / artifact))
         except Exception as error:  # the server is down or unreachable: try again later

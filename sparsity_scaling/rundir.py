@@ -18,6 +18,10 @@ checkpoints lives. Every other module asks `RunDir` or `Checkpoint` for a path.
     RUN/activation_curve.png         the activation ratio against training tokens
     RUN/mlflow_run.json              the run's MLflow run (a grid's runs), with
         mlflow_cursor.json, mlflow.lock  what has been delivered to it, and the delivery lock
+    RUN/nodes/<node id>.json         each cluster node that trained the run (a grid's runs)
+    RUN/jobs/<job>.json              an evaluation job while it runs: its node, attempt, search step
+    RUN/logs/                        a grid run's output: train-rank<R>.log, evaluation.log
+    RUN/failed.json                  why the run's last attempt in a grid failed, and its log
 
 A checkpoint is written into `checkpoints/.tmp-<name>` and renamed into place after its
 manifest is written, so a checkpoint directory without the `.tmp-` prefix is always
@@ -195,6 +199,33 @@ class RunDir:
     def mlflow_lock(self) -> Path:
         return self.path / "mlflow.lock"
 
+    @property
+    def nodes_dir(self) -> Path:
+        return self.path / "nodes"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.path / "jobs"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def failure(self) -> Path:
+        return self.path / "failed.json"
+
+    def train_log(self, rank: int) -> Path:
+        return self.logs_dir / f"train-rank{rank}.log"
+
+    @property
+    def evaluation_log(self) -> Path:
+        return self.logs_dir / "evaluation.log"
+
+    def job_status(self, job: str) -> Path:
+        """Where a running evaluation job (a checkpoint's name, or "stabilised") reports."""
+        return self.jobs_dir / f"{job}.json"
+
     def evaluation_of(self, checkpoint_dir: Path) -> Path:
         """Where the grid's PPL-p% result of the checkpoint in `checkpoint_dir` goes."""
         return self.evaluations_dir / f"{checkpoint_dir.name}.json"
@@ -222,6 +253,31 @@ class RunDir:
             return []
         records = (json.loads(f.read_text()) for f in self.evaluations_dir.glob("tokens_*.json"))
         return sorted(records, key=lambda r: r["train_tokens"])
+
+    def nodes(self) -> list[dict]:
+        """The nodes that trained the run ({"node_id", "ip", "since"}), first used first."""
+        if not self.nodes_dir.is_dir():
+            return []
+        return sorted((json.loads(f.read_text()) for f in self.nodes_dir.glob("*.json")), key=lambda n: n["since"])
+
+    def running_jobs(self) -> list[dict]:
+        """Status of the evaluation jobs now running (or cut off without a retry)."""
+        if not self.jobs_dir.is_dir():
+            return []
+        found = []
+        for f in sorted(self.jobs_dir.glob("*.json")):
+            try:
+                found.append(json.loads(f.read_text()))
+            except (OSError, ValueError):  # removed or replaced meanwhile
+                continue
+        return found
+
+    def failed(self) -> dict | None:
+        """failed.json ({"error", "log"}) if the run's last attempt failed."""
+        try:
+            return json.loads(self.failure.read_text())
+        except (OSError, ValueError):
+            return None
 
     def sparsity_record(self) -> dict | None:
         """sparsity.json (the stabilised curve), or None before evaluate-run wrote it."""
@@ -266,6 +322,12 @@ class RunDir:
         else:
             shutil.copyfile(tokenizer, self.path / "tokenizer.model")
         write_json_atomic(self.data_record, record)
+
+    def record_node(self, node_id: str, ip: str, since: float) -> None:
+        """Note that a cluster node trains the run (one file per node: no lock needed)."""
+        path = self.nodes_dir / f"{node_id}.json"
+        if not path.is_file():
+            write_json_atomic(path, {"node_id": node_id, "ip": ip, "since": since})
 
     def append_metric(self, point: dict) -> None:
         with self.metrics.open("a") as f:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 MICRO = REPO / "configs" / "models" / "micro.yaml"
+GRID = REPO / "configs" / "grids" / "cpu_test.yaml"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,6 +37,32 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     )
 
 
+def mlflow_history(workdir: Path, experiment: str) -> dict:
+    """Every run's tags and metric histories, read back through the grid's MLflow server."""
+    from mlflow.tracking import MlflowClient
+
+    from launcher.tracking import tracking
+    from launcher.workdir import Workdir
+
+    with tracking(Workdir(workdir)) as uri:
+        mlflow = MlflowClient(uri)
+        exp = mlflow.get_experiment_by_name(experiment)
+        out = {}
+        for run in mlflow.search_runs([exp.experiment_id]):
+            metrics = {
+                key: [(m.step, m.value) for m in sorted(mlflow.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+                for key in run.data.metrics
+            }
+            out[run.info.run_name] = {"tags": run.data.tags, "metrics": metrics, "id": run.info.run_id}
+    return out
+
+
+def trajectory(run_dir: Path) -> list[tuple]:
+    """A run's training and validation points, all but the wall-clock throughput."""
+    points = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(p["kind"], p["step"], p["loss"], p.get("lr")) for p in points]
+
+
 @pytest.fixture(scope="session")
 def micro_run(tmp_path_factory) -> Path:
     """One uninterrupted single-process run of the micro config, shared by the tests."""
@@ -45,14 +73,34 @@ def micro_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_address(tmp_path_factory):
-    """One local Ray instance for every test that needs one (a start costs 10-30 s)."""
+def ray_cluster(tmp_path_factory) -> dict:
+    """One local Ray instance for every test that needs one (a start costs 10-30 s), with its
+    dashboard for Ray Jobs: {"address": GCS address, "dashboard": its URL}. Jobs it runs find
+    this environment's Python first on their PATH."""
     from sparsity_scaling.parallel import free_port
 
-    port = free_port()
+    port, dashboard = free_port(), free_port()
     ray = str(Path(sys.executable).with_name("ray"))
     temp = tmp_path_factory.mktemp("ray")
-    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                    "--disable-usage-stats", f"--temp-dir={temp}"], check=True, capture_output=True, timeout=180)
-    yield f"127.0.0.1:{port}"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
+                    f"--dashboard-port={dashboard}", "--disable-usage-stats", f"--temp-dir={temp}"],
+                   check=True, capture_output=True, timeout=180, env=env)
+    yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}"}
     subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_cluster) -> str:
+    return ray_cluster["address"]
+
+
+@pytest.fixture(scope="session")
+def grid_run(ray_address, tmp_path_factory):
+    """The cpu_test grid, submitted once to the local Ray instance: its workdir."""
+    workdir = tmp_path_factory.mktemp("grid") / "work"
+    result = run_cli("grid", "submit", str(GRID), "--address", ray_address, "--workdir", str(workdir), timeout=900)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    (workdir / "submit.log").write_text(result.stdout)
+    (workdir / "submit.err").write_text(result.stderr)
+    return workdir

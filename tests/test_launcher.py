@@ -13,11 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import GRID, REPO, mlflow_history, run_cli, trajectory
 from sparsity_scaling.parallel import free_port
 from sparsity_scaling.rundir import RunDir
-
-GRID = REPO / "configs" / "grids" / "cpu_test.yaml"
 
 
 def _same_points(logged, expected) -> None:
@@ -25,42 +23,38 @@ def _same_points(logged, expected) -> None:
     assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6)
 
 
-def _history(workdir: Path, experiment: str) -> dict:
-    """Every run's tags and metric histories, read back through the grid's MLflow server."""
-    from mlflow.tracking import MlflowClient
-
-    from launcher.tracking import tracking
-    from launcher.workdir import Workdir
-
-    with tracking(Workdir(workdir)) as uri:
-        mlflow = MlflowClient(uri)
-        exp = mlflow.get_experiment_by_name(experiment)
-        out = {}
-        for run in mlflow.search_runs([exp.experiment_id]):
-            metrics = {
-                key: [(m.step, m.value) for m in sorted(mlflow.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
-                for key in run.data.metrics
-            }
-            out[run.info.run_name] = {"tags": run.data.tags, "metrics": metrics, "id": run.info.run_id}
-    return out
-
-
-@pytest.fixture(scope="module")
-def grid_run(ray_address, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("grid") / "work"
-    result = run_cli("grid", "submit", str(GRID), "--address", ray_address, "--workdir", str(workdir), timeout=900)
-    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
-    (workdir / "submit.log").write_text(result.stdout)
-    return workdir
-
-
 def test_submit_prints_its_own_progress_lines_not_tunes_table(grid_run):
     log = (grid_run / "submit.log").read_text()
     assert "Trial Status" not in log and "RUNNING" not in log  # Tune's periodic table is gone
+    assert "Configuration for experiment" not in log + (grid_run / "submit.err").read_text()  # and its banner
+    assert "| loss " not in log  # the workers' step lines are in the runs' logs
+    assert "| loss " in RunDir(grid_run / "runs" / "relu").train_log(0).read_text()
     for name in ("relu", "silu"):
         lines = [line for line in log.splitlines() if line.startswith(f"[grid cpu_test] {name}: ")]
         assert lines and lines[-1].startswith(f"[grid cpu_test] {name}: done, 16.4K/16.4K tokens, activation ratio ")
     assert "checkpoints measured " in log  # the evaluation phase is visible
+
+
+def test_progress_names_a_running_search_and_a_failure_with_its_log(grid_run, tmp_path):
+    """What `grid status` and the progress lines say of an evaluation job mid-search (retried
+    once) and of a failed run."""
+    import shutil
+
+    from launcher.grid import load_grid
+    from launcher.status import progress_line, run_state
+    from sparsity_scaling.files import write_json_atomic
+
+    (spec,) = [s for s in load_grid(GRID).runs if s.name == "relu"]
+    run = RunDir(tmp_path / "relu")
+    shutil.copytree(grid_run / "runs" / "relu", run.path)
+    run.sparsity.unlink()
+    write_json_atomic(run.job_status("stabilised"), {"job": "stabilised", "node_id": "n", "ip": "127.0.0.1",
+                                                     "attempt": 2, "search_step": 3, "cett": 0.21, "ppl_ratio": 1.0132})
+    line = progress_line(run_state(run, spec))
+    assert line.startswith("relu: evaluating, 16.4K/16.4K tokens, ")
+    assert line.endswith("stabilising CETT (search step 3: CETT 0.2100, PPL ratio 1.0132; attempt 2)")
+    write_json_atomic(run.failure, {"error": "ValueError: boom", "log": str(run.evaluation_log)})
+    assert progress_line(run_state(run, spec)) == f"relu: failed: ValueError: boom (log: {run.evaluation_log})"
 
 
 def test_training_keeps_priority_over_evaluation(grid_run):
@@ -73,7 +67,7 @@ def test_training_keeps_priority_over_evaluation(grid_run):
 
 
 def test_grid_trains_evaluates_and_mirrors_everything_in_mlflow(grid_run):
-    runs = _history(grid_run, "cpu_test")
+    runs = mlflow_history(grid_run, "cpu_test")
     parent = runs.pop("cpu_test")
     assert set(runs) == {"relu", "silu"}
     for name, run in runs.items():
@@ -120,7 +114,7 @@ def test_the_shortened_demo_reports_what_mlflow_holds(grid_run):
     from sparsity_scaling.laws.curvefit import fit_curve
     from sparsity_scaling.laws.errors import LawError
 
-    runs = _history(grid_run, "cpu_test")
+    runs = mlflow_history(grid_run, "cpu_test")
     parent = runs.pop("cpu_test")
     data = json.loads((grid_run / "report.json").read_text())
     markdown = (grid_run / "report.md").read_text()
@@ -163,12 +157,22 @@ def test_the_shortened_demo_reports_what_mlflow_holds(grid_run):
     assert json.loads((grid_run / "report.json").read_text())["targets"] == [0.5, 0.2]  # nothing lost
 
 
-def test_resubmitting_is_a_no_op(grid_run, ray_address):
-    before = _history(grid_run, "cpu_test")
-    result = run_cli("grid", "submit", str(GRID), "--address", ray_address, "--workdir", str(grid_run), timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "ETA" not in result.stdout + result.stderr  # nothing trained again
-    after = _history(grid_run, "cpu_test")
+def test_resubmitting_as_a_ray_job_is_a_no_op(grid_run, ray_cluster):
+    """`ray job submit --working-dir . -- sparsity-scaling grid submit ...`, as Ray users
+    submit to a remote cluster: the driver runs on the cluster, joins it through the
+    RAY_ADDRESS Ray gives it, finds every run finished, and changes nothing in MLflow."""
+    before = mlflow_history(grid_run, "cpu_test")
+    report = grid_run / "report.json"
+    written = report.stat().st_mtime
+    ray = str(Path(sys.executable).with_name("ray"))
+    result = subprocess.run(
+        [ray, "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", str(REPO), "--",
+         "sparsity-scaling", "grid", "submit", str(GRID.relative_to(REPO)), "--workdir", str(grid_run)],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0 and "succeeded" in result.stdout, (result.stdout[-3000:], result.stderr[-3000:])
+    assert "[grid cpu_test] relu: done" in result.stdout and "ETA" not in result.stdout  # nothing trained again
+    assert report.stat().st_mtime > written  # the job's driver wrote the report
+    after = mlflow_history(grid_run, "cpu_test")
     assert {k: v["metrics"] for k, v in after.items()} == {k: v["metrics"] for k, v in before.items()}
 
 
@@ -194,12 +198,8 @@ def test_killed_worker_is_restarted_and_the_trajectory_is_unchanged(grid_run, ra
     assert killed is not None, "no training worker was found to kill"
     assert process.returncode == 0, output[-4000:]
     assert len(RunDir(run_dir).checkpoints()) == len(RunDir(grid_run / "runs" / "relu").checkpoints())
-    def trajectory(path):  # everything but the wall-clock throughput
-        points = [json.loads(l) for l in (path / "metrics.jsonl").read_text().splitlines()]
-        return [(p["kind"], p["step"], p["loss"], p.get("lr")) for p in points]
-
     assert trajectory(run_dir) == trajectory(grid_run / "runs" / "relu")  # exactly, and no point twice
-    for run in _history(workdir, "kill_test").values():
+    for run in mlflow_history(workdir, "kill_test").values():
         for key, points in run["metrics"].items():
             steps = [s for s, _ in points]
             assert len(steps) == len(set(steps)), (key, steps)
@@ -250,16 +250,20 @@ def test_an_evaluation_job_across_two_tensor_parallel_ranks_matches_one_rank(mic
     checkpoint = str(RunDir(run).checkpoints()[-1].path)
     ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
     try:
-        one = run_job(Evaluation(eval_tokens=4096, cpus=1), _checkpoint_job, checkpoint, Evaluation(eval_tokens=4096))
+        one_rank = Evaluation(eval_tokens=4096, cpus=1)
+        one = run_job(one_rank, 60, RunDir(run), "one", _checkpoint_job, checkpoint, one_rank)
         two_ranks = Evaluation(eval_tokens=4096, cpus=1, tp=2)
-        two = run_job(two_ranks, _checkpoint_job, checkpoint, two_ranks)
+        two = run_job(two_ranks, 60, RunDir(run), "two", _checkpoint_job, checkpoint, two_ranks)
     finally:
         ray.shutdown()
     assert two["activation_ratio"] == pytest.approx(one["activation_ratio"], abs=2e-3)
     assert two["cett"] == pytest.approx(one["cett"], rel=1e-2)
     assert two["dense_ppl"] == pytest.approx(one["dense_ppl"], rel=1e-5)
     written = json.loads((RunDir(run).evaluation_of(Path(checkpoint))).read_text())
+    assert written.pop("evaluated_on")["attempt"] == 1
     assert written == two  # rank 0 wrote it, once
+    assert not RunDir(run).running_jobs()  # the job's status went with its result
+    assert "Traceback" not in RunDir(run).evaluation_log.read_text()  # the ranks' output
 
 
 def test_a_checkpoint_too_large_for_one_device_is_refused_with_the_tp_it_needs(micro_run):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ import torch.distributed as dist
 from ..errors import SettingError, UserError
 from ..files import json_text, write_json_atomic
 from ..metrics.result import thresholds_artifact
-from ..metrics.search import Evaluator, ReloadingEvaluator, ppl_p, stabilised_cett
+from ..metrics.search import Evaluator, Point, ReloadingEvaluator, ppl_p, stabilised_cett
 from ..parallel import init_parallel
 from ..rundir import Checkpoint, RunDir, read_checkpoint
 from .inputs import ModelRef, load_eval_data
@@ -66,23 +67,24 @@ def check_fits(checkpoint: Checkpoint, tp: int, free_bytes: int | None = None) -
                            f"device ({free_bytes / 1e9:.1f} GB free) at this tp; it needs tp of at least {needed}")
 
 
-def evaluate_checkpoint(checkpoint: str | Path, metric: MetricSettings, data: DataSettings, tp: int = 1) -> dict:
+def evaluate_checkpoint(checkpoint: str | Path, metric: MetricSettings, data: DataSettings, tp: int = 1,
+                        on_step: Callable[[int, Point], None] | None = None) -> dict:
     """PPL-p% of one of our checkpoints on its run's validation split, on the `tp` ranks of
-    this job, as the grid records it (every rank returns it)."""
+    this job, as the grid records it (every rank returns it). `on_step` hears each search step."""
     init_parallel(tp)
     ck = read_checkpoint(checkpoint)
     check_fits(ck, tp)
-    result = ppl_p(load_evaluator(ModelRef(checkpoint=str(ck.path)), data, metric, tp), metric.p)
+    result = ppl_p(load_evaluator(ModelRef(checkpoint=str(ck.path)), data, metric, tp), metric.p, on_step=on_step)
     record = result.to_dict()
     record["eval_tokens"] = record.pop("tokens")
     return {"checkpoint": ck.name, "train_tokens": ck.tokens, "step": ck.step, **record}
 
 
 def evaluate_run(run_dir: str | Path, metric: MetricSettings, data: DataSettings, last: int = 5, tp: int = 1,
-                 json_out: str | None = None) -> None:
+                 json_out: str | None = None, on_step: Callable[[int, Point], None] | None = None) -> None:
     """The paper's stabilising strategy: one CETT whose mean PPL ratio over the run's last
     `last` checkpoints is 1 + p/100, then applied at every checkpoint. Writes RUN/sparsity.json
-    (or `json_out`)."""
+    (or `json_out`). `on_step` hears each step of the search."""
     run = RunDir(run_dir)
     checkpoints = run.checkpoints()
     if not checkpoints:
@@ -99,7 +101,7 @@ def evaluate_run(run_dir: str | Path, metric: MetricSettings, data: DataSettings
 
     # one model in memory at a time: the last checkpoints keep only their calibration
     final = [reloading(c) for c in checkpoints[-last:]]
-    cett = stabilised_cett(final, metric.p)
+    cett = stabilised_cett(final, metric.p, on_step)
     points = []
     for index, ck in enumerate(checkpoints):
         reuse = index - (len(checkpoints) - len(final))

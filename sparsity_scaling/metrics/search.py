@@ -107,7 +107,7 @@ class Point:
 
 def solve_ppl_ratio(measure: Callable[[float], Point], target: float, act_tol: float = 1e-3,
                     ratio_tol: float = 1e-6, max_steps: int = 16, start: float = 0.1,
-                    known: Sequence[Point] = ()) -> Point:
+                    known: Sequence[Point] = (), on_step: Callable[[int, Point], None] | None = None) -> Point:
     """Find the CETT value whose PPL ratio is `target`.
 
     PPL ratio and activation ratio are monotone in CETT. Bracket the target by doubling,
@@ -115,6 +115,7 @@ def solve_ppl_ratio(measure: Callable[[float], Point], target: float, act_tol: f
     the bracket's activation ratios differ by at most act_tol, so the reported activation
     ratio is within act_tol of the one at the exact CETT. Points measured before (`known`,
     e.g. by a search for another p) narrow the starting bracket and cost nothing.
+    `on_step(step, point)` hears of each measurement (a job's progress report).
     """
     lo, hi = Point(0.0, 1.0, 1.0), None
 
@@ -132,7 +133,7 @@ def solve_ppl_ratio(measure: Callable[[float], Point], target: float, act_tol: f
     for point in known:
         narrow(point)
     last = min(known, key=lambda p: abs(p.ratio - target)) if known else None
-    for _ in range(max_steps):
+    for step in range(1, max_steps + 1):
         if converged(last):
             break
         if hi is None:
@@ -148,11 +149,14 @@ def solve_ppl_ratio(measure: Callable[[float], Point], target: float, act_tol: f
             x = lo.x + fraction * (hi.x - lo.x)
         last = measure(x)
         narrow(last)
+        if on_step is not None:
+            on_step(step, last)
     candidates = [p for p in (lo, hi) if p is not None]
     return min(candidates, key=lambda p: abs(p.ratio - target))
 
 
-def ppl_p(evaluator: Evaluator, p: float, measured: dict | None = None) -> SparsityResult:
+def ppl_p(evaluator: Evaluator, p: float, measured: dict | None = None,
+          on_step: Callable[[int, Point], None] | None = None) -> SparsityResult:
     """PPL-p% sparsity: the CETT at which PPL is (1 + p/100) times the dense PPL.
 
     `measured` ({CETT: (rule, sparse pass)}) shares measurements between searches on the
@@ -170,7 +174,7 @@ def ppl_p(evaluator: Evaluator, p: float, measured: dict | None = None) -> Spars
         measured[c] = (rule, evaluator.measure(rule))
         return point(c)
 
-    best = solve_ppl_ratio(measure, 1 + p / 100, known=[point(c) for c in measured])
+    best = solve_ppl_ratio(measure, 1 + p / 100, known=[point(c) for c in measured], on_step=on_step)
     if best.x not in measured:  # the search stopped at CETT 0 (dense)
         measure(best.x)
     rule, sparse = measured[best.x]
@@ -179,7 +183,8 @@ def ppl_p(evaluator: Evaluator, p: float, measured: dict | None = None) -> Spars
     return result
 
 
-def stabilised_cett(evaluators: Sequence[Evaluator], p: float) -> float:
+def stabilised_cett(evaluators: Sequence[Evaluator], p: float,
+                    on_step: Callable[[int, Point], None] | None = None) -> float:
     """The paper's stabilising strategy: one CETT whose PPL ratio, averaged over the given
     (last five) checkpoints, is 1 + p/100. Each evaluator's model is in memory only while it
     is measured (with `ReloadingEvaluator`s: one model at a time)."""
@@ -194,7 +199,7 @@ def stabilised_cett(evaluators: Sequence[Evaluator], p: float) -> float:
             acts.append(sparse.activation_ratio)
         return Point(c, sum(ratios) / len(ratios), sum(acts) / len(acts))
 
-    return solve_ppl_ratio(measure, 1 + p / 100).x
+    return solve_ppl_ratio(measure, 1 + p / 100, on_step=on_step).x
 
 
 def critical(evaluator: Evaluator, make_rule: Callable[[float], Rule], low: float, high: float,

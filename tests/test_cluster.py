@@ -1,0 +1,151 @@
+"""The grid on a simulated multi-node cluster (`ray.cluster_utils.Cluster`: a head node and
+worker nodes, each its own raylet with its own logical CPUs, all on this machine): runs
+spread over nodes, and a node lost mid-run, with its training workers or an evaluation job,
+is survived; a cluster that loses every node stops the grid with one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import GRID, REPO, mlflow_history, trajectory
+from sparsity_scaling.rundir import RunDir
+
+
+def _cluster(workers: int):
+    """A head that holds no CPU (the grid's control lives there) and `workers` one-CPU nodes."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(workers)]
+    cluster.wait_for_nodes()
+    return cluster, nodes
+
+
+def _grid(tmp_path: Path, name: str, runs: str, node_wait_s: float = 600) -> Path:
+    """The cpu_test grid (so its runs equal the shared grid's), renamed, with `runs`."""
+    grid = tmp_path / f"{name}.yaml"
+    grid.write_text(GRID.read_text().replace("name: cpu_test", f"name: {name}").replace(
+        "../models/micro.yaml", str(REPO / "configs/models/micro.yaml")).replace("[relu, silu]", runs).replace(
+        "cpus_per_worker: 1}", f"cpus_per_worker: 1, node_wait_s: {node_wait_s}}}"))
+    return grid
+
+
+def _submit(grid: Path, address: str, workdir: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sparsity_scaling.cli", "grid", "submit", str(grid), "--address", address,
+         "--workdir", str(workdir)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _remove(cluster, nodes: list, node_id: str) -> None:
+    (node,) = [n for n in nodes if n.node_id == node_id]
+    cluster.remove_node(node)
+    nodes.remove(node)
+
+
+def test_runs_survive_losing_the_node_of_their_training_and_of_an_evaluation(grid_run, tmp_path):
+    """Four one-CPU nodes: relu and silu train on two, evaluations run on the others. Once relu
+    has two checkpoints its node goes; later, a node running an evaluation job goes."""
+    cluster, nodes = _cluster(workers=4)
+    try:
+        workdir = tmp_path / "work"
+        process = _submit(_grid(tmp_path, "cluster_test", "[relu, silu]"), cluster.address, workdir)
+        relu, silu = RunDir(workdir / "runs" / "relu"), RunDir(workdir / "runs" / "silu")
+        lost_training = lost_evaluation = None
+        deadline = time.time() + 900
+        while process.poll() is None and time.time() < deadline and lost_evaluation is None:
+            if lost_training is None and len(relu.checkpoints()) >= 2 and relu.nodes():
+                lost_training = relu.nodes()[0]["node_id"]
+                _remove(cluster, nodes, lost_training)
+            elif lost_training is not None:
+                trained_on = {n["node_id"] for run in (relu, silu) for n in run.nodes()}
+                for run in (relu, silu):
+                    for job in run.running_jobs():
+                        # a job that has not begun its search yet: it is still running when its node goes
+                        if job["node_id"] not in trained_on and "search_step" not in job:
+                            lost_evaluation = (run, job)
+                            _remove(cluster, nodes, job["node_id"])
+                            break
+                    if lost_evaluation:
+                        break
+            time.sleep(0.05)
+        stdout, stderr = process.communicate(timeout=900)
+    finally:
+        cluster.shutdown()
+    assert process.returncode == 0, (stdout[-3000:], stderr[-5000:])
+    assert lost_training is not None and lost_evaluation is not None
+
+    # spread over the nodes (each holds one worker); relu moved on from the node it lost
+    assert len(relu.nodes()) == 2 and relu.nodes()[0]["node_id"] == lost_training
+    assert len(silu.nodes()) == 1 and silu.nodes()[0]["node_id"] != lost_training
+    # ... from its newest complete checkpoint: the same trajectory and checkpoints as the
+    # uninterrupted grid's
+    for run in (relu, silu):
+        shared = RunDir(grid_run / "runs" / run.name)
+        assert trajectory(run.path) == trajectory(shared.path)
+        assert [c.tokens for c in run.checkpoints()] == [c.tokens for c in shared.checkpoints()]
+
+    # the evaluation whose node went was retried on another node, and its result is there once
+    run, job = lost_evaluation
+    if job["job"] == "stabilised":
+        assert run.sparsity_record() is not None
+    else:
+        record = json.loads(run.evaluation_of(run.checkpoints_dir / job["job"]).read_text())
+        assert record["evaluated_on"]["node_id"] != job["node_id"]
+        assert record["evaluated_on"]["attempt"] == job["attempt"] + 1
+    assert not run.running_jobs()
+
+    history = mlflow_history(workdir, "cluster_test")
+    assert len(history["relu"]["tags"]["nodes"].split(", ")) == 2
+    for run in (relu, silu):
+        logged = history[run.name]
+        steps = [s for s, _ in logged["metrics"]["activation_ratio_checkpoint"]]
+        assert steps == [c.tokens for c in run.checkpoints()]  # every checkpoint's result exactly once
+        for key, points in logged["metrics"].items():
+            assert len({s for s, _ in points}) == len(points), (run.name, key)
+
+
+def test_a_cluster_that_loses_every_node_stops_the_grid_with_one_line(tmp_path):
+    """relu's only node goes after its first checkpoint, and no other node could hold it: the
+    grid stops after node_wait_s, naming the run; a resubmit on a new node finishes it."""
+    cluster, nodes = _cluster(workers=1)
+    try:
+        workdir = tmp_path / "work"
+        grid = _grid(tmp_path, "lost_test", "[relu]", node_wait_s=5)
+        process = _submit(grid, cluster.address, workdir)
+        relu = RunDir(workdir / "runs" / "relu")
+        deadline = time.time() + 600
+        while process.poll() is None and time.time() < deadline and not relu.checkpoints():
+            time.sleep(0.05)
+        kept = [c.name for c in relu.checkpoints()]
+        _remove(cluster, nodes, nodes[0].node_id)
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 2, (stdout[-3000:], stderr[-5000:])
+        last = stderr.splitlines()[-1]
+        assert last.startswith("sparsity-scaling: error: grid lost_test stopped: run relu: no node of the cluster "
+                               "can hold a training worker (1 CPU) for 5 s"), stderr[-3000:]
+        assert f"(log: {relu.train_log(0)})" in last and "Traceback" not in stderr
+        # the checkpoints written are intact, and the run says why it stopped
+        assert kept and [c.name for c in relu.checkpoints()][: len(kept)] == kept
+        for checkpoint in relu.checkpoints():
+            checkpoint.verify()
+        status = subprocess.run([sys.executable, "-m", "sparsity_scaling.cli", "grid", "status", str(grid),
+                                 "--workdir", str(workdir)], cwd=REPO, capture_output=True, text=True)
+        assert "relu: failed: " in status.stdout and str(relu.train_log(0)) in status.stdout
+
+        nodes.append(cluster.add_node(num_cpus=1))  # the cluster has a node again: resubmit
+        cluster.wait_for_nodes()
+        again = _submit(grid, cluster.address, workdir)
+        stdout, stderr = again.communicate(timeout=600)
+    finally:
+        cluster.shutdown()
+    assert again.returncode == 0, (stdout[-3000:], stderr[-5000:])
+    assert relu.sparsity_record() is not None and relu.failed() is None
+    assert [c.name for c in relu.checkpoints()][: len(kept)] == kept
