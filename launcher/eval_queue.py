@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -209,17 +210,29 @@ class EvaluationQueue:
         self.run = RunDir(run_dir)
         self.evaluation, self.gate, self.wait_s = evaluation, gate, wait_s
         self.tasks: dict[str, ray.ObjectRef] = {}
+        self.lock = threading.Lock()  # calls run concurrently: one task per checkpoint
 
     def checkpoint_ready(self, checkpoint: str) -> None:
-        if checkpoint not in self.tasks and not self.run.evaluation_of(Path(checkpoint)).is_file():
-            self.tasks[checkpoint] = evaluate_checkpoint_task.options(**JOB).remote(
-                checkpoint, self.evaluation, self.gate, self.wait_s
-            )
+        with self.lock:
+            if checkpoint not in self.tasks and not self.run.evaluation_of(Path(checkpoint)).is_file():
+                self.tasks[checkpoint] = evaluate_checkpoint_task.options(**JOB).remote(
+                    checkpoint, self.evaluation, self.gate, self.wait_s
+                )
+
+    def queue_unmeasured(self) -> None:
+        """Queue every complete checkpoint of the run without a result: the run directory,
+        not the messages, is the truth (a worker lost with its node may have written a
+        checkpoint and died before its message left)."""
+        for checkpoint in self.run.checkpoints():
+            self.checkpoint_ready(str(checkpoint.path))
 
     def finish(self) -> None:
         """Wait for the per-checkpoint jobs, then apply the stabilising strategy once and
         draw the Pareto curves of the last checkpoint (both at most once)."""
-        ray.get(list(self.tasks.values()))
+        self.queue_unmeasured()
+        with self.lock:
+            tasks = list(self.tasks.values())
+        ray.get(tasks)
         jobs = []
         if not self.run.sparsity.is_file():
             jobs.append(evaluate_run_task.options(**JOB).remote(str(self.run.path), self.evaluation, self.gate,

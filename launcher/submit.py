@@ -75,6 +75,7 @@ class GridCallback(Callback):
 
     def on_start(self, plan) -> None:
         self.gate.training.remote(self.run.name)  # the workers hold their resources now
+        self.queue.queue_unmeasured.remote()  # (re)started: what the last attempt wrote
 
     def _sync(self) -> None:
         self.synced = time.time()
@@ -160,8 +161,7 @@ def _run_trial(params: dict, specs: dict, grid_spec: GridFile, workdir: str, gat
     try:
         queue = EvaluationQueue.options(**ON_HEAD).remote(str(run.path), grid_spec.evaluation, gate,
                                                           grid_spec.resources.node_wait_s)
-        for ck in run.checkpoints():
-            queue.checkpoint_ready.remote(str(ck.path))
+        queue.queue_unmeasured.remote()
         if not is_trained(run, spec):
             res = grid_spec.resources
             trainer = TorchTrainer(
