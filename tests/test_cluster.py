@@ -6,6 +6,7 @@ is survived; a cluster that loses every node stops the grid with one line."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -28,11 +29,13 @@ def _cluster(workers: int):
 
 
 def _grid(tmp_path: Path, name: str, runs: str, node_wait_s: float = 600) -> Path:
-    """The cpu_test grid (so its runs equal the shared grid's), renamed, with `runs`."""
+    """The cpu_test grid (so its runs equal the shared grid's), renamed, with `runs`; one
+    CPU per worker, so a one-CPU node holds one training worker or one evaluation job."""
     grid = tmp_path / f"{name}.yaml"
-    grid.write_text(GRID.read_text().replace("name: cpu_test", f"name: {name}").replace(
-        "../models/micro.yaml", str(REPO / "configs/models/micro.yaml")).replace("[relu, silu]", runs).replace(
-        "cpus_per_worker: 1}", f"cpus_per_worker: 1, node_wait_s: {node_wait_s}}}"))
+    text = GRID.read_text().replace("name: cpu_test", f"name: {name}").replace(
+        "../models/micro.yaml", str(REPO / "configs/models/micro.yaml")).replace("[relu, silu]", runs)
+    grid.write_text(re.sub(r"(?m)^resources: .*$", "resources: {tp: 1, dp: 1, cpus_per_worker: 1, "
+                           f"node_wait_s: {node_wait_s}}}", text))
     return grid
 
 

@@ -58,7 +58,7 @@ def test_progress_names_a_running_search_and_a_failure_with_its_log(grid_run, tm
 
 
 def test_training_keeps_priority_over_evaluation(grid_run):
-    """The cluster holds one training at a time (1.01 CPUs of 2 each): no evaluation job
+    """The cluster holds one training at a time (1.5 CPUs of 2 each): no evaluation job
     starts before the last run has its training resources, so none delays a training."""
     runs = [RunDir(grid_run / "runs" / name) for name in ("relu", "silu")]
     last_claimed = max(run.identity.stat().st_mtime for run in runs)
