@@ -159,6 +159,7 @@ class TrainConfig(_Section):
     mup_lr_scaling: bool = True
     zero_stage: Literal[0, 1, 2] = 0
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     seed: int = 1234
     log_every: int = 10  # steps
 
@@ -230,8 +231,10 @@ class RunConfig(_Section):
 
     def hash(self) -> str:
         """Identity of a run: the same config always trains the same model. Settings that
-        do not change the model (storage retention, the epoch guard) are not part of it."""
-        exclude = {"checkpoint": {"keep_engine"}, "data": {"max_epochs"} | ({"blend"} if self.data.blend is None else set())}
+        do not change the model (storage retention, the epoch guard, recomputing activations)
+        are not part of it."""
+        exclude = {"checkpoint": {"keep_engine"}, "train": {"activation_checkpointing"},
+                   "data": {"max_epochs"} | ({"blend"} if self.data.blend is None else set())}
         text = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

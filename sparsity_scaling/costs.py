@@ -24,6 +24,15 @@ from .config import RunConfig, checkpoint_tokens
 H100_BF16_PEAK_TFLOPS = 989.0  # H100 SXM, dense bf16
 DEFAULT_MFU = 0.4
 
+# Dense bf16 peaks (vendor datasheets, no sparsity), by a name torch.cuda.get_device_name contains.
+PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": H100_BF16_PEAK_TFLOPS, "A100": 312.0,
+               "L40S": 362.0, "A10G": 70.0, "L4": 121.0, "4090": 165.0}
+
+
+def device_peak_tflops(name: str) -> float | None:
+    """The dense bf16 peak of a GPU by its name (the first key it contains), or None."""
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
 
 def total_params(config: RunConfig, vocab_size: int) -> int:
     return config.model.non_embedding_params() + vocab_size * config.model.d_model

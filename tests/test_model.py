@@ -119,3 +119,27 @@ def _probe_checks():
 
 def test_probe_observes_and_masks_neurons():
     assert run_ranks(1, _probe_checks) == [True]
+
+
+def _gradients(recompute: bool, path: str):
+    from sparsity_scaling.model import MiniCPM
+    from sparsity_scaling.parallel import init_parallel, load_full_state_dict
+
+    init_parallel(1)
+    model = MiniCPM(CFG, VOCAB)
+    load_full_state_dict(model, torch.load(path))
+    model.checkpoint_blocks = recompute
+    tokens = _tokens()
+    loss = model.token_losses(tokens[:, :-1], tokens[:, 1:]).mean()
+    loss.backward()
+    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
+    path = str(tmp_path / "weights.pt")
+    run_ranks(1, _save_reference, path)
+    (plain_loss, plain), = run_ranks(1, _gradients, False, path)
+    (loss, recomputed), = run_ranks(1, _gradients, True, path)
+    assert loss == plain_loss
+    for name, grad in plain.items():
+        assert torch.allclose(recomputed[name], grad, rtol=1e-5, atol=1e-7), name

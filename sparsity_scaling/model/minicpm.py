@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from megatron.core import parallel_state as ps
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import (
@@ -170,6 +171,7 @@ class MiniCPM(torch.nn.Module):
         self.layers = torch.nn.ModuleList(Block(cfg, mp, hidden_std, i) for i in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self._rope_cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
+        self.checkpoint_blocks = False  # activation checkpointing: recompute blocks in backward
 
     @property
     def ffns(self) -> list[FFN]:
@@ -197,8 +199,9 @@ class MiniCPM(torch.nn.Module):
         """tokens [batch, seq] -> this rank's slice of the logits [seq, batch, vocab / TP]."""
         h = self.embed(tokens).transpose(0, 1) * self.cfg.scale_emb
         cos, sin = self._rope(tokens.shape[1], tokens.device)
+        recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for block in self.layers:
-            h = block(h, cos, sin)
+            h = checkpoint(block, h, cos, sin, use_reentrant=False) if recompute else block(h, cos, sin)
         h = self.final_norm(h) / self.width_mult
         h = copy_to_tensor_model_parallel_region(h)
         return F.linear(h, self.embed.weight)  # tied output embedding

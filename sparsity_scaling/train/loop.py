@@ -93,6 +93,7 @@ def _deepspeed_config(config: RunConfig, layout: Layout, bf16: bool) -> dict:
                 "eps": 1e-8,
                 "weight_decay": cfg.weight_decay,
                 "torch_adam": True,
+                **({"fused": True} if torch.cuda.is_available() else {}),  # one kernel per step on a GPU
             },
         },
         "steps_per_print": 2**31,
@@ -128,6 +129,7 @@ class Trainer:
         self.bf16 = config.train.dtype == "bf16" or (config.train.dtype == "auto" and torch.cuda.is_available())
         torch.manual_seed(config.train.seed)
         model = MiniCPM(config.model, data.vocab_size).to(device())
+        model.checkpoint_blocks = config.train.activation_checkpointing
         groups = _param_groups(model, config)
         self.base_lrs = [g["lr"] for g in groups]
         self.engine, *_ = deepspeed.initialize(
@@ -177,20 +179,22 @@ class Trainer:
         return factor
 
     def step(self, step: int) -> torch.Tensor:
-        """One optimizer step over this rank's micro-batches; the sum of their mean losses."""
+        """One optimizer step over this rank's micro-batches; their mean losses, left on the
+        device (reading them would wait for the GPU at every step, not only at log steps)."""
         consumed = step * self.layout.global_samples
-        loss_sum = torch.zeros(1, dtype=torch.float64)
+        losses = []
         dev = device()
         for first, count in self.layout.micro_batches(consumed):
-            batch = self.train_sampler.samples(first, count).to(dev)
+            batch = self.train_sampler.samples(first, count).to(dev, non_blocking=True)
             loss = self.engine.module.token_losses(batch[:, :-1], batch[:, 1:]).mean()
             self.engine.backward(loss)
             self.engine.step()
-            loss_sum += loss.item()
-        return loss_sum
+            losses.append(loss.detach())
+        return torch.stack(losses)
 
-    def mean_loss(self, loss_sum: torch.Tensor) -> float:
+    def mean_loss(self, losses: torch.Tensor) -> float:
         """The global batch's mean loss (a collective over data-parallel ranks)."""
+        loss_sum = losses.double().sum().reshape(1).cpu()
         dist.all_reduce(loss_sum, group=ps.get_data_parallel_group())
         return (loss_sum / (self.layout.accumulation * self.layout.dp)).item()
 
@@ -229,12 +233,12 @@ def train(config: RunConfig, run: RunDir, data: PreparedData, callbacks: Sequenc
     started, start_step = time.time(), step
     while step < trainer.total_steps:
         factor = trainer.lr_factor(step)
-        loss_sum = trainer.step(step)
+        losses = trainer.step(step)
         step += 1
         tokens = step * trainer.batch_tokens
         at_checkpoint = tokens in trainer.schedule
         if step % config.train.log_every == 0 or at_checkpoint:
-            train_loss = trainer.mean_loss(loss_sum)
+            train_loss = trainer.mean_loss(losses)
             rate = (step - start_step) * trainer.batch_tokens / max(time.time() - started, 1e-9)
             log(TrainPoint("train", step, tokens, train_loss, lr=trainer.base_lrs[1] * factor, tokens_per_s=rate))
         if at_checkpoint:
