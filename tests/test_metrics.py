@@ -307,3 +307,47 @@ def test_data_parallel_evaluation_under_torchrun_matches_one_process(micro_run, 
     assert two["dense_ppl"] == pytest.approx(one["dense_ppl"], rel=1e-9)  # batches split, sums reduced
     assert two["tokens"] == one["tokens"]
     assert two["activation_ratio"] == pytest.approx(one["activation_ratio"], abs=2e-3)
+
+
+def test_a_series_of_checkpoints_gives_evaluate_runs_trajectory(micro_run, tokens_file, tmp_path):
+    """`evaluate-series` on the run's own checkpoints is `evaluate-run` (the same record, in
+    the reference format); on the same checkpoints exported to Hugging Face directories
+    named by step, with --tokens-per-step, it gives the same trajectory."""
+    from sparsity_scaling.hf import export_llama
+
+    checkpoints = RunDir(micro_run).checkpoints()
+    run_out, series_out = tmp_path / "run.json", tmp_path / "series.json"
+    common = ["--last", "3", "--eval-tokens", "2048"]
+    assert run_cli("evaluate-run", str(micro_run), "--json", str(run_out), *common).returncode == 0
+    shuffled = [str(c.path) for c in reversed(checkpoints)]  # any order: sorted by trained tokens
+    result = run_cli("evaluate-series", *shuffled, "--out", str(series_out), *common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run, series = json.loads(run_out.read_text()), json.loads(series_out.read_text())
+    assert series["token_passed"] == [c.tokens for c in checkpoints]
+    assert series["activation_ratio"] == [p["activation_ratio"] for p in run["checkpoints"]]
+    assert series["cett"] == run["cett"]
+
+    batch = checkpoints[0].tokens // checkpoints[0].step
+    exported = [str(export_llama(c.path, tmp_path / f"step{c.step}")) for c in checkpoints]
+    ours_out, hf_out = tmp_path / "ours.json", tmp_path / "hf.json"
+    tokens = ["--token-file", str(tokens_file)]
+    assert run_cli("evaluate-series", *shuffled, "--out", str(ours_out), *common, *tokens).returncode == 0
+    result = run_cli("evaluate-series", *exported, "--tokens-per-step", str(batch), "--out", str(hf_out),
+                     *common, *tokens)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours, hf = json.loads(ours_out.read_text()), json.loads(hf_out.read_text())
+    assert hf["token_passed"] == ours["token_passed"]
+    assert hf["activation_ratio"] == pytest.approx(ours["activation_ratio"], abs=2e-3)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tokens", "1e6", "2e6"], "--tokens 1000000 2000000: 2 counts for 3 models"),
+    (["--last", "9"], "--last 9: the series has only 3 models"),
+    (["--tokens", "1e6", "1e6", "2e6", "--last", "2"], "share the trained-token count 1,000,000"),
+])
+def test_bad_series_are_refused_in_one_line(micro_run, tmp_path, args, message):
+    paths = [str(c.path) for c in RunDir(micro_run).checkpoints()[:3]]
+    out = tmp_path / "series.json"
+    result = run_cli("evaluate-series", *paths, "--out", str(out), *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1 and not out.exists()

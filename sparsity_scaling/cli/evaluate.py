@@ -44,6 +44,18 @@ def _evaluate_run(args) -> None:
              args.json, report_error=ErrorLine())
 
 
+def _evaluate_series(args) -> None:
+    from ..evaluation.jobs import evaluate_series
+    from ..evaluation.series import series_members
+    from ..ranks import on_ranks
+
+    members = series_members(args.models, args.tokens, args.tokens_per_step, args.last)
+    data = DataSettings(text_file=args.data, tokens=args.token_file, eval_tokens=args.eval_tokens,
+                        seq_len=args.seq_len, batch_size=args.batch_size)
+    on_ranks(args.tp, evaluate_series, members, metric_settings(args), data, args.last, args.tp, args.out,
+             report_error=ErrorLine())
+
+
 def add_commands(commands) -> None:
     ev = commands.add_parser("evaluate", help="measure activation sparsity of one model")
     ev.add_argument("--checkpoint", help="a checkpoint directory of ours")
@@ -68,6 +80,21 @@ def add_commands(commands) -> None:
     run.add_argument("--last", type=int, default=5, help="checkpoints whose mean PPL ratio sets the CETT")
     measurement_arguments(run)
     run.set_defaults(run=_evaluate_run)
+
+    series = commands.add_parser("evaluate-series", help="stabilised PPL-p%% over an existing checkpoint series "
+                                                         "(ours or Hugging Face directories)")
+    series.add_argument("models", nargs="+", metavar="DIR", help="checkpoints of one model's training, any order")
+    series.add_argument("--tokens", type=float, nargs="+", metavar="N",
+                        help="tokens each DIR was trained on, in the order given")
+    series.add_argument("--tokens-per-step", type=float, metavar="S",
+                        help="tokens per step; each DIR's step is read from its name (step1000, checkpoint-1000)")
+    series.add_argument("--p", type=float, default=1.0)
+    series.add_argument("--last", type=int, default=5, help="models whose mean PPL ratio sets the CETT")
+    series.add_argument("--out", help="the trajectory (token_passed, activation_ratio, details) as JSON")
+    series.add_argument("--data", help="validation text: .txt or .jsonl (text field)")
+    series.add_argument("--token-file", help="validation tokens: .npy int array (sequences, length)")
+    measurement_arguments(series, out=False)
+    series.set_defaults(run=_evaluate_series)
 
 
 def measurement_arguments(parser, out: bool = True) -> None:

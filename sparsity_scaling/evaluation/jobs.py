@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -80,46 +81,80 @@ def evaluate_checkpoint(checkpoint: str | Path, metric: MetricSettings, data: Da
     return {"checkpoint": ck.name, "train_tokens": ck.tokens, "step": ck.step, **record}
 
 
-def evaluate_run(run_dir: str | Path, metric: MetricSettings, data: DataSettings, last: int = 5, tp: int = 1,
-                 json_out: str | None = None, on_step: Callable[[int, Point], None] | None = None) -> None:
-    """The paper's stabilising strategy: one CETT whose mean PPL ratio over the run's last
-    `last` checkpoints is 1 + p/100, then applied at every checkpoint. Writes RUN/sparsity.json
-    (or `json_out`). `on_step` hears each step of the search."""
-    run = RunDir(run_dir)
-    checkpoints = run.checkpoints()
-    if not checkpoints:
-        raise UserError(f"{run.path}: no complete checkpoints")
+@dataclass(frozen=True)
+class SeriesMember:
+    """One model of a checkpoint series: where it is and how many tokens it was trained on."""
+
+    model: ModelRef
+    name: str
+    tokens: int
+    step: int | None = None
+
+
+def stabilised_trajectory(members: list[SeriesMember], metric: MetricSettings, data: DataSettings, last: int = 5,
+                          tp: int = 1, on_step: Callable[[int, Point], None] | None = None) -> dict:
+    """The paper's stabilising strategy over a series (oldest first): one CETT whose mean PPL
+    ratio over the `last` newest models is 1 + p/100, then applied to every model. The
+    record `evaluate-run` writes; every rank returns it. `on_step` hears each search step."""
     if last < 1:
         raise SettingError("last", last, "must be at least 1")
     init_parallel(tp)
-    check_fits(checkpoints[-1], tp)
+    if members[-1].model.checkpoint:
+        check_fits(members[-1].model.read_checkpoint(), tp)
     started = time.time()
 
-    def reloading(checkpoint) -> ReloadingEvaluator:
-        model = ModelRef(checkpoint=str(checkpoint.path))
-        return ReloadingEvaluator(lambda: model.load(tp), load_eval_data(model, data), metric.calibration_tokens)
+    def reloading(member: SeriesMember) -> ReloadingEvaluator:
+        return ReloadingEvaluator(lambda: member.model.load(tp), load_eval_data(member.model, data),
+                                  metric.calibration_tokens)
 
-    # one model in memory at a time: the last checkpoints keep only their calibration
-    final = [reloading(c) for c in checkpoints[-last:]]
+    # one model in memory at a time: the last members keep only their calibration
+    final = [reloading(m) for m in members[-last:]]
     cett = stabilised_cett(final, metric.p, on_step)
     points = []
-    for index, ck in enumerate(checkpoints):
-        reuse = index - (len(checkpoints) - len(final))
-        evaluator = final[reuse] if reuse >= 0 else load_evaluator(ModelRef(checkpoint=str(ck.path)), data, metric, tp)
+    for index, member in enumerate(members):
+        reuse = index - (len(members) - len(final))
+        evaluator = final[reuse] if reuse >= 0 else load_evaluator(member.model, data, metric, tp)
         with evaluator.loaded() as ev:
             rule = ev.cett_rule(cett)
             result = ev.result("ppl-p-stabilised", rule, ev.measure(rule))
         del evaluator
         record = result.to_dict()
         record["eval_tokens"] = record.pop("tokens")  # "tokens" is the training-token count here
-        points.append({"checkpoint": ck.name, "tokens": ck.tokens, "step": ck.step, **record})
+        points.append({"checkpoint": member.name, "tokens": member.tokens, "step": member.step, **record})
         if dist.get_rank() == 0:
-            print(f"{ck.name}: activation ratio {result.activation_ratio:.4f}, "
+            print(f"{member.name}: activation ratio {result.activation_ratio:.4f}, "
                   f"PPL ratio {result.ppl_ratio:.4f}", flush=True)
+    return {"metric": "ppl-p-stabilised", "p": metric.p, "cett": cett, "last": len(final),
+            "seconds": round(time.time() - started, 3), "checkpoints": points}
+
+
+def evaluate_run(run_dir: str | Path, metric: MetricSettings, data: DataSettings, last: int = 5, tp: int = 1,
+                 json_out: str | None = None, on_step: Callable[[int, Point], None] | None = None) -> None:
+    """The stabilising strategy over every checkpoint of one of our runs. Writes
+    RUN/sparsity.json (or `json_out`)."""
+    run = RunDir(run_dir)
+    checkpoints = run.checkpoints()
+    if not checkpoints:
+        raise UserError(f"{run.path}: no complete checkpoints")
+    members = [SeriesMember(ModelRef(checkpoint=str(ck.path)), ck.name, ck.tokens, ck.step) for ck in checkpoints]
+    record = stabilised_trajectory(members, metric, data, last, tp, on_step)
     if dist.get_rank() == 0:
         out = Path(json_out) if json_out else run.sparsity
-        write_json_atomic(out, {
-            "metric": "ppl-p-stabilised", "p": metric.p, "cett": cett, "last": len(final),
-            "seconds": round(time.time() - started, 3), "checkpoints": points,
-        })
-        print(f"stabilised CETT {cett:.5f} over the last {len(final)} checkpoints -> {out}")
+        write_json_atomic(out, record)
+        print(f"stabilised CETT {record['cett']:.5f} over the last {record['last']} checkpoints -> {out}")
+
+
+def evaluate_series(members: list[SeriesMember], metric: MetricSettings, data: DataSettings, last: int, tp: int,
+                    out: str | None) -> None:
+    """`evaluate-series`: the stabilised trajectory of an existing checkpoint series, written
+    in the reference format ({"token_passed", "activation_ratio"} plus each point's details)
+    that the law fitting and `tools/predict_tokens.py` read."""
+    record = stabilised_trajectory(members, metric, data, last, tp)
+    if dist.get_rank() != 0:
+        return
+    trajectory = {"token_passed": [p["tokens"] for p in record["checkpoints"]],
+                  "activation_ratio": [p["activation_ratio"] for p in record["checkpoints"]], **record}
+    if out:
+        write_json_atomic(out, trajectory)
+    print(f"stabilised CETT {record['cett']:.5f} over the last {record['last']} of {len(members)} models"
+          + (f" -> {out}" if out else ""))
