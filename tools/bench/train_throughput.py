@@ -28,7 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import torch
 import torch.nn.functional as F
 
@@ -42,6 +41,7 @@ class RandomTokens:
     def __init__(self, vocab_size: int, seq_len: int):
         self.vocab_size, self.seq_len = vocab_size, seq_len
         self.num_windows = 1 << 30
+        self.decay = None  # no separate decay-stage data
 
     def sampler(self, split: str, seq_len: int, seed: int, size: int) -> "RandomTokens":
         return self
@@ -93,6 +93,13 @@ class ReferenceModel(torch.nn.Module):
         self.blocks = torch.nn.ModuleList(ReferenceBlock(m.d_model, m.n_heads, m.d_ff, ACTIVATIONS[m.activation])
                                           for _ in range(m.n_layers))
         self.norm = torch.nn.RMSNorm(m.d_model, eps=1e-5)
+        # MiniCPM's initialisation (muP: hidden weights shrink with width); PyTorch's default
+        # init would train into other values, and on a CPU into slow denormal floats
+        hidden_std = m.init_std / math.sqrt(m.d_model / m.dim_model_base)
+        for module in self.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight, std=hidden_std)
+        torch.nn.init.normal_(self.embed.weight, std=m.init_std)
         cos, sin = rope_tables(config.data.seq_len, m.head_dim, m.rope_theta, "cpu")
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -126,8 +133,11 @@ def _timed(step, steps: int, warmup: int, device: torch.device) -> tuple[float, 
         step(i)
     _sync(device)
     seconds = (time.perf_counter() - started) / steps
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else psutil.Process().memory_info().rss
-    return seconds, peak
+    if device.type == "cuda":
+        return seconds, torch.cuda.max_memory_allocated()
+    import psutil  # (a CUDA image may lack it; it is needed only here)
+
+    return seconds, psutil.Process().memory_info().rss
 
 
 def ours(config, run_dir: Path, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
