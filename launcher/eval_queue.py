@@ -191,7 +191,11 @@ def pareto_task(run_dir: str, evaluation: Evaluation, gate, wait_s: float) -> No
 
 
 def plot_run(run: RunDir) -> None:
-    """The activation-curve plot: stabilised and per-checkpoint PPL-p% against training tokens."""
+    """The activation-curve plot: stabilised and per-checkpoint PPL-p% against training
+    tokens, the start of the decay stage marked (where train.decay_data takes over)."""
+    from sparsity_scaling.config import load_config
+    from sparsity_scaling.train.schedule import decay_start_tokens
+
     stabilised = run.sparsity_record()["checkpoints"]
     curves = {"stabilised CETT": {"token_passed": [p["tokens"] for p in stabilised],
                                   "activation_ratio": [p["activation_ratio"] for p in stabilised], "tags": {}}}
@@ -199,7 +203,9 @@ def plot_run(run: RunDir) -> None:
     if singles:
         curves["per-checkpoint CETT"] = {"token_passed": [r["train_tokens"] for r in singles],
                                          "activation_ratio": [r["activation_ratio"] for r in singles], "tags": {}}
-    write_curves(curves, "activation_ratio", run.activation_plot)
+    config = load_config(run.config_file)
+    label = "decay: train.decay_data" if config.train.decay_data else "decay starts"
+    write_curves(curves, "activation_ratio", run.activation_plot, marks={label: decay_start_tokens(config)})
 
 
 @ray.remote(num_cpus=0, max_concurrency=4)

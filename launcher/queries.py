@@ -42,8 +42,9 @@ def query_curves(uri: str, experiment: str, filter_string: str = "", metric: str
     return curves
 
 
-def write_curves(curves: dict, metric: str, out: str | Path) -> None:
-    """.csv: one row per point; .json: the reference format per run; .png: a plot."""
+def write_curves(curves: dict, metric: str, out: str | Path, marks: dict[str, float] | None = None) -> None:
+    """.csv: one row per point; .json: the reference format per run; .png: a plot, with a
+    dashed vertical line at each of `marks` ({label: training tokens})."""
     out = Path(out)
     if out.suffix == ".csv":
         buffer = io.StringIO()
@@ -62,6 +63,10 @@ def write_curves(curves: dict, metric: str, out: str | Path) -> None:
         ax = figure.add_subplot()
         for name, curve in sorted(curves.items()):
             ax.plot(curve["token_passed"], curve[metric], marker="o", ms=3, label=name)
+        for label, tokens in (marks or {}).items():
+            ax.axvline(tokens, ls="--", color="gray", lw=1)
+            ax.annotate(label, (tokens, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                        textcoords="offset points", fontsize=8, color="gray")
         ax.set_xlabel("training tokens")
         ax.set_ylabel(metric.replace("_", " "))
         ax.set_title(f"{metric.replace('_', ' ')} against training tokens")

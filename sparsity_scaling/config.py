@@ -160,6 +160,7 @@ class TrainConfig(_Section):
     zero_stage: Literal[0, 1, 2] = 0
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    decay_data: Optional[list[BlendPart]] = None  # the decay stage's data: `data prepare` outputs (data.tokenizer's)
     seed: int = 1234
     log_every: int = 10  # steps
 
@@ -173,6 +174,8 @@ class TrainConfig(_Section):
             raise ValueError("warmup_fraction + decay_fraction must be at most 1")
         if not 0 <= self.final_lr_ratio <= 1:
             raise ValueError("final_lr_ratio must be in [0, 1]")
+        if self.decay_data is not None and not (self.decay_data and self.decay_fraction > 0):
+            raise ValueError("decay_data needs at least one corpus and a decay_fraction above 0")
         return self
 
 
@@ -227,13 +230,16 @@ class RunConfig(_Section):
             )
         if self.checkpoint.first_tokens > self.train.tokens:
             raise ValueError("checkpoint.first_tokens exceeds train.tokens")
+        if self.train.decay_data and not self.data.tokenizer:
+            raise ValueError("train.decay_data: its corpora are made with data.tokenizer, which this run must name")
         return self
 
     def hash(self) -> str:
         """Identity of a run: the same config always trains the same model. Settings that
         do not change the model (storage retention, the epoch guard, recomputing activations)
         are not part of it."""
-        exclude = {"checkpoint": {"keep_engine"}, "train": {"activation_checkpointing"},
+        exclude = {"checkpoint": {"keep_engine"},
+                   "train": {"activation_checkpointing"} | ({"decay_data"} if self.train.decay_data is None else set()),
                    "data": {"max_epochs"} | ({"blend"} if self.data.blend is None else set())}
         text = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -299,6 +299,33 @@ def test_a_run_trains_on_a_blend_of_prepared_corpora(corpus, trained, hf_tokeniz
     assert missing.returncode == 2 and "is not a `sparsity-scaling data prepare` output" in missing.stderr
 
 
+def test_the_decay_stage_trains_on_its_own_data(corpus, trained, hf_tokenizer, tmp_path, ray_address):
+    """train.decay_data replaces the training data from the first decay step on: the run
+    equals the one without it up to there, and differs after."""
+    decay = tmp_path / "decay"
+    assert _prepare(corpus / "c.parquet", "--out", decay, "--tokenizer", f"{trained}.model",
+                    address=ray_address).returncode == 0
+    common = ["--set", f"data.blend=[{{prefix: {trained}, weight: 1}}]", "--set", f"data.tokenizer={trained}.model",
+              "--set", "train.tokens=8192", "--set", "train.decay_fraction=0.5", "--set", "train.log_every=1",
+              "--set", "checkpoint.first_tokens=4096"]
+    runs = {}
+    for name, extra in (("plain", []), ("decay", ["--set", f"train.decay_data=[{{prefix: {decay}, weight: 1}}]"])):
+        result = run_cli("train", str(MICRO), "--out", str(tmp_path / name), *common, *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = [(p["step"], p["loss"]) for p in RunDir(tmp_path / name).metric_points() if p["kind"] == "train"]
+    start = 4  # 8 steps, half of them decay
+    assert runs["decay"][:start] == runs["plain"][:start]
+    assert all(a[1] != b[1] for a, b in zip(runs["decay"][start:], runs["plain"][start:]))
+    assert json.loads(RunDir(tmp_path / "decay").data_record.read_text())["decay"]["blend"][0]["prefix"] == str(decay)
+
+    hf = tmp_path / "hf"
+    assert _prepare(corpus / "c.parquet", "--out", hf, "--tokenizer", hf_tokenizer, address=ray_address).returncode == 0
+    refused = run_cli("train", str(MICRO), "--out", str(tmp_path / "mixed"), *common,
+                      "--set", f"train.decay_data=[{{prefix: {hf}, weight: 1}}]")
+    assert refused.returncode == 2 and "train.decay_data[0].prefix" in refused.stderr
+    assert "made with another tokenizer" in refused.stderr and refused.stderr.count("\n") == 1
+
+
 def test_grid_plan_tells_the_cost_and_the_corpus_before_anything_runs():
     result = run_cli("grid", "plan", str(REPO / "configs" / "grids" / "sparsing_law.yaml"), "--mfu", "0.5",
                      "--peak-tflops", "1000")

@@ -32,6 +32,7 @@ class PreparedData:
     valid: tuple[str, ...]
     weights: tuple[float, ...]  # blend weights (one corpus: (1.0,))
     record: dict  # split hashes, document and token counts: saved with the run
+    decay: "PreparedData | None" = None  # the decay stage's training data (train.decay_data)
 
     @property
     def train_tokens(self) -> list[int]:
@@ -80,14 +81,14 @@ def _check_made_with(corpus: PreparedCorpus, tokenizer: Tokenizer, field: str) -
     return manifest
 
 
-def _prepared(config: DataConfig) -> PreparedData:
+def _prepared(config: DataConfig, blend_field: str = "data.blend") -> PreparedData:
     """A Megatron-prepared corpus (train_prefix) or a blend of `data prepare` outputs."""
     tokenizer = _tokenizer(config.tokenizer)
     if config.blend:
         train, valid, records = [], [], []
         for index, part in enumerate(config.blend):
             corpus = PreparedCorpus(part.prefix)
-            manifest = _check_made_with(corpus, tokenizer, f"data.blend[{index}].prefix")
+            manifest = _check_made_with(corpus, tokenizer, f"{blend_field}[{index}].prefix")
             train.append(str(corpus.split("train")))
             valid.append(str(corpus.split("valid")))
             records.append({"prefix": str(corpus.prefix), "weight": part.weight, "splits": manifest["splits"]})
@@ -103,6 +104,17 @@ def _prepared(config: DataConfig) -> PreparedData:
     for prefix in (*train, *valid):
         open_token_stream(prefix)  # exists, or a clear error
     return PreparedData(str(tokenizer.path), tokenizer.vocab_size, tuple(train), tuple(valid), weights, record)
+
+
+def prepare_decay_data(config: DataConfig, parts: list, budget: int = 0) -> PreparedData:
+    """train.decay_data: the corpora that replace the training data in the decay stage, a
+    blend made with the run's tokenizer (validation stays the run's own); with a token
+    `budget` (the decay's tokens), refused beyond data.max_epochs of them."""
+    decay = config.model_copy(update={"corpus": None, "train_prefix": None, "valid_prefix": None, "blend": parts})
+    data = _prepared(decay, "train.decay_data")
+    if budget:
+        check_epochs(decay, budget, data.train_tokens, data.weights)
+    return data
 
 
 def corpus_tokens(config: DataConfig) -> list[int] | None:

@@ -25,7 +25,7 @@ from ..parallel import DeepSpeedMPU, device
 from ..rundir import Checkpoint, RunDir
 from .callbacks import Callback, TrainPlan, TrainPoint
 from .checkpoint import CheckpointState, save_checkpoint
-from .schedule import wsd_factor
+from .schedule import decay_start, wsd_factor
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,10 @@ class Trainer:
         self.batch_tokens = self.layout.global_samples * seq_len
         self.total_steps = self.schedule[-1] // self.batch_tokens
         self.train_sampler = data.sampler("train", seq_len, config.train.seed, self.total_steps * self.layout.global_samples)
+        # the decay stage trains on train.decay_data, if given, from its first sample on
+        self.decay_start = decay_start(self.total_steps, config.train)
+        self.decay_sampler = None if data.decay is None else data.decay.sampler(
+            "train", seq_len, config.train.seed, (self.total_steps - self.decay_start) * self.layout.global_samples)
         val_samples = max(1, config.data.val_tokens // seq_len)
         self.valid_sampler = data.sampler("valid", seq_len, 0, val_samples)
         self.val_samples = min(self.valid_sampler.num_windows, val_samples)
@@ -181,11 +185,13 @@ class Trainer:
     def step(self, step: int) -> torch.Tensor:
         """One optimizer step over this rank's micro-batches; their mean losses, left on the
         device (reading them would wait for the GPU at every step, not only at log steps)."""
-        consumed = step * self.layout.global_samples
+        sampler, consumed = self.train_sampler, step * self.layout.global_samples
+        if self.decay_sampler is not None and step >= self.decay_start:
+            sampler, consumed = self.decay_sampler, (step - self.decay_start) * self.layout.global_samples
         losses = []
         dev = device()
         for first, count in self.layout.micro_batches(consumed):
-            batch = self.train_sampler.samples(first, count).to(dev, non_blocking=True)
+            batch = sampler.samples(first, count).to(dev, non_blocking=True)
             loss = self.engine.module.token_losses(batch[:, :-1], batch[:, 1:]).mean()
             self.engine.backward(loss)
             self.engine.step()

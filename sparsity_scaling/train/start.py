@@ -3,13 +3,14 @@ train` (in this process or spawned), torchrun, deepspeed or a Ray Train worker."
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import torch.distributed as dist
 
 from ..config import RunConfig
-from ..data.pipeline import PreparedData, prepare_data
+from ..data.pipeline import PreparedData, prepare_data, prepare_decay_data
 from ..errors import SettingError
 from ..parallel import init_parallel
 from ..ranks import launched_externally, on_ranks
@@ -25,9 +26,14 @@ def _prepared_on_rank_zero(config: RunConfig, run: RunDir) -> PreparedData:
     box: list[PreparedData | None] = [None]
     if dist.get_rank() == 0:
         data = prepare_data(config.data, budget=config.train.tokens)
+        record = data.record
+        if config.train.decay_data:
+            decay = prepare_decay_data(config.data, config.train.decay_data,
+                                       round(config.train.tokens * config.train.decay_fraction))
+            data, record = replace(data, decay=decay), {**record, "decay": decay.record}
         run.claim(config)
         run.remove_partial_checkpoints()
-        run.record_data(data.tokenizer, data.record)
+        run.record_data(data.tokenizer, record)
         box[0] = data
     dist.broadcast_object_list(box, src=0)
     return box[0]
