@@ -41,7 +41,7 @@ def check_resources(grid: Grid) -> None:
     """Refuse a run that no node (or the whole cluster) could ever hold."""
     res = grid.spec.resources
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    per_worker = {"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker}
+    per_worker = _worker_resources(grid.spec)
     if not node_can_hold(per_worker):
         raise UserError(
             f"{grid.path}: resources: no node has {res.cpus_per_worker:g} CPUs and "
@@ -49,7 +49,7 @@ def check_resources(grid: Grid) -> None:
         )
     for key, need in per_worker.items():
         total = sum(node.get(key, 0) for node in nodes)
-        if need and need * res.workers > total:
+        if need * res.workers > total:
             raise UserError(
                 f"{grid.path}: resources: a run needs {need * res.workers:g} {key} "
                 f"({res.workers} workers), the cluster has {total:g}"

@@ -6,7 +6,7 @@ layer's threshold with 16 bisection steps over 65,536 candidates on all tokens, 
 sparse pass. Ours runs the dense pass once, calibrates thresholds on a subsample and
 interpolates the CETT value. The benchmark prints both costs and their ratio.
 
-    python tools/bench/ppl_p_speed.py [--checkpoint DIR] [--eval-tokens N]
+    python tools/bench/ppl_p_speed.py [--checkpoint DIR | --hf-model DIR --tokens FILE.npy] [--eval-tokens N]
 
 Without --checkpoint it trains the micro config into a temporary directory first.
 """
@@ -31,11 +31,12 @@ def released_ppl_p(target, data, p: float = 1.0, tolerance: float = 1e-6, candid
     from sparsity_scaling.metrics.rules import PerNeuronThreshold
 
     goal = 1 + p / 100
-    lo, hi, passes, best = 0.0, 1.0, 0, None
+    lo, hi, best = 0.0, 1.0, None
+    dense_passes, sparse_passes, searches = 0, 0, 0.0
     while hi - lo > tolerance:
         cett = (lo + hi) / 2
         dense = dense_pass(target, data, calibration_tokens=10**12)  # every token, every step
-        passes += 1
+        dense_passes += 1
         thresholds = {}
         for ffn in target.ffns:
             a = dense.calibration[ffn.layer]
@@ -49,19 +50,19 @@ def released_ppl_p(target, data, p: float = 1.0, tolerance: float = 1e-6, candid
                 mid = (left + right) // 2
                 residual = ((a * (m < grid[mid])) @ w.t()).norm(dim=-1)
                 value = (residual[y > 0] / y[y > 0]).mean().item()
-                passes += a.numel() * w.shape[0] / (data.tokens * _params(target))
+                searches += a.numel() * w.shape[0] / (data.tokens * _params(target))
                 if value < cett:
                     left = mid + 1
                 else:
                     right = mid
             thresholds[ffn.layer] = float(grid[left]) / norms.clamp_min(1e-30)
         sparse = sparse_pass(target, data, PerNeuronThreshold(thresholds=thresholds, cett=cett))
-        passes += 1
+        sparse_passes += 1
         if sparse.ppl / dense.ppl > goal:
             hi = cett
         else:
             lo, best = cett, sparse
-    return best.activation_ratio, passes
+    return best.activation_ratio, (dense_passes, sparse_passes, searches)
 
 
 def _params(target) -> int:
@@ -83,7 +84,9 @@ def _checkpoint(work: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint")
+    parser.add_argument("--checkpoint", help="one of our checkpoints (default: train the micro config)")
+    parser.add_argument("--hf-model", help="a local Hugging Face causal LM directory instead")
+    parser.add_argument("--tokens", help="validation tokens: .npy int array (sequences, length); needed with --hf-model")
     parser.add_argument("--eval-tokens", type=int, default=16384)
     args = parser.parse_args()
 
@@ -93,26 +96,32 @@ def main() -> None:
     from sparsity_scaling.parallel import init_parallel, shutdown_parallel
 
     with tempfile.TemporaryDirectory() as work:
-        checkpoint = Path(args.checkpoint) if args.checkpoint else _checkpoint(Path(work))
+        if args.hf_model:
+            model = ModelRef(hf_model=args.hf_model)
+        else:
+            model = ModelRef(checkpoint=str(Path(args.checkpoint) if args.checkpoint else _checkpoint(Path(work))))
         init_parallel(1)
-        model = ModelRef(checkpoint=str(checkpoint))
         target = model.load()
-        data = load_eval_data(model, DataSettings(eval_tokens=args.eval_tokens))
+        data = load_eval_data(model, DataSettings(tokens=args.tokens, eval_tokens=args.eval_tokens))
 
         started = time.time()
-        ours = ppl_p(Evaluator(target, data), 1.0)
+        evaluator = Evaluator(target, data)
+        ours = ppl_p(evaluator, 1.0)
         ours_seconds = time.time() - started
+        ours_split = (1, evaluator.passes - 1, evaluator.cett.flops / evaluator.forward_flops)
         started = time.time()
-        released_ratio, released_passes = released_ppl_p(target, data)
+        released_ratio, released_split = released_ppl_p(target, data)
         released_seconds = time.time() - started
         shutdown_parallel()
 
-    print(f"model {checkpoint}, {data.tokens:,} validation tokens")
-    print(f"{'':12}{'activation ratio':>18}{'forward passes':>16}{'seconds':>10}")
-    print(f"{'ours':12}{ours.activation_ratio:>18.4f}{ours.forward_passes:>16.2f}{ours_seconds:>10.2f}")
-    print(f"{'released':12}{released_ratio:>18.4f}{released_passes:>16.2f}{released_seconds:>10.2f}")
+    print(f"model {model.name}, {data.tokens:,} validation tokens; forward-pass equivalents split into "
+          "dense passes, sparse passes and threshold searches")
+    print(f"{'':10}{'activation ratio':>18}{'forward passes':>16}{'dense':>8}{'sparse':>8}{'thresholds':>12}{'seconds':>10}")
+    for name, ratio, split, seconds in (("ours", ours.activation_ratio, ours_split, ours_seconds),
+                                        ("released", released_ratio, released_split, released_seconds)):
+        print(f"{name:10}{ratio:>18.4f}{sum(split):>16.2f}{split[0]:>8}{split[1]:>8}{split[2]:>12.2f}{seconds:>10.2f}")
     print(f"speed-up {released_seconds / ours_seconds:.1f}x wall time, "
-          f"{released_passes / ours.forward_passes:.1f}x forward-pass equivalents; "
+          f"{sum(released_split) / sum(ours_split):.1f}x forward-pass equivalents; "
           f"activation ratios differ by {abs(ours.activation_ratio - released_ratio):.4f}")
 
 
