@@ -4,9 +4,12 @@ worker needs."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
+import traceback
+from pathlib import Path
 
 import ray
 
@@ -77,3 +80,16 @@ class NodeWatch:
             raise UserError(f"no node of the cluster can hold {what} ({need}) for "
                             f"{self.wait_s:g} s (node_wait_s); the checkpoints written are intact, "
                             f"resubmit to resume once the cluster has such nodes")
+
+
+@contextlib.contextmanager
+def output_to(log: Path):
+    """This worker's stdout and stderr, and the traceback of an error, appended to `log`
+    (a run's own log: the driver shows progress lines, not worker output)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", buffering=1) as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            yield
+        except BaseException:
+            traceback.print_exc()
+            raise

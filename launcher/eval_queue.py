@@ -7,12 +7,10 @@ the run directory, delivered to MLflow by `sync_run`."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import threading
 import time
-import traceback
 from pathlib import Path
 
 import ray
@@ -20,7 +18,7 @@ import ray
 from sparsity_scaling.files import write_json_atomic
 from sparsity_scaling.rundir import RunDir, read_checkpoint
 
-from .cluster import ON_HEAD, NodeWatch, this_node
+from .cluster import ON_HEAD, NodeWatch, output_to, this_node
 from .grid import Evaluation
 from .queries import write_curves
 from .tracking import sync_run
@@ -62,13 +60,9 @@ class _Rank:
         # Ray shows each rank only its own GPUs, so its device is always the first one.
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0",
                           MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
-        Path(log).parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "a", buffering=1) as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        with output_to(Path(log)):
             try:
                 return fn(*args)
-            except BaseException:
-                traceback.print_exc()
-                raise
             finally:
                 shutdown_parallel()
 

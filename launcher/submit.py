@@ -8,7 +8,6 @@ complete checkpoint, and logs into the same MLflow run.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -24,7 +23,7 @@ from sparsity_scaling.files import write_json_atomic
 from sparsity_scaling.rundir import Checkpoint, RunDir
 from sparsity_scaling.train.callbacks import Callback, ConsoleProgress, TrainPoint
 
-from .cluster import HEAD, ON_HEAD, NodeWatch, connect_ray, node_can_hold, this_node
+from .cluster import HEAD, ON_HEAD, NodeWatch, connect_ray, node_can_hold, output_to, this_node
 from .grid import Grid, GridFile, RunSpec
 from .report import write_report
 from .status import ProgressPrinter
@@ -102,15 +101,9 @@ def _train_worker(config: dict) -> None:
     rank = train.get_context().get_world_rank()
     node_id, ip = this_node()
     run.record_node(node_id, ip, time.time())
-    run.logs_dir.mkdir(parents=True, exist_ok=True)
-    with open(run.train_log(rank), "a", buffering=1) as log, contextlib.redirect_stdout(log), \
-            contextlib.redirect_stderr(log):
+    with output_to(run.train_log(rank)):
         print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}: rank {rank} on node {node_id} ({ip})")
-        try:
-            train_on_rank(spec.config, run.path, [ConsoleProgress(), GridCallback(run, config["queue"], config["gate"])])
-        except BaseException:
-            traceback.print_exc()
-            raise
+        train_on_rank(spec.config, run.path, [ConsoleProgress(), GridCallback(run, config["queue"], config["gate"])])
 
 
 def _worker_resources(grid_spec: GridFile) -> dict[str, float]:
