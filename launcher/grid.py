@@ -56,6 +56,10 @@ class Resources(_Section):
     def workers(self) -> int:
         return self.tp * self.dp
 
+    def worker_resources(self) -> dict[str, float]:
+        """What each training worker asks Ray for (as `Evaluation.rank_resources` per rank)."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.gpus_per_worker else {})}
+
 
 class Evaluation(_Section):
     """How each run's checkpoints are measured while it trains, and when it ends."""

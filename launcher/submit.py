@@ -40,7 +40,7 @@ def check_resources(grid: Grid) -> None:
     """Refuse a run that no node (or the whole cluster) could ever hold."""
     res = grid.spec.resources
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    per_worker = _worker_resources(grid.spec)
+    per_worker = res.worker_resources()
     if not node_can_hold(per_worker):
         raise UserError(
             f"{grid.path}: resources: no node has {res.cpus_per_worker:g} CPUs and "
@@ -106,11 +106,6 @@ def _train_worker(config: dict) -> None:
         train_on_rank(spec.config, run.path, [ConsoleProgress(), GridCallback(run, config["queue"], config["gate"])])
 
 
-def _worker_resources(grid_spec: GridFile) -> dict[str, float]:
-    res = grid_spec.resources
-    return {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})}
-
-
 def _fit(trainer, watch: NodeWatch) -> None:
     """trainer.fit(), stopped once no node of the cluster could hold the run's workers for
     the grid's node_wait_s (Ray Train alone would wait for one forever)."""
@@ -161,11 +156,11 @@ def _run_trial(params: dict, specs: dict, grid_spec: GridFile, workdir: str, gat
                 _train_worker,
                 train_loop_config={"spec": spec, "run_dir": str(run.path), "queue": queue, "gate": gate},
                 scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
-                                             resources_per_worker=_worker_resources(grid_spec)),
+                                             resources_per_worker=res.worker_resources()),
                 run_config=RunConfig(name=spec.name, storage_path=str(work.ray.resolve()),
                                      failure_config=FailureConfig(max_failures=grid_spec.max_failures)),
             )
-            _fit(trainer, NodeWatch(_worker_resources(grid_spec), res.node_wait_s))
+            _fit(trainer, NodeWatch(res.worker_resources(), res.node_wait_s))
         gate.training.remote(spec.name)  # trained (now or before): nothing of it to wait for
         log = run.evaluation_log
         ray.get(queue.finish.remote())
