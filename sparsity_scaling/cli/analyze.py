@@ -4,15 +4,13 @@ MLflow run. Every analysis runs on `--tp` ranks (or under torchrun, tensor x dat
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
 from ..errors import SettingError, UserError
 from ..evaluation.settings import METRICS
 from ..rundir import RunDir
-from .common import ErrorLine
+from .common import ErrorLine, mlflow_arguments, mlflow_publisher
 from .evaluate import data_settings, measurement_arguments, metric_settings
 
 ANALYSIS_METRICS = tuple(m for m in METRICS if m != "critical")  # an analysis needs one rule
@@ -81,26 +79,6 @@ def _job(args):
     return heatmap.heatmap_on_rank, (specs[0], text, args.max_tokens), metric
 
 
-@contextmanager
-def _publisher(args):
-    """With --mlflow-run: a logger to that run, checked before any work. A grid's run
-    directory without a tracking URI uses the grid's local MLflow server, started for the
-    command (on the port its runs recorded) and stopped after it."""
-    if not args.mlflow_run:
-        yield None
-        return
-    from launcher.tracking import ArtifactLogger, run_target, tracking
-    from launcher.workdir import Workdir
-
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    run = RunDir(args.mlflow_run)
-    workdir = Workdir.of_run(run)
-    local = uri is None and run.path.is_dir() and workdir.has_mlflow_store()
-    with tracking(workdir) if local else nullcontext(uri) as uri:
-        uri, run_id = run_target(args.mlflow_run, uri)
-        yield ArtifactLogger(uri, run_id)
-
-
 def _analyze(args) -> None:
     from ..analysis.settings import AnalysisSettings, parse_datasets
     from ..ranks import on_ranks
@@ -110,7 +88,7 @@ def _analyze(args) -> None:
                                 datasets=parse_datasets(args.data or (), args.tokens or ()), tp=args.tp)
     if args.analysis != "frequency":
         settings.single_dataset(args.analysis)
-    with _publisher(args) as publish:
+    with mlflow_publisher(args) as publish:
         on_ranks(args.tp, job, replace(settings, publish=publish), *job_args, report_error=ErrorLine())
 
 
@@ -182,6 +160,4 @@ def _setting(parser) -> None:
 def _common(parser) -> None:
     parser.add_argument("--out", default="analysis", help="directory for the JSON and PNG (default: analysis)")
     measurement_arguments(parser, out=False)
-    parser.add_argument("--mlflow-run", metavar="RUN_DIR_OR_ID",
-                        help="also log the results to this MLflow run (a grid's run directory or a run id)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the run directory's, or $MLFLOW_TRACKING_URI)")
+    mlflow_arguments(parser)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import contextmanager, nullcontext
 
 from ..errors import SettingError, UserError
 
@@ -68,3 +69,32 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
     return value
+
+
+def mlflow_arguments(parser) -> None:
+    parser.add_argument("--mlflow-run", metavar="RUN_DIR_OR_ID",
+                        help="also log the results to this MLflow run (a grid's run directory or a run id)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the run directory's, or $MLFLOW_TRACKING_URI)")
+
+
+@contextmanager
+def mlflow_publisher(args, folder: str = "analysis"):
+    """With --mlflow-run: a logger of files (under `folder`) and metrics to that run,
+    checked before any work. A grid's run
+    directory without a tracking URI uses the grid's local MLflow server, started for the
+    command (on the port its runs recorded) and stopped after it."""
+    if not args.mlflow_run:
+        yield None
+        return
+    from launcher.tracking import ArtifactLogger, run_target, tracking
+    from launcher.workdir import Workdir
+
+    from ..rundir import RunDir
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    run = RunDir(args.mlflow_run)
+    workdir = Workdir.of_run(run)
+    local = uri is None and run.path.is_dir() and workdir.has_mlflow_store()
+    with tracking(workdir) if local else nullcontext(uri) as uri:
+        uri, run_id = run_target(args.mlflow_run, uri)
+        yield ArtifactLogger(uri, run_id, folder)

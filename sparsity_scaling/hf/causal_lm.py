@@ -179,9 +179,13 @@ class HFCausalLM:
             for handle in handles:
                 handle.remove()
 
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [batch, seq, vocab], fp32."""
+        return self.model(input_ids=tokens.to(self.device), use_cache=False).logits.float()
+
     def token_losses(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token cross entropy [batch, seq], in fp32."""
-        logits = self.model(input_ids=tokens.to(self.device), use_cache=False).logits.float()
+        logits = self.logits(tokens)
         losses = F.cross_entropy(
             logits.flatten(0, 1), targets.to(logits.device).flatten(), reduction="none"
         )

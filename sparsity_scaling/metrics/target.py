@@ -34,6 +34,9 @@ class SparsityTarget(Protocol):
     def probing(self, probe: Probe) -> ContextManager[Probe]:
         """Every FFN calls probe.on_input / probe.on_activation during forward passes."""
 
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [batch, seq, vocab] (fp32, the whole vocabulary on every rank)."""
+
     def token_losses(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token cross entropy [batch, seq] (fp32) of next-token prediction."""
 

@@ -25,6 +25,7 @@ from megatron.core.tensor_parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
     copy_to_tensor_model_parallel_region,
+    gather_from_tensor_model_parallel_region,
     vocab_parallel_cross_entropy,
 )
 
@@ -205,6 +206,10 @@ class MiniCPM(torch.nn.Module):
         h = self.final_norm(h) / self.width_mult
         h = copy_to_tensor_model_parallel_region(h)
         return F.linear(h, self.embed.weight)  # tied output embedding
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [batch, seq, padded vocab], fp32, gathered from every TP rank."""
+        return gather_from_tensor_model_parallel_region(self(tokens)).transpose(0, 1).float()
 
     def token_losses(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token cross entropy [batch, seq], in fp32, computed across the vocab shards."""
