@@ -57,6 +57,19 @@ def mlflow_history(workdir: Path, experiment: str) -> dict:
     return out
 
 
+def mlflow_run_dir(tmp_path: Path):
+    """An MLflow run in a SQLite store, and a run directory that points at it (as a grid's does)."""
+    from launcher.tracking import client
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow = client(uri)
+    run_id = mlflow.create_run(mlflow.create_experiment("x", artifact_location=str(tmp_path / "art"))).info.run_id
+    run_dir = tmp_path / "grid-run"
+    run_dir.mkdir()
+    (run_dir / "mlflow_run.json").write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    return mlflow, run_id, run_dir
+
+
 def trajectory(run_dir: Path) -> list[tuple]:
     """A run's training and validation points, all but the wall-clock throughput."""
     points = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

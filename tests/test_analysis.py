@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy.stats import wasserstein_distance
 
-from conftest import run_cli
+from conftest import mlflow_run_dir, run_cli
 from distributed import run_ranks
 from sparsity_scaling.model import Probe
 from sparsity_scaling.rundir import RunDir
@@ -407,15 +407,7 @@ def test_analyze_frequency_cli_overlays_models_and_datasets(micro_run, tmp_path)
 
 
 def test_analyze_dead_cli_matches_gates_and_logs_to_mlflow(micro_run, tokens_file, measured, tmp_path):
-    from launcher.tracking import client
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow = client(uri)
-    experiment = mlflow.create_experiment("analysis", artifact_location=str(tmp_path / "artifacts"))
-    run_id = mlflow.create_run(experiment).info.run_id
-    grid_run = tmp_path / "grid-run"
-    grid_run.mkdir()
-    (grid_run / "mlflow_run.json").write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    mlflow, run_id, grid_run = mlflow_run_dir(tmp_path)
     out = tmp_path / "out"
     threshold = measured["gate_threshold"]
     result = run_cli("analyze", "dead", str(micro_run), "--tokens", str(tokens_file), "--metric", "fat",

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import mlflow_run_dir
+from sparsity_scaling.cli import main
 
 TASKS = "sparsity_smoke"
 LIMIT = "8"
@@ -40,28 +42,29 @@ def _scores(record: dict, column: str) -> dict:
     return {(r["task"], r["metric"]): r[column] for r in record["rows"]}
 
 
-def test_dense_scores_equal_lm_evals_own_run_and_an_empty_setting_changes_nothing(tiny_llama, tmp_path):
+def test_dense_scores_equal_lm_evals_own_run_and_an_empty_setting_changes_nothing(tiny_llama, tmp_path, capfd):
     from lm_eval import simple_evaluate
 
     from sparsity_scaling.downstream.tasks import go_offline, task_manager
 
     out = tmp_path / "down.json"
     # FAT at eps 0 keeps every neuron: the sparse column must equal the dense one
-    result = run_cli("downstream", str(tiny_llama), "--tasks", TASKS, "--limit", LIMIT, "--metric", "fat",
-                     "--value", "0", "--json", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
+    status = main(["downstream", str(tiny_llama), "--tasks", TASKS, "--limit", LIMIT, "--metric", "fat",
+                   "--value", "0", "--json", str(out)])
+    assert status == 0
+    printed = capfd.readouterr().out
     record = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 0
     dense, sparse = _scores(record, "dense"), _scores(record, "sparse")
     assert {task for task, _ in dense} == {"sparsity_smoke_prose", "sparsity_smoke_code"}
     assert sparse == dense
     assert all(r["activation_ratio"] == pytest.approx(1.0) for r in record["rows"])
-    assert "sparsity_smoke_prose" in result.stdout and "activation ratio" in result.stdout
+    assert "sparsity_smoke_prose" in printed and "activation ratio" in printed
 
     go_offline()
     theirs = simple_evaluate(model="hf", model_args={"pretrained": str(tiny_llama), "dtype": "float32"},
                              tasks=[TASKS], limit=int(LIMIT), batch_size=1, bootstrap_iters=0, device="cpu",
-                             task_manager=task_manager([], Path(__import__("os").environ["SPARSITY_SCALING_CACHE"])))
+                             task_manager=task_manager([], Path(os.environ["SPARSITY_SCALING_CACHE"])))
     expected = {(task, key.split(",")[0]): value for task, metrics in theirs["results"].items()
                 for key, value in metrics.items() if key.endswith(",none") and "_stderr" not in key}
     assert dense == expected
@@ -78,20 +81,24 @@ def test_thresholds_mask_the_task_text_and_the_ratio_is_the_probes_count(micro_r
 
     checkpoint = RunDir(micro_run).checkpoints()[-1].path
     evaluation = tmp_path / "ppl1.json"
-    result = run_cli("evaluate", "--checkpoint", str(checkpoint), "--eval-tokens", "2048", "--json", str(evaluation))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--eval-tokens", "2048", "--json", str(evaluation)]) == 0
     thresholds = evaluation.with_name("ppl1.thresholds.json")
     out = tmp_path / "down.json"
-    result = run_cli("downstream", str(checkpoint), "--tasks", "sparsity_smoke_prose", "--limit", LIMIT,
-                     "--thresholds", str(thresholds), "--json", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
+    mlflow, run_id, run_dir = mlflow_run_dir(tmp_path)
+    assert main(["downstream", str(checkpoint), "--tasks", "sparsity_smoke_prose", "--limit", LIMIT,
+                 "--thresholds", str(thresholds), "--json", str(out), "--mlflow-run", str(run_dir)]) == 0
     record = json.loads(out.read_text())
     reported = {r["activation_ratio"] for r in record["rows"]}
     assert len(reported) == 1 and 0 < next(iter(reported)) < 1
+    logged = mlflow.get_run(run_id).data.metrics
+    acc = next(r for r in record["rows"] if r["metric"] == "acc")
+    assert logged["downstream/sparsity_smoke_prose/acc/dense"] == pytest.approx(acc["dense"])
+    assert logged["downstream/sparsity_smoke_prose/acc/sparse"] == pytest.approx(acc["sparse"])
+    assert logged["downstream/sparsity_smoke_prose/activation_ratio"] == pytest.approx(next(iter(reported)))
+    assert sorted(a.path for a in mlflow.list_artifacts(run_id, "downstream")) == ["downstream/down.json",
+                                                                                   "downstream/down.png"]
 
     # recount: every choice of every item, tokenized as lm-eval's causal models do, through the probe
-    import os
-
     items = [json.loads(line) for line in
              (smoke_tasks_dir(Path(os.environ["SPARSITY_SCALING_CACHE"])) / "sparsity_smoke_prose.jsonl")
              .read_text().splitlines()][: int(LIMIT)]
@@ -112,7 +119,6 @@ def test_thresholds_mask_the_task_text_and_the_ratio_is_the_probes_count(micro_r
 
 
 def test_bad_input_is_one_error_line(micro_run, tmp_path, capfd):
-    from sparsity_scaling.cli import main
     from sparsity_scaling.rundir import RunDir
 
     checkpoint = str(RunDir(micro_run).checkpoints()[-1].path)

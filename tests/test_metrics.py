@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import mlflow_run_dir, run_cli
 from distributed import run_ranks
 from sparsity_scaling.rundir import RunDir
 
@@ -331,13 +331,19 @@ def test_a_series_of_checkpoints_gives_evaluate_runs_trajectory(micro_run, token
     exported = [str(export_llama(c.path, tmp_path / f"step{c.step}")) for c in checkpoints]
     ours_out, hf_out = tmp_path / "ours.json", tmp_path / "hf.json"
     tokens = ["--token-file", str(tokens_file)]
-    assert run_cli("evaluate-series", *shuffled, "--out", str(ours_out), *common, *tokens).returncode == 0
+    mlflow, run_id, run_dir = mlflow_run_dir(tmp_path)
+    assert run_cli("evaluate-series", *shuffled, "--out", str(ours_out), *common, *tokens,
+                   "--mlflow-run", str(run_dir)).returncode == 0
     result = run_cli("evaluate-series", *exported, "--tokens-per-step", str(batch), "--out", str(hf_out),
                      *common, *tokens)
     assert result.returncode == 0, result.stderr[-3000:]
     ours, hf = json.loads(ours_out.read_text()), json.loads(hf_out.read_text())
     assert hf["token_passed"] == ours["token_passed"]
     assert hf["activation_ratio"] == pytest.approx(ours["activation_ratio"], abs=2e-3)
+    logged = sorted((m.step, m.value) for m in mlflow.get_metric_history(run_id, "series_activation_ratio"))
+    assert [step for step, _ in logged] == ours["token_passed"]
+    assert [value for _, value in logged] == pytest.approx(ours["activation_ratio"])
+    assert [a.path for a in mlflow.list_artifacts(run_id, "series")] == ["series/ours.json"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..errors import UserError
 from ..evaluation.settings import CRITICAL_RULES, METRICS, DataSettings, MetricSettings
 from ..metrics import SITES
-from .common import ErrorLine, positive_int
+from .common import ErrorLine, mlflow_arguments, mlflow_publisher, positive_int
 
 
 def data_settings(args) -> DataSettings:
@@ -49,11 +49,14 @@ def _evaluate_series(args) -> None:
     from ..evaluation.series import series_members
     from ..ranks import on_ranks
 
+    if args.mlflow_run and not args.out:
+        raise UserError("--mlflow-run logs the trajectory file: give --out too")
     members = series_members(args.models, args.tokens, args.tokens_per_step, args.last)
     data = DataSettings(text_file=args.data, tokens=args.token_file, eval_tokens=args.eval_tokens,
                         seq_len=args.seq_len, batch_size=args.batch_size)
-    on_ranks(args.tp, evaluate_series, members, metric_settings(args), data, args.last, args.tp, args.out,
-             report_error=ErrorLine())
+    with mlflow_publisher(args, folder="series") as publish:
+        on_ranks(args.tp, evaluate_series, members, metric_settings(args), data, args.last, args.tp, args.out,
+                 publish, report_error=ErrorLine())
 
 
 def add_commands(commands) -> None:
@@ -94,6 +97,7 @@ def add_commands(commands) -> None:
     series.add_argument("--data", help="validation text: .txt or .jsonl (text field)")
     series.add_argument("--token-file", help="validation tokens: .npy int array (sequences, length)")
     measurement_arguments(series, out=False)
+    mlflow_arguments(series)
     series.set_defaults(run=_evaluate_series)
 
 

@@ -145,10 +145,11 @@ def evaluate_run(run_dir: str | Path, metric: MetricSettings, data: DataSettings
 
 
 def evaluate_series(members: list[SeriesMember], metric: MetricSettings, data: DataSettings, last: int, tp: int,
-                    out: str | None) -> None:
+                    out: str | None, publish: Callable | None = None) -> None:
     """`evaluate-series`: the stabilised trajectory of an existing checkpoint series, written
     in the reference format ({"token_passed", "activation_ratio"} plus each point's details)
-    that the law fitting and `tools/predict_tokens.py` read."""
+    that the law fitting and `tools/predict_tokens.py` read. `publish(files, metrics)` (an
+    MLflow run's logger) gets the file and `series_activation_ratio` at step = tokens."""
     record = stabilised_trajectory(members, metric, data, last, tp)
     if dist.get_rank() != 0:
         return
@@ -158,3 +159,6 @@ def evaluate_series(members: list[SeriesMember], metric: MetricSettings, data: D
         write_json_atomic(out, trajectory)
     print(f"stabilised CETT {record['cett']:.5f} over the last {record['last']} of {len(members)} models"
           + (f" -> {out}" if out else ""))
+    if publish is not None:
+        publish([out], [("series_activation_ratio", p["activation_ratio"], p["tokens"])
+                        for p in record["checkpoints"]] + [("series_cett", record["cett"], 0)])
