@@ -27,6 +27,8 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import UserError
 from ..model.probe import FFNTrace, Probe
+from .gguf import gguf_model
+from .paths import model_kind
 
 GATED = ("gate_proj", "up_proj", "down_proj")
 PLAIN = (("c_fc", "c_proj"), ("fc1", "fc2"), ("fc_in", "fc_out"), ("dense_h_to_4h", "dense_4h_to_h"))
@@ -146,13 +148,17 @@ class HFCausalLM:
     @classmethod
     def load(cls, path: str | Path, dtype=torch.float32, device="cpu",
              trust_remote_code: bool = False) -> "HFCausalLM":
-        """Load a local model directory (never downloads); fp32 on the CPU by default."""
-        if not Path(path).is_dir():
-            raise UserError(f"{path}: not a Hugging Face model directory")
+        """Load a local model directory or GGUF file (never downloads); fp32 on the CPU by default."""
+        kind = model_kind(path)
+        if kind not in ("hf", "gguf"):
+            raise UserError(f"{path}: not a Hugging Face model directory (config.json) or a .gguf file")
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path), local_files_only=True, trust_remote_code=trust_remote_code
-            )
+            if kind == "gguf":
+                model = gguf_model(Path(path))
+            else:
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(path), local_files_only=True, trust_remote_code=trust_remote_code
+                )
         except (OSError, ValueError, KeyError) as error:
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UserError(f"{path}: cannot load as a Hugging Face causal LM ({message})") from None
