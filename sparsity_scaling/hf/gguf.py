@@ -10,7 +10,6 @@ so that every projection is an ordinary fp32 `nn.Linear` the probe can hook. (Go
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from pathlib import Path
 
 from ..errors import UserError
@@ -18,10 +17,17 @@ from ..errors import UserError
 EXTRA = "pip install 'sparsity-scaling[gguf]'"
 
 
+def _require_gguf(path: Path) -> None:
+    """Refuse in one line, before transformers does in its words, if the extra is missing."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise UserError(f"{path}: reading GGUF files needs the gguf package; install the extra: {EXTRA}") from None
+
+
 def _reader(path: Path):
     """The file's GGUF reader (metadata and memory-mapped tensors)."""
-    if importlib.util.find_spec("gguf") is None:
-        raise UserError(f"{path}: reading GGUF files needs the gguf package; install the extra: {EXTRA}")
+    _require_gguf(path)
     from gguf import GGUFReader
 
     try:
@@ -38,25 +44,29 @@ def architecture(path: Path) -> str:
     return field.contents()
 
 
-def _check_supported(path: Path) -> None:
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, load_gguf_checkpoint
+def _config(path: Path):
+    """The Hugging Face config that transformers reads from the file's metadata."""
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    arch = architecture(path)
+    _require_gguf(path)
     try:
-        load_gguf_checkpoint(str(path), return_tensors=False)
-    except ValueError:
-        raise UserError(f"{path}: GGUF architecture {arch} is not supported (transformers reads "
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    except ValueError as error:
+        if "not supported" not in str(error):
+            _reader(path)  # not a GGUF file: say so
+            raise
+        raise UserError(f"{path}: GGUF architecture {architecture(path)} is not supported (transformers reads "
                         f"{', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})") from None
 
 
 def gguf_model(path: Path):
     """The causal LM in a GGUF file, every weight dequantized."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    _check_supported(path)
-    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    config = _config(path)
     try:
         with no_init_weights():
             model = AutoModelForCausalLM.from_config(config)
@@ -76,16 +86,13 @@ def gguf_tokenizer(path: Path):
     """The tokenizer a GGUF file carries in its metadata."""
     from transformers import AutoTokenizer
 
-    _reader(path)
+    _require_gguf(path)
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
 
 
 def gguf_config(path: Path) -> dict:
     """The Hugging Face config a GGUF file's metadata gives (model_type, sizes, ...)."""
-    from transformers import AutoConfig
-
-    _check_supported(path)
-    return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True).to_dict()
+    return _config(path).to_dict()
 
 
 def tokenizer_digest(path: Path) -> str:
