@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import (
-    GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
+    GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM,
+    Qwen2MoeConfig, Qwen2MoeForCausalLM,
 )
 
 from sparsity_scaling.cli import main
@@ -33,6 +34,9 @@ CASES = {
         vocab_size=VOCAB, hidden_size=D, moe_intermediate_size=WIDTH, shared_expert_intermediate_size=SHARED_WIDTH,
         num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2, num_experts=EXPERTS,
         num_experts_per_tok=TOP_K, norm_topk_prob=False)),
+    "olmoe": (OlmoeForCausalLM, lambda: OlmoeConfig(
+        vocab_size=VOCAB, hidden_size=D, intermediate_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=EXPERTS, num_experts_per_tok=TOP_K, eos_token_id=1, pad_token_id=0)),
 }
 
 
