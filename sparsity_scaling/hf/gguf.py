@@ -15,6 +15,7 @@ from pathlib import Path
 from ..errors import UserError
 
 EXTRA = "pip install 'sparsity-scaling[gguf]'"
+NOT_ARCHITECTURES = {"general", "tokenizer"}  # metadata sections in transformers' table of architectures
 
 
 def _require_gguf(path: Path) -> None:
@@ -57,7 +58,7 @@ def _config(path: Path):
             _reader(path)  # not a GGUF file: say so
             raise
         raise UserError(f"{path}: GGUF architecture {architecture(path)} is not supported (transformers reads "
-                        f"{', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})") from None
+                        f"{', '.join(sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - NOT_ARCHITECTURES))})") from None
 
 
 def gguf_model(path: Path):
