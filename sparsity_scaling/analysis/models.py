@@ -17,11 +17,11 @@ from ..errors import SettingError, UserError
 from ..evaluation.inputs import ModelRef, load_eval_data, validation_by_kind
 from ..evaluation.metric import fixed_rule
 from ..formatting import short_count
+from ..hf.paths import model_kind
 from ..metrics.measure import EvalData
 from ..metrics.result import load_thresholds
 from ..metrics.rules import PerNeuronThreshold, Rule
 from ..metrics.search import Evaluator, ppl_p
-from ..hf.paths import model_kind
 from ..rundir import RunDir, read_checkpoint
 from .output import say
 from .settings import AnalysisSettings, named

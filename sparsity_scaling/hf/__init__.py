@@ -10,6 +10,6 @@
 from .causal_lm import HFCausalLM
 from .export import export_llama
 from .load import hf_tokenizer, load_target
-from .paths import is_hf_model, model_kind
+from .paths import model_kind
 
-__all__ = ["HFCausalLM", "export_llama", "hf_tokenizer", "is_hf_model", "load_target", "model_kind"]
+__all__ = ["HFCausalLM", "export_llama", "hf_tokenizer", "load_target", "model_kind"]

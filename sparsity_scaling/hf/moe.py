@@ -93,9 +93,9 @@ class FusedExperts:
 
     @classmethod
     def find(cls, module: torch.nn.Module, path: str, block: int | None, first_layer: int) -> "FusedExperts | None":
-        """The module as fused experts; None if it holds no 3-D weights; refused if their
-        layout is not the one we probe."""
-        if not any(p.dim() == 3 for p in module.parameters(recurse=False)):
+        """The module as fused experts; None if it holds no experts' 3-D projections (a
+        convolution's 3-D weight is none); refused if their layout is not the one we probe."""
+        if not any(p.dim() == 3 and name.endswith("proj") for name, p in module.named_parameters(recurse=False)):
             return None
         problem = _layout_problem(module)
         if problem is not None:

@@ -24,8 +24,3 @@ def model_kind(path: str | Path) -> ModelKind | None:
     if (path / "config.json").is_file():
         return "hf"
     return None
-
-
-def is_hf_model(path: str | Path) -> bool:
-    """A model that loads through transformers: a Hugging Face directory or a GGUF file."""
-    return model_kind(path) in ("hf", "gguf")
