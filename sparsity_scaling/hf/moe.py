@@ -37,7 +37,7 @@ class RoutedExpert:
     neuron_offset = 0
     gated = True
 
-    def __init__(self, group: "FusedExperts", layer: int, expert: int):
+    def __init__(self, group: FusedExperts, layer: int, expert: int):
         self.group, self.layer, self.expert, self.block = group, layer, expert, group.block
         self.local_neurons = group.module.down_proj.shape[2]
 
@@ -92,7 +92,7 @@ class FusedExperts:
         self.experts = [RoutedExpert(self, first_layer + e, e) for e in range(module.down_proj.shape[0])]
 
     @classmethod
-    def find(cls, module: torch.nn.Module, path: str, block: int | None, first_layer: int) -> "FusedExperts | None":
+    def find(cls, module: torch.nn.Module, path: str, block: int | None, first_layer: int) -> FusedExperts | None:
         """The module as fused experts; None if it holds no experts' 3-D projections (a
         convolution's 3-D weight is none); refused if their layout is not the one we probe."""
         if not any(p.dim() == 3 and name.endswith("proj") for name, p in module.named_parameters(recurse=False)):
