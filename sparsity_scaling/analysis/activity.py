@@ -84,6 +84,9 @@ class ActivityProbe(SparsifyingProbe):
             raise SettingError("site", "input", "masks input features, not neurons; use another site")
         super().__init__(rule)
         ffns = target.ffns
+        if any(getattr(f, "expert", None) is not None for f in ffns):
+            raise UserError(f"{target.name}: MoE experts see only their routed tokens; the activation analyses need "
+                            "FFNs that see every token (measure MoE models with `evaluate`)")
         if len({f.local_neurons for f in ffns}) != 1:
             raise UserError("layers of different FFN widths are not supported by the activation analyses")
         self.seq_first = isinstance(target, MiniCPM)  # ours: [seq, batch, d_f]; HF: batch first

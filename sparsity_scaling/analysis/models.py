@@ -17,11 +17,12 @@ from ..errors import SettingError, UserError
 from ..evaluation.inputs import ModelRef, load_eval_data, validation_by_kind
 from ..evaluation.metric import fixed_rule
 from ..formatting import short_count
+from ..hf.paths import model_kind
 from ..metrics.measure import EvalData
 from ..metrics.result import load_thresholds
 from ..metrics.rules import PerNeuronThreshold, Rule
 from ..metrics.search import Evaluator, ppl_p
-from ..rundir import RunDir, is_checkpoint, read_checkpoint
+from ..rundir import RunDir, read_checkpoint
 from .output import say
 from .settings import AnalysisSettings, named
 
@@ -36,21 +37,22 @@ class ModelSpec:
 
 
 def parse_model(text: str) -> ModelSpec:
-    """[LABEL=]PATH: a checkpoint directory, a run directory (its newest checkpoint) or a
-    Hugging Face model directory."""
+    """[LABEL=]PATH: a checkpoint directory, a run directory (its newest checkpoint), a
+    Hugging Face model directory or a GGUF file."""
     label, path = named(text)
     root = Path(path)
-    if is_checkpoint(root):
+    kind = model_kind(root)
+    if kind == "checkpoint":
         ck = read_checkpoint(root)
-    elif RunDir(root).checkpoints_dir.is_dir():
+    elif kind == "run":
         found = RunDir(root).checkpoints()
         if not found:
             raise UserError(f"{path}: a run directory without complete checkpoints")
         ck = found[-1]
-    elif (root / "config.json").is_file():
+    elif kind in ("hf", "gguf"):
         return ModelSpec(label or root.name, ModelRef(hf_model=str(root)))
     else:
-        raise UserError(f"{text}: not a checkpoint, run or Hugging Face model directory")
+        raise UserError(f"{text}: not a checkpoint, run or Hugging Face model directory, nor a GGUF file")
     default = f"{ck.run.name} @ {short_count(ck.tokens)} tokens"
     return ModelSpec(label or default, ModelRef(checkpoint=str(ck.path)))
 

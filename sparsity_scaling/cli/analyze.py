@@ -96,8 +96,8 @@ def add_commands(commands) -> None:
     """The `analyze` command and its five analyses."""
     analyze = commands.add_parser("analyze", help="activation patterns under a sparsity setting")
     kinds = analyze.add_subparsers(dest="analysis", required=True)
-    model_help = ("[LABEL=]DIR: a checkpoint, a run directory (its newest checkpoint) or a local "
-                  "Hugging Face model")
+    model_help = ("[LABEL=]PATH: a checkpoint, a run directory (its newest checkpoint), a local "
+                  "Hugging Face model directory or a .gguf file")
 
     frequency = kinds.add_parser("frequency", help="per-neuron activation frequency, per layer and dataset")
     frequency.add_argument("models", nargs="+", metavar="MODEL", help=model_help)

@@ -27,7 +27,7 @@ def _evaluate(args) -> None:
     from ..ranks import on_ranks
 
     if (args.checkpoint is None) == (args.hf_model is None):
-        raise UserError("give exactly one of --checkpoint DIR and --hf-model DIR")
+        raise UserError("give exactly one of --checkpoint DIR and --hf-model DIR_OR_GGUF")
     model = ModelRef(args.checkpoint, args.hf_model)
     metric, data = metric_settings(args), data_settings(args)
     if args.checkpoint:
@@ -62,7 +62,7 @@ def _evaluate_series(args) -> None:
 def add_commands(commands) -> None:
     ev = commands.add_parser("evaluate", help="measure activation sparsity of one model")
     ev.add_argument("--checkpoint", help="a checkpoint directory of ours")
-    ev.add_argument("--hf-model", help="a local Hugging Face causal LM directory")
+    ev.add_argument("--hf-model", help="a local Hugging Face causal LM directory, or a .gguf file")
     ev.add_argument("--metric", choices=METRICS, default="ppl-p")
     ev.add_argument("--p", type=float, default=1.0, help="PPL-p%%: allowed perplexity increase, percent")
     ev.add_argument("--value", type=float, help="the rule's parameter: CETT, k, eps or p")
@@ -85,8 +85,10 @@ def add_commands(commands) -> None:
     run.set_defaults(run=_evaluate_run)
 
     series = commands.add_parser("evaluate-series", help="stabilised PPL-p%% over an existing checkpoint series "
-                                                         "(ours or Hugging Face directories)")
-    series.add_argument("models", nargs="+", metavar="DIR", help="checkpoints of one model's training, any order")
+                                                         "(ours, Hugging Face directories or GGUF files)")
+    series.add_argument("models", nargs="+", metavar="DIR",
+                        help="checkpoints of one model's training (ours, Hugging Face directories or .gguf files), "
+                             "any order")
     series.add_argument("--tokens", type=float, nargs="+", metavar="N",
                         help="tokens each DIR was trained on, in the order given")
     series.add_argument("--tokens-per-step", type=float, metavar="S",

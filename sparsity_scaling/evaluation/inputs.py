@@ -1,5 +1,5 @@
-"""What a measurement runs on: the model (one of our checkpoints or a local Hugging Face
-directory), its tokenizer, and the validation tokens (`DataSettings`)."""
+"""What a measurement runs on: the model (one of our checkpoints, a local Hugging Face
+directory or a GGUF file), its tokenizer, and the validation tokens (`DataSettings`)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ Encoder = tuple[Callable[[str], list[int]], int]  # (text -> ids, end-of-documen
 
 @dataclass(frozen=True)
 class ModelRef:
-    """One model to measure: one of our checkpoints or a local Hugging Face directory."""
+    """One model to measure: one of our checkpoints, or (`hf_model`) a local Hugging Face
+    directory or GGUF file."""
 
     checkpoint: str | None = None
     hf_model: str | None = None
@@ -63,11 +64,11 @@ class ModelRef:
         return load_tokenizer(path)
 
     def hf_tokenizer(self):
-        """A local Hugging Face model's tokenizer (never downloaded)."""
-        try:
-            from transformers import AutoTokenizer
+        """A local Hugging Face model's tokenizer, or a GGUF file's (never downloaded)."""
+        from ..hf import hf_tokenizer
 
-            return AutoTokenizer.from_pretrained(self.hf_model, local_files_only=True)
+        try:
+            return hf_tokenizer(self.hf_model)
         except (OSError, ValueError) as error:
             raise SettingError("hf_model", self.hf_model, f"no usable tokenizer ({str(error).splitlines()[0]}); "
                                "give validation tokens") from None

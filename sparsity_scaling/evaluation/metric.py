@@ -56,5 +56,5 @@ def _critical(settings: MetricSettings, evaluator: Evaluator) -> SparsityResult:
         return critical(evaluator, lambda x: TopK(site=site, k=int(x)), 0, width, False, tol, integer=True)
     if settings.rule == "cett":
         return critical(evaluator, evaluator.cett_rule, 0.0, 1.0, True, tol)
-    peak = max(float(a.abs().max()) for a in evaluator.dense.calibration.values())
+    peak = max(float(a.abs().max()) for a in evaluator.dense.calibration.values() if a.numel())
     return critical(evaluator, lambda x: FixedThreshold(site=site, eps=x), 0.0, peak, True, tol)

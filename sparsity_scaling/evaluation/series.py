@@ -1,5 +1,5 @@
-"""A series of existing checkpoints (ours, or Hugging Face directories such as Pythia's
-`step1000` ... `step143000` revisions) as `evaluate-series` takes it: each member's trained
+"""A series of existing checkpoints (ours, Hugging Face directories such as Pythia's
+`step1000` ... `step143000` revisions, or GGUF files) as `evaluate-series` takes it: each member's trained
 tokens, the members in training order, and the checks that they are one model's history
 (same shape, same tokenizer)."""
 
@@ -11,7 +11,9 @@ from pathlib import Path
 
 from ..errors import SettingError, UserError
 from ..files import sha256_file
-from ..rundir import is_checkpoint, read_checkpoint
+from ..hf.gguf import gguf_config, tokenizer_digest
+from ..hf.paths import model_kind
+from ..rundir import read_checkpoint
 from .inputs import ModelRef
 from .jobs import SeriesMember
 
@@ -21,15 +23,18 @@ HF_SHAPE = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers
             "vocab_size", "hidden_act")
 
 
-def _signature(path: Path) -> tuple[dict, str | None]:
-    """(shape, tokenizer digest) of a checkpoint of ours or a Hugging Face directory."""
-    if is_checkpoint(path):
+def _signature(path: Path, kind: str) -> tuple[dict, str | None]:
+    """(shape, tokenizer digest) of a checkpoint of ours, a Hugging Face directory or a GGUF file."""
+    if kind == "checkpoint":
         ck = read_checkpoint(path)
         m = ck.config().model
         shape = {"d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "d_ff": m.d_ff,
                  "activation": m.activation, "vocab_size": ck.manifest.get("vocab_size")}
         tokenizer = ck.run.tokenizer
         tokenizer = tokenizer / "tokenizer.json" if tokenizer.is_dir() else tokenizer
+    elif kind == "gguf":
+        config = gguf_config(path)
+        return {key: config.get(key) for key in HF_SHAPE}, tokenizer_digest(path)
     else:
         config = json.loads((path / "config.json").read_text())
         shape = {key: config.get(key) for key in HF_SHAPE}
@@ -52,10 +57,11 @@ def series_members(paths: list[str], tokens: list[int] | None, tokens_per_step: 
     members, first = [], None
     for index, given in enumerate(paths):
         path = Path(given)
-        ours = is_checkpoint(path)
-        if not ours and not (path / "config.json").is_file():
-            raise UserError(f"{path}: neither a checkpoint of ours (manifest.json) nor a Hugging Face model "
-                            "directory (config.json)")
+        kind = model_kind(path)
+        ours = kind == "checkpoint"
+        if kind not in ("checkpoint", "hf", "gguf"):
+            raise UserError(f"{path}: neither a checkpoint of ours (manifest.json), a Hugging Face model "
+                            "directory (config.json) nor a GGUF file")
         step_match = STEP.search(path.name)
         step = int(step_match.group(1)) if step_match else None
         if tokens is not None:
@@ -69,9 +75,9 @@ def series_members(paths: list[str], tokens: list[int] | None, tokens_per_step: 
             manifest = read_checkpoint(path).manifest
             trained, step = manifest["tokens"], manifest["step"]
         else:
-            raise UserError(f"{path}: a Hugging Face directory does not say how many tokens it was trained on; "
+            raise UserError(f"{path}: a Hugging Face model does not say how many tokens it was trained on; "
                             "give --tokens or --tokens-per-step")
-        signature = _signature(path)
+        signature = _signature(path, kind)
         if first is None:
             first = (path, signature)
         elif signature[0] != first[1][0]:

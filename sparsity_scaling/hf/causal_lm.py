@@ -6,6 +6,13 @@ FFNs are found from the module structure, whatever the model's name:
            Mistral, Qwen2, MiniCPM, ...): a = act(gate_proj x) * up_proj(x), W_out = down_proj
     plain  a module with two projections and an activation module between them (GPT-2
            mlp.c_fc/c_proj, OPT layer fc1/fc2, GPT-J fc_in/fc_out, ...): a = act(W_in x)
+    MoE    fused experts (`moe.FusedExperts`: Mixtral, Qwen-MoE, OLMoE): one gated FFN per
+           expert, seeing only its routed tokens; a gated FFN beside them (Qwen-MoE's shared
+           expert) is expert "shared", and experts kept as a list of gated FFNs are found
+           one by one (each is called on its routed tokens only)
+
+Each FFN has `layer` (its index among the model's FFNs: the key of thresholds and counts),
+`block` (the decoder layer it sits in) and `expert` (None for a dense FFN).
 
 The probe sees the same `FFNTrace` semantics as in our model, with two differences:
 tensors are laid out as the model computes them, features last: [batch, seq, features] for
@@ -27,6 +34,9 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import UserError
 from ..model.probe import FFNTrace, Probe
+from .gguf import gguf_model
+from .moe import FusedExperts, RoutedExpert, experts_probed
+from .paths import model_kind
 
 GATED = ("gate_proj", "up_proj", "down_proj")
 PLAIN = (("c_fc", "c_proj"), ("fc1", "fc2"), ("fc_in", "fc_out"), ("dense_h_to_4h", "dense_4h_to_h"))
@@ -52,6 +62,8 @@ class HFFFN:
     """
 
     neuron_offset = 0
+    block: int | None = None  # the decoder layer (set by find_ffns)
+    expert: int | str | None = None  # MoE: the expert's index, or "shared"
 
     def __init__(self, layer: int, entry, down, up=None, act=None):
         self.layer = layer
@@ -119,13 +131,30 @@ def _as_ffn(module: torch.nn.Module, layer: int) -> HFFFN | None:
     return None
 
 
-def find_ffns(model: torch.nn.Module) -> list[HFFFN]:
+def _block(path: str) -> int | None:
+    """The decoder layer of a module: the first index in its path (model.layers.3.mlp -> 3)."""
+    return next((int(part) for part in path.split(".") if part.isdigit()), None)
+
+
+def find_ffns(model: torch.nn.Module) -> list[HFFFN | RoutedExpert]:
     """The model's FFNs in module order (which is layer order in every HF decoder)."""
-    found = []
-    for module in model.modules():
+    found, moe_blocks = [], set()
+    for path, module in model.named_modules():
+        group = FusedExperts.find(module, path, _block(path), len(found))
+        if group is not None:
+            found.extend(group.experts)
+            moe_blocks.add(group.parent)
+            continue
         ffn = _as_ffn(module, len(found))
-        if ffn is not None:
-            found.append(ffn)
+        if ffn is None:
+            continue
+        ffn.block = _block(path)
+        parent, _, last = path.rpartition(".")
+        if parent in moe_blocks:
+            ffn.expert = "shared"
+        elif last.isdigit() and parent.rpartition(".")[2] == "experts":
+            ffn.expert = int(last)
+        found.append(ffn)
     return found
 
 
@@ -136,7 +165,11 @@ class HFCausalLM:
         self.model = model.eval()
         self.name = name
         self.vocab_size = model.config.vocab_size
-        self._ffns = find_ffns(model)
+        try:
+            self._ffns = find_ffns(model)
+        except UserError as error:
+            raise UserError(f"{name}: {error}") from None
+        self._fused = list({id(f.group): f.group for f in self._ffns if isinstance(f, RoutedExpert)}.values())
         if not self._ffns:
             raise UserError(
                 f"{name}: no recognisable FFN (gate/up/down or two-projection MLP) "
@@ -146,20 +179,24 @@ class HFCausalLM:
     @classmethod
     def load(cls, path: str | Path, dtype=torch.float32, device="cpu",
              trust_remote_code: bool = False) -> "HFCausalLM":
-        """Load a local model directory (never downloads); fp32 on the CPU by default."""
-        if not Path(path).is_dir():
-            raise UserError(f"{path}: not a Hugging Face model directory")
+        """Load a local model directory or GGUF file (never downloads); fp32 on the CPU by default."""
+        kind = model_kind(path)
+        if kind not in ("hf", "gguf"):
+            raise UserError(f"{path}: not a Hugging Face model directory (config.json) or a .gguf file")
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path), local_files_only=True, trust_remote_code=trust_remote_code
-            )
+            if kind == "gguf":
+                model = gguf_model(Path(path))
+            else:
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(path), local_files_only=True, trust_remote_code=trust_remote_code
+                )
         except (OSError, ValueError, KeyError) as error:
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UserError(f"{path}: cannot load as a Hugging Face causal LM ({message})") from None
         return cls(model.to(device=device, dtype=dtype), str(path))
 
     @property
-    def ffns(self) -> list[HFFFN]:
+    def ffns(self) -> list[HFFFN | RoutedExpert]:
         return self._ffns
 
     @property
@@ -172,9 +209,10 @@ class HFCausalLM:
     @contextmanager
     def probing(self, probe: Probe):
         """Run forward passes with `probe` hooked into every FFN."""
-        handles = [handle for ffn in self._ffns for handle in ffn.attach(probe)]
+        handles = [handle for ffn in self._ffns if isinstance(ffn, HFFFN) for handle in ffn.attach(probe)]
         try:
-            yield probe
+            with experts_probed(self.model, self._fused, probe):
+                yield probe
         finally:
             for handle in handles:
                 handle.remove()

@@ -14,6 +14,8 @@ from ..model import MiniCPM
 from ..parallel import device, load_full_state_dict
 from ..rundir import Checkpoint, read_checkpoint
 from .causal_lm import HFCausalLM
+from .gguf import gguf_tokenizer
+from .paths import model_kind
 
 
 def read_weights(checkpoint: str | Path) -> tuple[Checkpoint, RunConfig, dict[str, torch.Tensor]]:
@@ -48,15 +50,25 @@ def load_minicpm(checkpoint: str | Path) -> MiniCPM:
     return model.to(device()).eval()
 
 
+def hf_tokenizer(path: str | Path):
+    """The tokenizer of a local Hugging Face directory or of a GGUF file (never downloaded)."""
+    if model_kind(path) == "gguf":
+        return gguf_tokenizer(Path(path))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
 def load_target(checkpoint: str | Path | None = None, hf_model: str | Path | None = None,
                 tp: int = 1, trust_remote_code: bool = False):
-    """A `SparsityTarget`: our checkpoint at TP size `tp`, or a local Hugging Face model.
+    """A `SparsityTarget`: our checkpoint at TP size `tp`, or a local Hugging Face model
+    (a directory or a GGUF file).
 
     For a checkpoint the caller must have run `init_parallel(tp)`. A Hugging Face model is
     not tensor parallel, so it needs tp 1.
     """
     if (checkpoint is None) == (hf_model is None):
-        raise UserError("give either a checkpoint or a Hugging Face model directory")
+        raise UserError("give either a checkpoint or a Hugging Face model (directory or GGUF file)")
     if hf_model is not None:
         if tp != 1:
             raise SettingError("tp", tp, "a Hugging Face model runs unsharded; use 1")

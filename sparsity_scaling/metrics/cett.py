@@ -38,8 +38,9 @@ class CETTSearch:
     """Per-layer eps for any target CETT; evaluations are cached and reused across targets."""
 
     def __init__(self, target: SparsityTarget, calibration: dict[int, torch.Tensor]):
-        self.layers = {
-            ffn.layer: _Layer(calibration[ffn.layer], ffn.output_weight().cpu()) for ffn in target.ffns
+        self.layers = {  # an MoE expert no calibration token was routed to has none
+            ffn.layer: _Layer(calibration.get(ffn.layer, torch.zeros(0, ffn.local_neurons)), ffn.output_weight().cpu())
+            for ffn in target.ffns
         }
         self.flops = 0.0  # multiply-adds x 2 spent in evaluations (per rank)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -133,6 +133,7 @@ class SparsePass:
     loss: float
     active: dict[int, int]  # layer -> active (token, neuron) entries over all ranks
     total: dict[int, int]
+    tokens: dict[int, int] = field(default_factory=dict)  # layer -> tokens it saw (an MoE expert: routed ones)
 
     @property
     def ppl(self) -> float:
@@ -150,14 +151,16 @@ def sparse_pass(target: SparsityTarget, data: EvalData, rule) -> SparsePass:
     """Perplexity and activation counts with `rule` applied in every FFN."""
     probe = SparsifyingProbe(rule)
     loss = loss_pass(target, data, probe)
-    layers = sorted(probe.active)
-    counts = torch.tensor([[probe.active[k], probe.total[k]] for k in layers], dtype=torch.float64)
+    layers = [ffn.layer for ffn in target.ffns]  # every FFN, also an MoE expert no token was routed to
+    counts = torch.tensor([[probe.active.get(k, 0), probe.total.get(k, 0)] for k in layers], dtype=torch.float64)
+    tokens = torch.tensor([probe.tokens.get(k, 0) for k in layers], dtype=torch.float64)
     if rule.site != "input":  # neurons are split across TP ranks; input features are not
         sum_tp(counts)
     sum_dp(counts)
+    sum_dp(tokens)
     active = {k: int(counts[i, 0]) for i, k in enumerate(layers)}
     total = {k: int(counts[i, 1]) for i, k in enumerate(layers)}
-    return SparsePass(loss, active, total)
+    return SparsePass(loss, active, total, {k: int(tokens[i]) for i, k in enumerate(layers)})
 
 
 def matmul_params(target) -> int:

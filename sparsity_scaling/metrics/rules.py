@@ -142,16 +142,19 @@ def site_scores(trace: FFNTrace, site: str) -> torch.Tensor:
 
 
 class SparsifyingProbe(Probe):
-    """Applies a rule in every FFN and counts active and total entries per layer."""
+    """Applies a rule in every FFN and counts active and total entries, and the tokens the
+    FFN saw (all of them, or an MoE expert's routed ones), per layer."""
 
     def __init__(self, rule: Rule):
         self.rule = rule
         self.active: dict[int, int] = {}
         self.total: dict[int, int] = {}
+        self.tokens: dict[int, int] = {}
 
     def _count(self, layer: int, mask: torch.Tensor) -> None:
         self.active[layer] = self.active.get(layer, 0) + int(mask.sum())
         self.total[layer] = self.total.get(layer, 0) + mask.numel()
+        self.tokens[layer] = self.tokens.get(layer, 0) + mask.numel() // max(1, mask.shape[-1])
 
     def on_input(self, ffn, x):
         if self.rule.site != "input":

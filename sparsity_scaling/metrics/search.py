@@ -55,6 +55,9 @@ class Evaluator:
 
     def result(self, metric: str, rule: Rule, sparse: SparsePass, **extra) -> SparsityResult:
         cett = getattr(rule, "cett", None)
+        experts = expert_ratios(self.target, sparse)
+        if experts:
+            extra = {"experts": experts, **extra}
         return SparsityResult(
             metric=metric,
             params=rule.params(),
@@ -70,6 +73,14 @@ class Evaluator:
             thresholds=getattr(rule, "layer_eps", None),
             extra=extra,
         )
+
+
+def expert_ratios(target: SparsityTarget, sparse: SparsePass) -> list[dict]:
+    """Each MoE expert's decoder layer, expert, routed tokens and activation ratio over
+    them (None if no token was routed to it); empty for a model without experts."""
+    return [{"layer": ffn.block, "expert": ffn.expert, "tokens": sparse.tokens[ffn.layer],
+             "activation_ratio": sparse.active[ffn.layer] / sparse.total[ffn.layer] if sparse.total[ffn.layer] else None}
+            for ffn in target.ffns if getattr(ffn, "expert", None) is not None]
 
 
 class ReloadingEvaluator(Evaluator):

@@ -14,9 +14,11 @@ from ..model.probe import Probe
 
 
 class FFNLayer(Protocol):
-    layer: int  # index of the layer, 0-based
+    layer: int  # index of the layer (of the FFN, in a model with MoE experts), 0-based
     local_neurons: int  # neurons held by this rank (d_f / TP)
     neuron_offset: int  # global index of the first local neuron
+    # Hugging Face MoE models' FFNs also have `block` (the decoder layer) and `expert`
+    # (the expert's index, "shared", or None for a dense FFN); an expert sees its routed tokens only.
 
     def output_weight(self) -> torch.Tensor:
         """W_out restricted to the local neurons, fp32, shape [d_model, local_neurons]."""

@@ -6,7 +6,7 @@ layer's threshold with 16 bisection steps over 65,536 candidates on all tokens, 
 sparse pass. Ours runs the dense pass once, calibrates thresholds on a subsample and
 interpolates the CETT value. The benchmark prints both costs and their ratio.
 
-    python tools/bench/ppl_p_speed.py [--checkpoint DIR | --hf-model DIR --tokens FILE.npy] [--eval-tokens N]
+    python tools/bench/ppl_p_speed.py [--checkpoint DIR | --hf-model DIR_OR_GGUF --tokens FILE.npy] [--eval-tokens N]
 
 Without --checkpoint it trains the micro config into a temporary directory first.
 """
@@ -85,7 +85,7 @@ def _checkpoint(work: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="one of our checkpoints (default: train the micro config)")
-    parser.add_argument("--hf-model", help="a local Hugging Face causal LM directory instead")
+    parser.add_argument("--hf-model", help="a local Hugging Face causal LM directory or .gguf file instead")
     parser.add_argument("--tokens", help="validation tokens: .npy int array (sequences, length); needed with --hf-model")
     parser.add_argument("--eval-tokens", type=int, default=16384)
     args = parser.parse_args()
