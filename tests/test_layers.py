@@ -16,7 +16,7 @@ LAYERS = [
     ["sparsity_scaling.errors", "sparsity_scaling.files", "sparsity_scaling.formatting"],
     ["sparsity_scaling.config", "sparsity_scaling.costs", "sparsity_scaling.parallel", "sparsity_scaling.figures", "sparsity_scaling.laws"],
     ["sparsity_scaling.rundir", "sparsity_scaling.model", "sparsity_scaling.data", "sparsity_scaling.ranks"],
-    ["sparsity_scaling.metrics", "sparsity_scaling.hf", "sparsity_scaling.train"],
+    ["sparsity_scaling.metrics", "sparsity_scaling.hf", "sparsity_scaling.train", "sparsity_scaling.sparse_ffn"],
     ["sparsity_scaling.evaluation"],
     ["sparsity_scaling.analysis"],
     ["launcher"],
