@@ -12,7 +12,7 @@ from sparsity_scaling.errors import SettingError
 from sparsity_scaling.hf import HFCausalLM
 from sparsity_scaling.metrics.rules import FixedThreshold, PerNeuronThreshold, SparsifyingProbe, TopK, site_scores
 from sparsity_scaling.model.probe import Probe
-from sparsity_scaling.sparse_ffn import SparseFFN, ffn_weights, sparse_ffns
+from sparsity_scaling.sparse_ffn import SparseFFN, ffn_weights, installed, sparse_modules
 
 VOCAB, D, D_FF = 100, 32, 48
 
@@ -79,12 +79,12 @@ def test_sparse_ffns_equal_the_probes_masked_dense_ffns(name):
     gated = ffn_weights(target.ffns[0]).gated
     with torch.no_grad():
         dense = logits_of(tokens)
-        with sparse_ffns(module, target.ffns, None):
+        with installed(module, target.ffns, sparse_modules(target.ffns, None)):
             assert torch.allclose(logits_of(tokens), dense, atol=1e-5)
         for rule in _rules(target, logits_of, tokens, gated):
             with target.probing(SparsifyingProbe(rule)) as probe:
                 masked = logits_of(tokens)
-            with sparse_ffns(module, target.ffns, rule) as sparse:
+            with installed(module, target.ffns, sparse_modules(target.ffns, rule)) as sparse:
                 computed = logits_of(tokens)
             assert torch.allclose(computed, masked, atol=1e-5), (rule.name, rule.site)
             assert not torch.allclose(computed, dense, atol=1e-3)  # the rule did mask something
