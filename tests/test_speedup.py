@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import torch
 from transformers import OPTConfig, OPTForCausalLM
@@ -14,8 +15,10 @@ FAST = ["--prompt", "4", "--steps", "4", "--repeats", "1", "--eval-tokens", "102
 
 
 def test_a_sweep_reports_speedups_at_the_ratios_the_rule_gives(micro_run, tmp_path, capsys):
+    run = tmp_path / "run"  # the command writes RUN/speedup.json: not into the shared run
+    shutil.copytree(micro_run, run)
     out = tmp_path / "out"
-    assert main(["speedup", str(micro_run), "--sweep", "0.3,0.1", "--out", str(out), "--json",
+    assert main(["speedup", str(run), "--sweep", "0.3,0.1", "--out", str(out), "--json",
                  str(tmp_path / "s.json"), *FAST]) == 0
     record = json.loads((tmp_path / "s.json").read_text())
     assert [p["setting"]["target_ratio"] for p in record["points"]] == [0.3, 0.1]
@@ -25,7 +28,7 @@ def test_a_sweep_reports_speedups_at_the_ratios_the_rule_gives(micro_run, tmp_pa
         assert point["ffn_speedup"] == point["ffn_ms_dense"] / point["ffn_ms_sparse"]
     assert record["points"][1]["activation_ratio"] < record["points"][0]["activation_ratio"]
     assert (out / "speedup.png").stat().st_size > 0 and json.loads((out / "speedup.json").read_text()) == record
-    assert RunDir(micro_run).speedup_record()["points"] == record["points"]  # for the grid report
+    assert RunDir(run).speedup_record()["points"] == record["points"]  # for the grid report
     assert "FFN speedup" in capsys.readouterr().out
 
 

@@ -37,9 +37,6 @@ from .models import ModelSpec, describe, one_dataset, sparsity_setting
 from .output import say, write_results
 from .settings import AnalysisSettings
 
-SWEEP_RATIOS = (0.5, 0.3, 0.2, 0.1, 0.05)
-
-
 @dataclass(frozen=True)
 class SpeedupSettings:
     """How the decoding is timed."""
@@ -175,7 +172,8 @@ def measure(target: HFCausalLM, rule: Rule, tokens: torch.Tensor, settings: Spee
 # ---------------------------------------------------------------- the command's job
 
 
-def _decode_tokens(settings: AnalysisSettings, spec: ModelSpec, timing: SpeedupSettings, data) -> torch.Tensor:
+def _decode_tokens(timing: SpeedupSettings, data) -> torch.Tensor:
+    """The first `batch` validation sequences, cut to the prompt and the decoded tokens."""
     length = timing.prompt + timing.steps
     sequences = data.sequences
     if sequences.shape[1] < length:
@@ -188,7 +186,8 @@ def _decode_tokens(settings: AnalysisSettings, spec: ModelSpec, timing: SpeedupS
 
 def speedup_points(settings: AnalysisSettings, spec: ModelSpec, timing: SpeedupSettings) -> dict:
     """The record `sparsity-scaling speedup` prints and writes: the sparsity setting's point,
-    or one point per ratio of the sweep."""
+    or one point per ratio of the sweep. The setting is found on the model as it decodes
+    (for our checkpoints the exported Llama, whose perplexities are ours)."""
     timing.check_device()
     init_parallel(1)
     if timing.threads:
@@ -198,7 +197,7 @@ def speedup_points(settings: AnalysisSettings, spec: ModelSpec, timing: SpeedupS
     if settings.metric is not None:
         check_computable(Rule(site=settings.metric.site), gated)  # before any search
     data = one_dataset(settings, spec)
-    tokens = _decode_tokens(settings, spec, timing, data).to(timing.device)
+    tokens = _decode_tokens(timing, data).to(timing.device)
     if timing.sweep:
         say(f"{spec.label}: thresholds for activation ratios {', '.join(f'{r:g}' for r in timing.sweep)}")
         activations = dense_pass(target, data, calibration_tokens=8192).calibration
@@ -246,7 +245,7 @@ def speedup_figure(record: dict):
     return figure
 
 
-def speedup_on_rank(settings: AnalysisSettings, spec: ModelSpec, timing: SpeedupSettings,
+def report_speedup(settings: AnalysisSettings, spec: ModelSpec, timing: SpeedupSettings,
                     json_out: str | None = None) -> None:
     """`sparsity-scaling speedup`: print the table; a sweep also writes OUT/speedup.json and
     .png; `json_out` gets the record, and so does the run directory of one of our checkpoints."""

@@ -25,17 +25,16 @@ def _ratios(text: str | None) -> tuple[float, ...]:
 def _speedup(args) -> None:
     from ..analysis.models import parse_models
     from ..analysis.settings import AnalysisSettings, parse_datasets
-    from ..analysis.speedup import SpeedupSettings, speedup_on_rank
+    from ..analysis.speedup import SpeedupSettings, report_speedup
 
     timing = SpeedupSettings(batch=args.batch, prompt=args.prompt, steps=args.steps, repeats=args.repeats,
                              device=args.device, threads=args.threads, sweep=_ratios(args.sweep))
-    timing.check_device()
     [spec] = parse_models([args.model], [args.thresholds] if args.thresholds else None)
     settings = AnalysisSettings(out=args.out, metric=None if args.thresholds or timing.sweep else metric_settings(args),
                                 data=data_settings(args),
                                 datasets=parse_datasets([args.data] if args.data else (),
                                                         [args.tokens] if args.tokens else ()))
-    speedup_on_rank(settings, spec, timing, args.json)
+    report_speedup(settings, spec, timing, args.json)
 
 
 def add_commands(commands) -> None:
