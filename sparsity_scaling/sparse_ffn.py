@@ -17,7 +17,8 @@ the gate and up projections feature-major (row j = what input feature j adds to 
 neuron). A row-gathering sum (`embedding_bag` with per-token bags) then reads only the kept
 rows, one bag per token, so tokens of a small batch each pay for their own neurons;
 selected outputs of gate and up (`index_select` of their rows, then one matmul) are
-computed for the union of the batch's neurons. Measured at batch 1 on a CPU at the 0.1B
+computed for the union of the batch's neurons, while they are few enough to pay
+(`GATHER_BELOW`), else densely. Measured at batch 1 on a CPU at the 0.1B
 shape (d 768, F 1920, one thread), the gathering sum beat gathering the rows and multiplying
 (31 against 58 us at 5% of the rows, 70 against 85 at 10%). Dense projections keep the
 [outputs, inputs] layout, which the matrix-vector product reads fastest (the neuron-major
@@ -97,11 +98,23 @@ def check_computable(rule: Rule | None, gated: bool) -> None:
                            "sparsely at this site; use intermediate or input")
 
 
+# Selected outputs of a projection are gathered only while they are fewer than this share of
+# its rows: copying the rows and multiplying cost about as much as the dense product at 25-30%
+# of them (0.1B shape, batch 1, one thread).
+GATHER_BELOW = 0.25
+
+
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows=None) -> torch.Tensor:
     """x @ weight.T (+ bias), for all rows or only `rows`."""
     if rows is None:
         return F.linear(x, weight, bias)
     return F.linear(x, weight.index_select(0, rows), None if bias is None else bias.index_select(0, rows))
+
+
+def _rows_worth_gathering(needed: torch.Tensor) -> torch.Tensor | None:
+    """The rows any token needs (needed [n, rows]), or None where computing all is cheaper."""
+    rows = needed.any(0).nonzero().squeeze(1)
+    return rows if len(rows) < GATHER_BELOW * needed.shape[1] else None
 
 
 def _gather_sum(keep: torch.Tensor, values: torch.Tensor, table: torch.Tensor,
@@ -227,19 +240,20 @@ class SparseFFN(torch.nn.Module):
         if self.site == "up":
             up = F.linear(x, w.up, w.up_bias)
             keep = self._keep(up.abs())
-            rows = keep.any(0).nonzero().squeeze(1)
-            a = _scatter(rows, w.act(_linear(x, w.gate, w.gate_bias, rows)), self.neurons) * up
+            rows = _rows_worth_gathering(keep)
+            gate = w.act(_linear(x, w.gate, w.gate_bias, rows))
+            a = (gate if rows is None else _scatter(rows, gate, self.neurons)) * up
         else:
             gate = w.act(F.linear(x, w.gate, w.gate_bias))
             if self.site == "gate":
                 keep = self._keep(gate.abs())
-                rows = keep.any(0).nonzero().squeeze(1)
+                rows = _rows_worth_gathering(keep)
             elif self.relu_family:  # a is 0 wherever the gate is
-                rows = (gate != 0).any(0).nonzero().squeeze(1)
+                rows = _rows_worth_gathering(gate != 0)
             else:
                 rows = None
-            up = F.linear(x, w.up, w.up_bias) if rows is None else _scatter(
-                rows, _linear(x, w.up, w.up_bias, rows), self.neurons)
+            up = _linear(x, w.up, w.up_bias, rows)
+            up = up if rows is None else _scatter(rows, up, self.neurons)
             a = gate * up
             if self.site == "intermediate":
                 keep = self._keep(a.abs())

@@ -12,6 +12,7 @@ from sparsity_scaling.errors import SettingError
 from sparsity_scaling.hf import HFCausalLM
 from sparsity_scaling.metrics.rules import FixedThreshold, PerNeuronThreshold, SparsifyingProbe, TopK, site_scores
 from sparsity_scaling.model.probe import Probe
+from sparsity_scaling import sparse_ffn
 from sparsity_scaling.sparse_ffn import SparseFFN, ffn_weights, installed, sparse_modules
 
 VOCAB, D, D_FF = 100, 32, 48
@@ -72,8 +73,11 @@ def _rules(target, logits_of, tokens, gated: bool) -> list:
             *(FixedThreshold(site=site, eps=cut[site]) for site in sites)]
 
 
+@pytest.mark.parametrize("gather", [1.0, 0.0], ids=["gathered", "dense"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_sparse_ffns_equal_the_probes_masked_dense_ffns(name):
+def test_sparse_ffns_equal_the_probes_masked_dense_ffns(name, gather, monkeypatch):
+    """Whether the needed rows of gate and up are gathered or all computed."""
+    monkeypatch.setattr(sparse_ffn, "GATHER_BELOW", gather)
     target, module, logits_of = MODELS[name]()
     tokens = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
     gated = ffn_weights(target.ffns[0]).gated
@@ -94,15 +98,18 @@ def test_sparse_ffns_equal_the_probes_masked_dense_ffns(name):
         assert torch.equal(logits_of(tokens), dense)  # the model's own FFNs are back
 
 
-def test_relu_intermediate_site_computes_up_only_where_the_gate_is_positive():
+def test_relu_intermediate_site_computes_up_only_where_the_gate_is_positive(monkeypatch):
     target, _, _ = MODELS["ours-relu"]()
     weights = ffn_weights(target.ffns[0])
     x = torch.randn(1, D, generator=torch.Generator().manual_seed(3))
     positive = int((x @ weights.gate.t() > 0).sum())
-    sparse = SparseFFN(weights, FixedThreshold(eps=1e9))  # keeps nothing: W_out does no work
-    sparse(x)
-    assert sparse.kept == 0
-    assert sparse.macs == (D_FF + positive) * D  # the gate dense, up for positive gates only
+    assert positive > sparse_ffn.GATHER_BELOW * D_FF  # random weights: about half the gates
+    for gather, up_rows in ((sparse_ffn.GATHER_BELOW, D_FF), (1.0, positive)):
+        monkeypatch.setattr(sparse_ffn, "GATHER_BELOW", gather)
+        sparse = SparseFFN(weights, FixedThreshold(eps=1e9))  # keeps nothing: W_out does no work
+        sparse(x)
+        assert sparse.kept == 0
+        assert sparse.macs == (D_FF + up_rows) * D  # the gate dense, up for the rows worth gathering
 
 
 def test_a_plain_ffn_has_no_gate_or_up_site():
