@@ -36,7 +36,9 @@ def test_the_activation_ratio_is_the_probes_count_while_decoding(micro_run):
     from sparsity_scaling.analysis.models import parse_model
     from sparsity_scaling.analysis.speedup import SpeedupSettings, decode, decode_target, measure
     from sparsity_scaling.metrics.rules import SparsifyingProbe, TopK
+    from sparsity_scaling.parallel import init_parallel
 
+    init_parallel(1)  # the probe's top-k gathers neurons across tensor-parallel ranks
     target = decode_target(parse_model(str(micro_run)), "cpu")
     tokens = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))
     rule = TopK(k=20)

@@ -5,8 +5,8 @@ one of our checkpoints runs as the Llama it exports to, same logits), once with 
 dense `SparseFFN` (no rule: the same plain-PyTorch layout, so the comparison is of the
 computation alone) and once under the rule. Per decoded token it times the whole model and
 the FFN blocks alone (the FFN inputs of the decode, replayed through the dense and the
-sparse FFNs), dense and sparse interleaved and the fastest of `repeats` rounds kept, so a
-machine shared with other work slows both alike. The activation ratio is the one the sparse
+sparse FFNs), dense and sparse interleaved over `repeats` rounds, each step's fastest round
+kept, so a machine shared with other work slows both alike and as little as it can. The activation ratio is the one the sparse
 FFNs counted while decoding, which is the probe's count of the same rule on the same tokens;
 the FLOP fraction is the FFN multiply-adds they did against dense ones, whose inverse bounds
 the FFN speedup.
@@ -48,7 +48,7 @@ class SpeedupSettings:
     steps: int = 32
     """Tokens decoded and timed, per sequence."""
     repeats: int = 5
-    """Rounds of dense and sparse timings; the fastest of each counts."""
+    """Rounds of dense and sparse timings; each step's fastest counts."""
     device: str = "cpu"
     threads: int | None = None
     """CPU threads for dense and sparse alike (default: torch's)."""
@@ -113,26 +113,37 @@ def _clock(device: torch.device) -> Callable[[], float]:
 
 
 @torch.no_grad()
-def decode(model, tokens: torch.Tensor, prompt: int, after_prompt: Callable[[], None] = lambda: None) -> float:
-    """Seconds to decode tokens[:, prompt:] one position at a time after reading the prompt."""
+def decode(model, tokens: torch.Tensor, prompt: int, after_prompt: Callable[[], None] = lambda: None) -> list[float]:
+    """Seconds of each step decoding tokens[:, prompt:], one position at a time, after
+    reading the prompt."""
     now = _clock(tokens.device)
     cache = model(input_ids=tokens[:, :prompt], use_cache=True).cache
     after_prompt()
-    start = now()
+    seconds = []
     for t in range(prompt, tokens.shape[1]):
+        start = now()
         cache = model(input_ids=tokens[:, t : t + 1], cache=cache, use_cache=True).cache
-    return now() - start
+        seconds.append(now() - start)
+    return seconds
 
 
 @torch.no_grad()
-def _ffn_seconds(modules: list[SparseFFN], inputs: list[list[torch.Tensor]]) -> float:
-    """Seconds to run every layer's FFN on its inputs, step by step as decoding does."""
+def _ffn_seconds(modules: list[SparseFFN], inputs: list[list[torch.Tensor]]) -> list[float]:
+    """Seconds of each decoding step's FFN blocks: every layer's FFN on that step's input."""
     now = _clock(inputs[0][0].device)
-    start = now()
+    seconds = []
     for step in range(len(inputs[0])):
+        start = now()
         for module, layer_inputs in zip(modules, inputs):
             module(layer_inputs[step])
-    return now() - start
+        seconds.append(now() - start)
+    return seconds
+
+
+def _ms_per_step(rounds: list[list[float]]) -> float:
+    """Milliseconds per step: each step's fastest round (other work on the machine only
+    ever slows a step down), averaged over the steps."""
+    return 1000 * sum(min(step) for step in zip(*rounds)) / len(rounds[0])
 
 
 def measure(target: HFCausalLM, rule: Rule, tokens: torch.Tensor, settings: SpeedupSettings) -> dict:
@@ -154,15 +165,14 @@ def measure(target: HFCausalLM, rule: Rule, tokens: torch.Tensor, settings: Spee
     kept, scored = sum(m.kept for m in sparse), sum(m.scored for m in sparse)
     flop_fraction = sum(m.macs for m in sparse) / sum(m.dense_macs for m in sparse)
 
-    steps = tokens.shape[1] - settings.prompt
     ffn, whole = {"dense": [], "sparse": []}, {"dense": [], "sparse": []}
     for _ in range(settings.repeats):
         for kind, modules in (("dense", dense), ("sparse", sparse)):
             ffn[kind].append(_ffn_seconds(modules, inputs))
             with installed(model, ffns, modules):
                 whole[kind].append(decode(model, tokens, settings.prompt))
-    ms = {f"{what}_ms_{kind}": 1000 * min(times[kind]) / steps
-          for what, times in (("ffn", ffn), ("model", whole)) for kind in ("dense", "sparse")}
+    ms = {f"{what}_ms_{kind}": _ms_per_step(rounds[kind])
+          for what, rounds in (("ffn", ffn), ("model", whole)) for kind in ("dense", "sparse")}
     return {"activation_ratio": kept / max(scored, 1), "ffn_flop_fraction": flop_fraction,
             "flop_bound": 1 / flop_fraction, **ms,
             "ffn_speedup": ms["ffn_ms_dense"] / ms["ffn_ms_sparse"],

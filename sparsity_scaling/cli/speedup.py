@@ -56,7 +56,7 @@ def add_commands(commands) -> None:
     sp.add_argument("--batch", type=positive_int, default=1, help="sequences decoded together")
     sp.add_argument("--prompt", type=positive_int, default=16, help="tokens read before decoding (not timed)")
     sp.add_argument("--steps", type=positive_int, default=32, help="tokens decoded and timed per sequence")
-    sp.add_argument("--repeats", type=positive_int, default=5, help="timing rounds; the fastest counts")
+    sp.add_argument("--repeats", type=positive_int, default=5, help="timing rounds; each step's fastest counts")
     sp.add_argument("--threads", type=positive_int, help="CPU threads, dense and sparse alike")
     sp.add_argument("--data", help="validation text: .txt or .jsonl (text field)")
     sp.add_argument("--tokens", help="validation tokens: .npy int array (sequences, length)")
