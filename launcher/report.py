@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from sparsity_scaling.costs import ffn_flop_fraction
 from sparsity_scaling.errors import SettingError, UserError
 from sparsity_scaling.figures import figure_bytes
 from sparsity_scaling.files import write_json_atomic
-from sparsity_scaling.costs import ffn_flop_fraction
 from sparsity_scaling.formatting import sci
 from sparsity_scaling.rundir import RunDir
 

@@ -117,10 +117,10 @@ def llama_model(checkpoint_dir: str | Path) -> LlamaForCausalLM:
 
 def export_llama(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     """Write the checkpoint as a Llama directory at out_dir (atomically); return out_dir."""
+    ck, hf_config, weights = _checked_weights(checkpoint_dir)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists and is not empty; choose a new directory")
-    ck, hf_config, weights = _checked_weights(checkpoint_dir)
     tokenizer = ck.run.tokenizer
     with directory_written_whole(out) as tmp:
         _llama(hf_config, weights, ck.path).save_pretrained(tmp)

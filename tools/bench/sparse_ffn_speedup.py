@@ -11,13 +11,15 @@ FLOP-ratio bound (1 / the FFN multiply-adds done as a share of dense).
 
     python tools/bench/sparse_ffn_speedup.py [--config configs/models/0.1b.yaml] [--threads 1]
         [--ratios 0.5,0.3,0.2,0.1,0.05] [--sites intermediate,gate] [--steps 32] [--repeats 5]
-    python tools/bench/sparse_ffn_speedup.py --checkpoint RUN_OR_CHECKPOINT   # a trained model, its own PPL-1%
+    python tools/bench/sparse_ffn_speedup.py --checkpoint RUN_OR_CHECKPOINT   # a trained model: its own
+        PPL-1% thresholds, then the sweep (thresholds cannot keep more than the non-zero activations)
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -65,9 +67,9 @@ def main(argv=None) -> int:
     timing = SpeedupSettings(steps=args.steps, repeats=args.repeats, threads=args.threads)
     if args.checkpoint:
         spec = parse_model(args.checkpoint)
-        settings = AnalysisSettings(out="/tmp", metric=MetricSettings())
+        settings = AnalysisSettings(out="analysis", metric=MetricSettings())  # nothing is written
         for sweep in ((), ratios):
-            record = speedup_points(settings, spec, SpeedupSettings(**{**timing.__dict__, "sweep": sweep}))
+            record = speedup_points(settings, spec, replace(timing, sweep=sweep))
             print(speedup_table(record), flush=True)
         return 0
 
