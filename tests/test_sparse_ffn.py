@@ -20,9 +20,7 @@ VOCAB, D, D_FF = 100, 32, 48
 
 def _ours(activation: str):
     from sparsity_scaling.model import MiniCPM
-    from sparsity_scaling.parallel import init_parallel
 
-    init_parallel(1)
     torch.manual_seed(0)
     model = MiniCPM(ModelConfig(d_model=D, n_layers=2, n_heads=4, d_ff=D_FF, activation=activation), VOCAB).eval()
     return model, model, lambda tokens: model(tokens)
@@ -75,7 +73,7 @@ def _rules(target, logits_of, tokens, gated: bool) -> list:
 
 @pytest.mark.parametrize("gather", [1.0, 0.0], ids=["gathered", "dense"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_sparse_ffns_equal_the_probes_masked_dense_ffns(name, gather, monkeypatch):
+def test_sparse_ffns_equal_the_probes_masked_dense_ffns(name, gather, monkeypatch, world_of_one):
     """Whether the needed rows of gate and up are gathered or all computed."""
     monkeypatch.setattr(sparse_ffn, "GATHER_BELOW", gather)
     target, module, logits_of = MODELS[name]()
@@ -98,7 +96,7 @@ def test_sparse_ffns_equal_the_probes_masked_dense_ffns(name, gather, monkeypatc
         assert torch.equal(logits_of(tokens), dense)  # the model's own FFNs are back
 
 
-def test_relu_intermediate_site_computes_up_only_where_the_gate_is_positive(monkeypatch):
+def test_relu_intermediate_site_computes_up_only_where_the_gate_is_positive(monkeypatch, world_of_one):
     target, _, _ = MODELS["ours-relu"]()
     weights = ffn_weights(target.ffns[0])
     x = torch.randn(1, D, generator=torch.Generator().manual_seed(3))

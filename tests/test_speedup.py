@@ -32,13 +32,10 @@ def test_a_sweep_reports_speedups_at_the_ratios_the_rule_gives(micro_run, tmp_pa
     assert "FFN speedup" in capsys.readouterr().out
 
 
-def test_the_activation_ratio_is_the_probes_count_while_decoding(micro_run):
+def test_the_activation_ratio_is_the_probes_count_while_decoding(micro_run, world_of_one):
     from sparsity_scaling.analysis.models import parse_model
     from sparsity_scaling.analysis.speedup import SpeedupSettings, decode, decode_target, measure
     from sparsity_scaling.metrics.rules import SparsifyingProbe, TopK
-    from sparsity_scaling.parallel import init_parallel
-
-    init_parallel(1)  # the probe's top-k gathers neurons across tensor-parallel ranks
     target = decode_target(parse_model(str(micro_run)), "cpu")
     tokens = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))
     rule = TopK(k=20)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..errors import SettingError
 from ..metrics import SITES
 from .analyze import ANALYSIS_METRICS
-from .common import positive_int
+from .common import ErrorLine, positive_int
 from .evaluate import data_settings, measurement_arguments, metric_settings
 
 DEFAULT_SWEEP = "0.5,0.3,0.2,0.1,0.05"
@@ -26,6 +26,7 @@ def _speedup(args) -> None:
     from ..analysis.models import parse_models
     from ..analysis.settings import AnalysisSettings, parse_datasets
     from ..analysis.speedup import SpeedupSettings, report_speedup
+    from ..ranks import on_ranks
 
     timing = SpeedupSettings(batch=args.batch, prompt=args.prompt, steps=args.steps, repeats=args.repeats,
                              device=args.device, threads=args.threads, sweep=_ratios(args.sweep))
@@ -34,7 +35,7 @@ def _speedup(args) -> None:
                                 data=data_settings(args),
                                 datasets=parse_datasets([args.data] if args.data else (),
                                                         [args.tokens] if args.tokens else ()))
-    report_speedup(settings, spec, timing, args.json)
+    on_ranks(1, report_speedup, settings, spec, timing, args.json, report_error=ErrorLine())
 
 
 def add_commands(commands) -> None:
