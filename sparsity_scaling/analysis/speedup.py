@@ -261,6 +261,10 @@ def report_speedup(settings: AnalysisSettings, spec: ModelSpec, timing: SpeedupS
     .png; `json_out` gets the record, and so does the run directory of one of our checkpoints."""
     record = speedup_points(settings, spec, timing)
     print(speedup_table(record))
+    disturbed = [p["label"] for p in record["points"] if p["ffn_speedup"] > 1.2 * p["flop_bound"]]
+    if disturbed:  # sparse FFNs cannot beat the FLOP bound by that much: other work slowed dense steps
+        say(f"warning: {', '.join(disturbed)}: FFN speedup above its FLOP bound; the machine was busy, "
+            f"rerun with more --repeats")
     if timing.sweep:
         write_results(settings, "speedup", record, speedup_figure(record))
     if json_out:
