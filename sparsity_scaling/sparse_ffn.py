@@ -18,11 +18,12 @@ neuron). A row-gathering sum (`embedding_bag` with per-token bags) then reads on
 rows, one bag per token, so tokens of a small batch each pay for their own neurons;
 selected outputs of gate and up (`index_select` of their rows, then one matmul) are
 computed for the union of the batch's neurons, while they are few enough to pay
-(`GATHER_BELOW`), else densely. Measured at batch 1 on a CPU at the 0.1B
-shape (d 768, F 1920, one thread), the gathering sum beat gathering the rows and multiplying
+(`GATHER_BELOW`), else densely. Measured at batch 1 at the 0.1B shape (d 768, F 1920, one
+thread, a busy 2-core machine), the gathering sum beat gathering the rows and multiplying
 (31 against 58 us at 5% of the rows, 70 against 85 at 10%). Dense projections keep the
 [outputs, inputs] layout, which the matrix-vector product reads fastest (the neuron-major
-down projection took 1.9x as long dense), so the baseline is not slowed by the sparse layout.
+down projection took about 1.9x as long dense), so the baseline is not slowed by the sparse
+layout.
 
 With no rule a `SparseFFN` is the dense FFN in the same plain-PyTorch layout: the baseline
 speedups are measured against (the model's own FFN would add megatron's per-call overhead).
