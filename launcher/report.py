@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sparsity_scaling.costs import ffn_flop_fraction
 from sparsity_scaling.errors import SettingError, UserError
 from sparsity_scaling.figures import figure_bytes
 from sparsity_scaling.files import write_json_atomic
@@ -268,6 +269,23 @@ def _prediction_cell(prediction, last_ratio: float) -> str:
     return text + (" (extrapolated beyond 2x the data)" if prediction.extrapolated else "")
 
 
+def sparsity_buys(activation_ratio: float, activation: str | None, speedup: dict | None) -> str:
+    """What a run's sparsity buys: the FFN FLOP fraction of its activation ratio and the
+    speedup that bounds, and the decode speedup `sparsity-scaling speedup` measured on one of
+    its checkpoints (its RUN/speedup.json: the point nearest that ratio), if any."""
+    fraction = ffn_flop_fraction(activation_ratio, activation == "relu")
+    bound = "at least" if activation == "relu" else "exactly"
+    line = (f"at activation ratio {activation_ratio:.4f} the sparse FFNs do {bound} {fraction:.2f} of the dense FFN "
+            f"FLOPs: at most {1 / fraction:.2f}x faster FFN blocks")
+    if not speedup:
+        return line + "; decoding not measured (`sparsity-scaling speedup RUN_DIR`)"
+    point = min(speedup["points"], key=lambda p: abs(p["activation_ratio"] - activation_ratio))
+    return (line + f"; measured on {speedup['device']} ({speedup['threads']} threads, batch {speedup['batch']}) at "
+            f"{speedup['checkpoint']}, activation ratio {point['activation_ratio']:.4f}: FFN blocks "
+            f"{point['ffn_speedup']:.2f}x (bound {point['flop_bound']:.2f}x), whole model "
+            f"{point['model_speedup']:.2f}x per token")
+
+
 def build_report(grid: Grid, uri: str, workdir: Workdir, targets: list[float], experiment_id: str,
                  parent_id: str | None, results: dict[str, RunResult]) -> tuple[Document, dict]:
     """The report of the grid's runs as MLflow holds them (see `collect`), and its numbers."""
@@ -329,13 +347,23 @@ def build_report(grid: Grid, uri: str, workdir: Workdir, targets: list[float], e
         for name, fit in fitted.items():
             predictions[name] = [predict_tokens(fit.fitted, t) for t in targets]
             last = float(fit.curve.activation_ratio[-1])
-            table += [[name, f"{p.target:g}", f"{p.crossing} {p.target:g}", _prediction_cell(p, last)]
-                      for p in predictions[name]]
+            relu = results[name].tags.get("activation") == "relu"
+            table += [[name, f"{p.target:g}", f"{p.crossing} {p.target:g}", _prediction_cell(p, last),
+                       f"{1 / ffn_flop_fraction(p.target, relu):.2f}x"] for p in predictions[name]]
         doc.paragraph("Training tokens until each run's fitted law crosses the target activation ratio, "
-                      "with the 95% bootstrap interval.")
-        doc.table(["run", "target", "when the ratio", "tokens [95% interval]"], table)
+                      "with the 95% bootstrap interval, and the FFN decode speedup that ratio bounds "
+                      "(see below).")
+        doc.table(["run", "target", "when the ratio", "tokens [95% interval]", "FFN speedup at most"], table)
     else:
         doc.paragraph("No run has a fitted law, so no budget can be predicted.")
+
+    doc.heading("What the sparsity buys")
+    doc.paragraph("Decoding with sparse FFNs computes the gate projection dense and the down projection only "
+                  "for the active neurons (the up projection too, for ReLU), so the activation ratio bounds "
+                  "the FFN speedup; `sparsity-scaling speedup` measures it.")
+    buys = {name: sparsity_buys(r.last("activation_ratio"), r.tags.get("activation"), workdir.run(name).speedup_record())
+            for name, r in results.items()}
+    doc.bullets([f"**{name}**: {line}" for name, line in buys.items()])
 
     doc.heading("Training and validation loss")
     doc.image("loss.png", loss_figure(results), "Training loss (lines) and validation loss at checkpoints (circles)")
@@ -372,6 +400,7 @@ def build_report(grid: Grid, uri: str, workdir: Workdir, targets: list[float], e
             "fit": fits[n].to_json() | {"bootstrap": None} if not isinstance(fits[n], str) else {"error": fits[n]},
             "predictions": [{"target": p.target, **p.to_json()} for p in predictions.get(n, [])],
             "pareto": r.pareto,
+            "sparsity_buys": buys[n],
         } for n, r in results.items()},
     }
     return doc, data

@@ -65,3 +65,13 @@ class RunCost:
         engines = min(config.checkpoint.keep_engine, len(schedule))
         storage = len(schedule) * 4 * params + engines * engine_bytes_per_param(bf16) * params
         return cls(tokens, flops, flops / (mfu * peak_tflops * 1e12) / 3600, len(schedule), storage)
+
+
+def ffn_flop_fraction(activation_ratio: float, relu_family: bool) -> float:
+    """The share of a gated FFN's multiply-adds that the sparse decoding FFN
+    (`sparse_ffn.SparseFFN`) does at the intermediate site and activation ratio r: the gate
+    projection runs dense, the down projection for the kept neurons, the up projection dense
+    or, in the ReLU family, for the neurons whose gate is positive, at least the kept ones.
+    So (1 + 2r) / 3 for ReLU (a lower bound) and (2 + r) / 3 otherwise; its inverse bounds
+    the FFN's speedup."""
+    return (1 + 2 * activation_ratio) / 3 if relu_family else (2 + activation_ratio) / 3

@@ -120,6 +120,7 @@ class RunDir:
 
     SPARSITY = "sparsity.json"
     PARETO = "pareto.json"
+    SPEEDUP = "speedup.json"
     PARETO_PLOT = "pareto.png"
     ACTIVATION_PLOT = "activation_curve.png"
     CONFIG = "config.yaml"
@@ -173,6 +174,11 @@ class RunDir:
     @property
     def pareto(self) -> Path:
         return self.path / self.PARETO
+
+    @property
+    def speedup(self) -> Path:
+        """The last `sparsity-scaling speedup` of one of the run's checkpoints."""
+        return self.path / self.SPEEDUP
 
     @property
     def pareto_plot(self) -> Path:
@@ -288,6 +294,17 @@ class RunDir:
             record["checkpoints"][0]["activation_ratio"]
         except (ValueError, KeyError, TypeError, IndexError) as error:
             raise UserError(f"{self.sparsity}: not a sparsity record of evaluate-run ({error})") from None
+        return record
+
+    def speedup_record(self) -> dict | None:
+        """speedup.json (decode latencies, dense against sparse), or None if never measured."""
+        if not self.speedup.is_file():
+            return None
+        try:
+            record = json.loads(self.speedup.read_text())
+            record["points"][0]["ffn_speedup"]
+        except (ValueError, KeyError, TypeError, IndexError) as error:
+            raise UserError(f"{self.speedup}: not a record of sparsity-scaling speedup ({error})") from None
         return record
 
     # ------------------------------------------------------------ writing

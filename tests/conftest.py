@@ -76,6 +76,17 @@ def trajectory(run_dir: Path) -> list[tuple]:
     return [(p["kind"], p["step"], p["loss"], p.get("lr")) for p in points]
 
 
+@pytest.fixture
+def world_of_one():
+    """megatron's process groups for a world of one, in the test's process, ended after the
+    test (processes it starts later must not take themselves for its ranks)."""
+    from sparsity_scaling.parallel import init_parallel, shutdown_parallel
+
+    init_parallel(1)
+    yield
+    shutdown_parallel()
+
+
 @pytest.fixture(scope="session")
 def micro_run(tmp_path_factory) -> Path:
     """One uninterrupted single-process run of the micro config, shared by the tests."""

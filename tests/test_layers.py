@@ -16,14 +16,14 @@ LAYERS = [
     ["sparsity_scaling.errors", "sparsity_scaling.files", "sparsity_scaling.formatting"],
     ["sparsity_scaling.config", "sparsity_scaling.costs", "sparsity_scaling.parallel", "sparsity_scaling.figures", "sparsity_scaling.laws"],
     ["sparsity_scaling.rundir", "sparsity_scaling.model", "sparsity_scaling.data", "sparsity_scaling.ranks"],
-    ["sparsity_scaling.metrics", "sparsity_scaling.hf", "sparsity_scaling.train"],
+    ["sparsity_scaling.metrics", "sparsity_scaling.hf", "sparsity_scaling.train", "sparsity_scaling.sparse_ffn"],
     ["sparsity_scaling.evaluation"],
     ["sparsity_scaling.analysis"],
     ["launcher"],
     ["sparsity_scaling.cli"],
 ]
 RUN_FILES = {"run.json", "config.yaml", "data.json", "metrics.jsonl", "manifest.json", "model.pt",
-             "sparsity.json", "pareto.json", "pareto.png", "activation_curve.png", "mlflow_run.json",
+             "sparsity.json", "speedup.json", "pareto.json", "pareto.png", "activation_curve.png", "mlflow_run.json",
              "mlflow_cursor.json", "mlflow.lock"}
 NOT_RUN_FILES = {("launcher.report", "pareto.png")}  # the report's own picture, in WORKDIR/report_files/
 

@@ -52,10 +52,35 @@ def results():
     return {"relu": _run("relu", "relu", _relu), "silu": _run("silu", "silu", _silu)}
 
 
+SPEEDUP = {"checkpoint": "tokens_000000003000000", "device": "cpu", "threads": 2, "batch": 1, "points": [
+    {"activation_ratio": r, "ffn_flop_fraction": f, "flop_bound": 1 / f, "ffn_speedup": s, "model_speedup": m}
+    for r, f, s, m in ((0.3, 0.53, 1.5, 1.2), (0.06, 0.37, 2.1, 1.4))]}
+
+
 @pytest.fixture(scope="module")
 def report(results, tmp_path_factory):
-    """(document, numbers) of the two runs: the laws are fitted once for these tests."""
-    return _report(tmp_path_factory.mktemp("report"), results)
+    """(document, numbers) of the two runs: the laws are fitted once for these tests. The
+    ReLU run has a measured decoding speedup (RUN/speedup.json), the SiLU run none."""
+    from sparsity_scaling.files import write_json_atomic
+    from sparsity_scaling.rundir import RunDir
+
+    workdir = tmp_path_factory.mktemp("report")
+    write_json_atomic(RunDir(workdir / "runs" / "relu").speedup, SPEEDUP)
+    return _report(workdir, results)
+
+
+def test_report_says_what_the_sparsity_buys(report, results):
+    doc, data = report
+    text = doc.markdown("report_files")
+    relu, silu = results["relu"].last("activation_ratio"), results["silu"].last("activation_ratio")
+    relu_line = data["runs"]["relu"]["sparsity_buys"]
+    assert f"at activation ratio {relu:.4f} the sparse FFNs do at least {(1 + 2 * relu) / 3:.2f}" in relu_line
+    assert "activation ratio 0.0600: FFN blocks 2.10x (bound 2.70x), whole model 1.40x per token" in relu_line
+    silu_line = data["runs"]["silu"]["sparsity_buys"]
+    assert f"exactly {(2 + silu) / 3:.2f} of the dense FFN FLOPs: at most {3 / (2 + silu):.2f}x" in silu_line
+    assert "not measured" in silu_line
+    assert f"**relu**: {relu_line}" in text and f"**silu**: {silu_line}" in text
+    assert re.search(r"^\| relu \| 0\.06 \| falls below 0\.06 \| .* \| 2\.68x \|$", text, re.M)
 
 
 def test_report_states_the_findings_the_numbers_support(report):

@@ -7,6 +7,7 @@ here are the ones `sparsity-scaling evaluate` would measure with the same settin
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -75,11 +76,14 @@ def parse_models(texts: list[str], thresholds: list[str] | None = None) -> list[
 def _saved_thresholds(spec: ModelSpec, target) -> PerNeuronThreshold:
     try:
         probe = load_thresholds(spec.thresholds)
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        made_for = json.loads(Path(spec.thresholds).read_text()).get("key", {}).get("model")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise SettingError("thresholds", spec.thresholds, f"not a thresholds file ({error})") from None
     widths = {f.layer: f.local_neurons for f in target.ffns}
     if {k: v.numel() for k, v in probe.thresholds.items()} != widths:
         raise SettingError("thresholds", spec.thresholds, f"its layers and neurons do not fit {spec.label}")
+    if made_for and Path(made_for).resolve() != Path(spec.model.name).resolve():
+        raise SettingError("thresholds", spec.thresholds, f"computed for {made_for}, not {spec.model.name}")
     return PerNeuronThreshold(thresholds=probe.thresholds)
 
 

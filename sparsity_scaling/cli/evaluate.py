@@ -103,9 +103,10 @@ def add_commands(commands) -> None:
     series.set_defaults(run=_evaluate_series)
 
 
-def measurement_arguments(parser, out: bool = True) -> None:
+def measurement_arguments(parser, out: bool = True, tp: bool = True) -> None:
     """--tp, --json and the sizes of a measurement's data."""
-    parser.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel ranks to start")
+    if tp:
+        parser.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel ranks to start")
     if out:
         parser.add_argument("--json", help="write the result here (atomically)")
     parser.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens to use")

@@ -127,7 +127,7 @@ def _as_ffn(module: torch.nn.Module, layer: int) -> HFFFN | None:
     for first, second in PLAIN:
         w_in, w_out = _projection(module, first), _projection(module, second)
         if w_in is not None and w_out is not None:
-            return HFFFN(layer, w_in, w_out)
+            return HFFFN(layer, w_in, w_out, act=act)
     return None
 
 

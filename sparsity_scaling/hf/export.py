@@ -82,34 +82,48 @@ def llama_weights(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str,
     return out
 
 
-def _save_llama(hf_config: LlamaConfig, weights: dict[str, torch.Tensor], out: Path, source: Path):
-    """save_pretrained a Llama holding `weights` (built on the meta device: no random init)."""
-    with torch.device("meta"):
+def _llama(hf_config: LlamaConfig, weights: dict[str, torch.Tensor], source: Path,
+           device: str = "meta") -> LlamaForCausalLM:
+    """A Llama holding `weights`; built on the meta device (no random init) to be saved, on
+    the CPU to be run (its rotary tables are buffers made at construction)."""
+    with torch.device(device):
         model = LlamaForCausalLM(hf_config)
     try:
         model.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as error:
         raise UserError(f"{source}: weights do not fit its config.yaml "
                         f"({str(error).splitlines()[-1].strip()})") from None
-    model.save_pretrained(out)
+    return model
 
 
-def export_llama(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write the checkpoint as a Llama directory at out_dir (atomically); return out_dir."""
+def _checked_weights(checkpoint_dir: str | Path):
+    """(checkpoint, Llama config, Llama weights) of one of our checkpoints."""
     ck, config, state = read_weights(checkpoint_dir)
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: already exists and is not empty; choose a new directory")
     expected = _our_names(config.model)
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise UserError(f"{ck.path}: weights do not fit its config.yaml: missing {missing[:3]}, "
                         f"unexpected {extra[:3]}")
-    weights = llama_weights(config.model, state)
     hf_config = llama_config(config, vocab_size=state["embed.weight"].shape[0])
+    return ck, hf_config, llama_weights(config.model, state)
+
+
+def llama_model(checkpoint_dir: str | Path) -> LlamaForCausalLM:
+    """One of our checkpoints as a Llama in memory, on the CPU: the same logits as ours, with
+    Hugging Face's decoding (a KV cache) on top."""
+    ck, hf_config, weights = _checked_weights(checkpoint_dir)
+    return _llama(hf_config, weights, ck.path, device="cpu").eval()
+
+
+def export_llama(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write the checkpoint as a Llama directory at out_dir (atomically); return out_dir."""
+    ck, hf_config, weights = _checked_weights(checkpoint_dir)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: already exists and is not empty; choose a new directory")
     tokenizer = ck.run.tokenizer
     with directory_written_whole(out) as tmp:
-        _save_llama(hf_config, weights, tmp, ck.path)
+        _llama(hf_config, weights, ck.path).save_pretrained(tmp)
         if tokenizer.is_file():
             shutil.copyfile(tokenizer, tmp / tokenizer.name)
         elif tokenizer.is_dir():  # a Hugging Face tokenizer: its files beside the model's
