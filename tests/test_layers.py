@@ -18,7 +18,7 @@ LAYERS = [
     ["sparsity_scaling.rundir", "sparsity_scaling.model", "sparsity_scaling.data", "sparsity_scaling.ranks"],
     ["sparsity_scaling.metrics", "sparsity_scaling.hf", "sparsity_scaling.train", "sparsity_scaling.sparse_ffn"],
     ["sparsity_scaling.evaluation"],
-    ["sparsity_scaling.analysis"],
+    ["sparsity_scaling.analysis", "sparsity_scaling.downstream"],
     ["launcher"],
     ["sparsity_scaling.cli"],
 ]
