@@ -302,12 +302,12 @@ def build_report(grid: Grid, uri: str, workdir: Workdir, targets: list[float], e
                   f"(one CETT per run, set on its last {grid.spec.evaluation.last} checkpoints) on "
                   f"{grid.spec.evaluation.eval_tokens:,} validation tokens.")
 
-    failures = {spec.name: workdir.run(spec.name).failed() for spec in grid.runs if spec.name not in results}
-    failures = {name: failure["error"] for name, failure in failures.items() if failure}
-    if failures:
+    failed_runs = {spec.name: workdir.run(spec.name).failed() for spec in grid.runs if spec.name not in results}
+    failed_runs = {name: failure["error"] for name, failure in failed_runs.items() if failure}
+    if failed_runs:
         doc.heading("Failed runs")
         doc.paragraph("These runs are not in the findings, curves, fits or predictions below:")
-        doc.bullets([f"**{name}**: {error}" for name, error in failures.items()])
+        doc.bullets([f"**{name}**: {error}" for name, error in failed_runs.items()])
     unmeasured = {name: _unmeasured(workdir.run(name)) for name in results}
     unmeasured = {name: found for name, found in unmeasured.items() if found}
     if unmeasured:
@@ -403,7 +403,7 @@ def build_report(grid: Grid, uri: str, workdir: Workdir, targets: list[float], e
     data = {
         "grid": grid.name, "tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent_id,
         "targets": targets, "findings": [{"claim": c, "verdict": v, "evidence": e} for c, v, e in found],
-        "failed_runs": failures, "checkpoints_left_out": unmeasured,
+        "failed_runs": failed_runs, "checkpoints_left_out": unmeasured,
         "runs": {n: {
             "run_id": r.run_id, "tags": r.tags, "metrics": {k: [list(p) for p in v] for k, v in r.metrics.items()},
             "fit": fits[n].to_json() | {"bootstrap": None} if not isinstance(fits[n], str) else {"error": fits[n]},

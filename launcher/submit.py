@@ -177,6 +177,7 @@ def _run_trial(params: dict, specs: dict, grid_spec: GridFile, workdir: str, gat
         log = run.evaluation_log
         ray.get(queue.finish.remote())
     except BaseException as error:
+        gate.training.remote(spec.name)  # it holds nothing now: the other runs' evaluations may start
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as out:
             traceback.print_exc(file=out)
