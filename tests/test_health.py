@@ -158,6 +158,7 @@ axes:
   - zipped: {{label: [diverging], train.lr: [1.0e6]}}
 overrides:
   train.tokens: 8192
+  train.log_every: 1
   checkpoint.first_tokens: 8192
   checkpoint.count: 1
   checkpoint.final_count: 0

@@ -3,10 +3,10 @@
 Times `Trainer.step` (the real path: every step reads the global batch's loss and gradient
 norm back, one all-reduce and one device-to-host copy, and decides before the update)
 against the same step without the check (DeepSpeed clips, the loss stays on the device),
-on one process with synthetic tokens, alternating blocks of steps so both see the same
-machine load.
+on one process with synthetic tokens, alternating single steps so both see the same
+machine load; the medians of the step times are compared.
 
-    python tools/bench/health_check_overhead.py configs/models/tiny.yaml --steps 20
+    python tools/bench/health_check_overhead.py configs/models/tiny.yaml --steps 40
 """
 
 from __future__ import annotations
@@ -45,8 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config")
     parser.add_argument("--set", action="append", default=[])
-    parser.add_argument("--steps", type=int, default=20, help="steps per block")
-    parser.add_argument("--blocks", type=int, default=4, help="alternating blocks of each kind")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps of each kind")
     args = parser.parse_args()
 
     from sparsity_scaling.config import load_config
@@ -67,22 +66,21 @@ def main() -> None:
                 for _ in range(3):
                     fn(step)
                     step += 1
-            for _ in range(args.blocks):
+            for _ in range(args.steps):
                 for kind, fn in kinds.items():
                     sync()
                     started = time.perf_counter()
-                    for _ in range(args.steps):
-                        fn(step)
-                        step += 1
+                    fn(step)
                     sync()
-                    times[kind].append((time.perf_counter() - started) / args.steps)
+                    times[kind].append(time.perf_counter() - started)
+                    step += 1
     finally:
         shutdown_parallel()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"{config.model.name} on {device}, {trainer.batch_tokens:,} tokens per step, "
-          f"{'bf16' if trainer.bf16 else 'fp32'}, {args.blocks} blocks of {args.steps} steps each")
+          f"{'bf16' if trainer.bf16 else 'fp32'}, {args.steps} steps of each kind, alternating")
     for kind, values in times.items():
-        print(f"{kind:>10}: {statistics.median(values) * 1e3:8.2f} ms/step (median of blocks; "
+        print(f"{kind:>10}: {statistics.median(values) * 1e3:8.2f} ms/step (median; "
               f"min {min(values) * 1e3:.2f}, max {max(values) * 1e3:.2f})")
     ratio = statistics.median(times["checked"]) / statistics.median(times["unchecked"])
     print(f"checked / unchecked: {ratio:.3f}")
