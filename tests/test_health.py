@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GRID, MICRO, REPO, mlflow_history, run_cli
+from conftest import MICRO, REPO, mlflow_history, run_cli
 
 from sparsity_scaling.errors import UserError
 from sparsity_scaling.rundir import RunDir
@@ -39,6 +39,16 @@ def assert_strict_json(root: Path) -> int:
                 json.loads(document, parse_constant=_refuse)
         count += 1
     return count
+
+
+def test_a_healthy_run_logs_its_gradient_norm_and_writes_only_strict_json(micro_run):
+    """The shared micro run: every training point has a finite gradient norm and counts
+    (no spike, no skipped step), and every JSON file of the run is strict."""
+    train = [p for p in RunDir(micro_run).metric_points() if p["kind"] == "train"]
+    assert train and all(math.isfinite(p["grad_norm"]) and p["grad_norm"] > 0 for p in train)
+    assert all(p["skipped_steps"] == 0 for p in train) and "skipped" not in train[-1]
+    assert RunDir(micro_run).checkpoints()[-1].manifest["health"]["skipped_steps"] == 0
+    assert assert_strict_json(micro_run) >= 7  # run.json, data.json, metrics.jsonl, manifests
 
 
 def test_loss_spikes_follow_the_documented_rule():
@@ -116,7 +126,7 @@ def test_a_checkpoint_write_on_a_full_disk_stops_cleanly_and_the_run_resumes(tmp
     args = ["train", str(MICRO), "--out", str(out), "--set", "train.tokens=4096", "--set", "checkpoint.first_tokens=1024",
             "--set", "checkpoint.count=3", "--set", "checkpoint.final_count=0"]
     full = subprocess.run([sys.executable, "-c", _FULL_DISK, *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=600)
+                          timeout=600, check=False)
     assert full.returncode == 2, full.stderr[-3000:]
     (line,) = [x for x in full.stderr.splitlines() if "error" in x]
     assert ".tmp-tokens_000000000002048" in line and "No space left on device (errno 28)" in line, line

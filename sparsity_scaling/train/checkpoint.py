@@ -94,37 +94,33 @@ def _everyone_ok(ok: bool) -> bool:
 
 
 def save_checkpoint(engine, config: RunConfig, run: RunDir, state: CheckpointState) -> Checkpoint:
-    """All ranks write DeepSpeed shards into one temporary directory; rank 0 seals it."""
+    """All ranks write DeepSpeed shards into one temporary directory; rank 0 seals it.
+    After each stage the ranks agree that every one of them succeeded (in place of a
+    barrier), so a write that fails on one rank stops them all with its line."""
     is_main = dist.get_rank() == 0
     weights = full_state_dict(engine.module)  # collective: every rank takes part
     tmp = run.partial_checkpoint(state.tokens)
-    problem = None
-    if is_main:
+
+    def attempt(stage) -> None:
+        problem = None
         try:
-            run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-            warning = check_room(run, expected_bytes(run, weights, engine.bfloat16_enabled()))
-            if warning:
-                print(warning, flush=True)
-            run.start_checkpoint(state.tokens)
-        except OSError as error:
-            problem = _write_failure(error, tmp)
+            stage()
         except UserError as error:
             problem = error
-    if not _everyone_ok(problem is None):
-        raise problem or UserError(f"{tmp}: not written (see rank 0)")
-
-    def attempt(write) -> None:
-        nonlocal problem
-        try:
-            write()
         except Exception as error:
             problem = _write_failure(error, tmp)
             if problem is None:
                 raise
         if not _everyone_ok(problem is None):
-            if is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
             raise problem or UserError(f"{tmp}: not written (another rank could not write)")
+
+    def start() -> None:
+        if is_main:
+            run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+            warning = check_room(run, expected_bytes(run, weights, engine.bfloat16_enabled()))
+            if warning:
+                print(warning, flush=True)
+            run.start_checkpoint(state.tokens)
 
     def seal() -> None:
         if is_main:
@@ -134,6 +130,7 @@ def save_checkpoint(engine, config: RunConfig, run: RunDir, state: CheckpointSta
             run.drop_engine_states(config.checkpoint.keep_engine)  # only once the new one is whole
 
     try:
+        attempt(start)
         attempt(lambda: engine.save_checkpoint(str(tmp), tag=Checkpoint.ENGINE_TAG, save_latest=False))
         attempt(seal)
     except BaseException:

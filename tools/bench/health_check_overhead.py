@@ -21,11 +21,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import RandomTokens  # noqa: E402
+from train_throughput import RandomTokens
 
 
 def unchecked_step(trainer, step: int) -> None:
     """The step as it was before the health check: no verdict, no read of the loss."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
     from sparsity_scaling.parallel import device
 
     consumed = step * trainer.layout.global_samples
@@ -34,8 +36,7 @@ def unchecked_step(trainer, step: int) -> None:
         loss = trainer.engine.module.token_losses(batch[:, :-1], batch[:, 1:]).mean()
         trainer.engine.backward(loss)
         if trainer.clips_itself and trainer.engine.is_gradient_accumulation_boundary() and trainer.config.train.grad_clip:
-            from deepspeed.runtime.utils import clip_grad_norm_  # what DeepSpeed does itself without the check
-
+            # what DeepSpeed did itself before the check (the trainer now tells it not to)
             clip_grad_norm_(trainer.engine.module.parameters(), max_norm=trainer.config.train.grad_clip,
                             mpu=trainer.engine.mpu)
         trainer.engine.step()
