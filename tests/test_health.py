@@ -26,11 +26,11 @@ def _refuse(constant: str):
 
 
 def assert_strict_json(root: Path) -> int:
-    """Every .json and .jsonl file under `root` parses with a strict parser (no NaN or
-    Infinity); the number of files read."""
+    """Every .json and .jsonl file the suite wrote under `root` parses with a strict parser
+    (no NaN or Infinity); the number of files read. (A grid workdir's ray/ is Ray Tune's.)"""
     count = 0
     for path in sorted(root.rglob("*.json*")):
-        if path.suffix not in (".json", ".jsonl") or not path.is_file():
+        if path.suffix not in (".json", ".jsonl") or not path.is_file() or path.relative_to(root).parts[0] == "ray":
             continue
         text = path.read_text()
         documents = text.splitlines() if path.suffix == ".jsonl" else [text]
@@ -217,3 +217,35 @@ def test_the_report_names_failed_runs_and_checkpoints_left_out(tmp_path, monkeyp
     assert "## Checkpoints left out" in text and "tokens_000000000004096: weights hold NaN" in text
     write_json_atomic(tmp_path / "report.json", data)
     assert_strict_json(tmp_path)
+
+
+def test_a_model_whose_dense_perplexity_is_not_finite_is_refused():
+    from types import SimpleNamespace
+
+    from sparsity_scaling.errors import NonFiniteError
+    from sparsity_scaling.evaluation.inputs import ModelRef
+    from sparsity_scaling.evaluation.jobs import measurable
+
+    model = ModelRef(hf_model="some/model")
+    finite = SimpleNamespace(dense=SimpleNamespace(ppl=12.5))
+    assert measurable(finite, model) is finite
+    with pytest.raises(NonFiniteError, match="some/model: dense perplexity inf on the validation data is not finite"):
+        measurable(SimpleNamespace(dense=SimpleNamespace(ppl=math.inf)), model)
+
+
+def test_a_result_write_on_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from sparsity_scaling import files
+
+    target = tmp_path / "evaluations" / "tokens_1.json"
+    files.write_json_atomic(target, {"activation_ratio": 0.1})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full)
+    with pytest.raises(UserError, match=f"^{target}: cannot write: No space left on device \\(errno 28\\)$"):
+        files.write_json_atomic(target, {"activation_ratio": float("nan")})
+    assert json.loads(target.read_text()) == {"activation_ratio": 0.1} and os.listdir(target.parent) == [target.name]

@@ -105,10 +105,8 @@ def save_checkpoint(engine, config: RunConfig, run: RunDir, state: CheckpointSta
         problem = None
         try:
             stage()
-        except UserError as error:
-            problem = error
         except Exception as error:
-            problem = _write_failure(error, tmp)
+            problem = _write_failure(error, tmp) or (error if isinstance(error, UserError) else None)
             if problem is None:
                 raise
         if not _everyone_ok(problem is None):
