@@ -69,14 +69,14 @@ def test_a_diverging_run_stops_at_its_first_nonfinite_step_beyond_the_allowed_sk
     """lr 1e6: steps 1 and 2 are finite (a checkpoint at step 1), step 3's loss is nan and is
     skipped (train.skip_nonfinite_steps 1, counted), step 4's stops the run: one line naming
     the step, its tokens and the value; status 2; no checkpoint after the last finite one.
-    Evaluating a copy of that checkpoint with a NaN in its weights is refused, and writes nothing."""
+    Then a NaN put into that checkpoint's weights makes `evaluate` refuse it, writing nothing."""
     out = tmp_path / "run"
     result = run_cli("train", str(MICRO), "--out", str(out), *DIVERGING, "--set", "train.skip_nonfinite_steps=1")
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("sparsity-scaling: error: training diverged at step 4 (tokens 4,096): loss nan"), last
-    assert "1 such steps skipped before" in last
+    assert "1 earlier non-finite step(s) skipped" in last
     assert "warning: step 3 (tokens 3,072): loss nan, grad_norm nan: not finite, update skipped" in result.stdout
     assert "skipped steps 1" in result.stdout  # the progress line counts it
     run = RunDir(out)

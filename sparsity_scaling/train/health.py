@@ -56,7 +56,7 @@ class Health:
         skipped, or NonFiniteError once more than `allowed` steps were skipped."""
         what = f"step {step} (tokens {tokens:,}): loss {loss:.4g}, grad_norm {_number(grad_norm)}"
         if self.skipped_steps >= allowed:
-            skipped = f"; {self.skipped_steps} such steps skipped before" if self.skipped_steps else ""
+            skipped = f"; {self.skipped_steps} earlier non-finite step(s) skipped" if self.skipped_steps else ""
             raise NonFiniteError(f"training diverged at {what} (not finite){skipped}; no checkpoint "
                                  f"written after the last finite one; train.skip_nonfinite_steps {allowed} "
                                  "sets how many such steps may be skipped")
