@@ -123,13 +123,23 @@ def _status(run: RunDir, job: str) -> JobStatus | None:
     return JobStatus(run, job) if os.environ.get("RANK") == "0" else None
 
 
-def _checkpoint_job(checkpoint: str, evaluation: Evaluation) -> dict:
+def _checkpoint_job(checkpoint: str, evaluation: Evaluation) -> dict | None:
+    """A checkpoint's PPL-p% result; None, recorded as failed, if it cannot be measured
+    (non-finite weights or perplexity): trying again would meet the same values."""
+    from sparsity_scaling.errors import NonFiniteError
     from sparsity_scaling.evaluation.jobs import evaluate_checkpoint
 
     ck = read_checkpoint(checkpoint)
     status = _status(ck.run, ck.name)
-    record = evaluate_checkpoint(checkpoint, evaluation.metric(), evaluation.data(), evaluation.tp,
-                                 on_step=status.search_step if status else None)
+    try:
+        record = evaluate_checkpoint(checkpoint, evaluation.metric(), evaluation.data(), evaluation.tp,
+                                     on_step=status.search_step if status else None)
+    except NonFiniteError as error:
+        if status:
+            write_json_atomic(ck.run.evaluation_failure_of(ck.path),
+                              {"checkpoint": ck.name, "train_tokens": ck.tokens, "error": str(error)})
+            status.done()
+        return None
     if status:
         write_json_atomic(ck.run.evaluation_of(ck.path), {**record, "evaluated_on": status.where()})
         status.done()
@@ -159,7 +169,7 @@ JOB = {**ON_HEAD, "retry_exceptions": [ray.exceptions.RayActorError], "max_retri
 
 
 @ray.remote
-def evaluate_checkpoint_task(checkpoint: str, evaluation: Evaluation, gate, wait_s: float) -> dict:
+def evaluate_checkpoint_task(checkpoint: str, evaluation: Evaluation, gate, wait_s: float) -> dict | None:
     _after_training(gate)
     run = read_checkpoint(checkpoint).run
     record = run_job(evaluation, wait_s, run, Path(checkpoint).name, _checkpoint_job, checkpoint, evaluation)
@@ -214,7 +224,9 @@ class EvaluationQueue:
 
     def checkpoint_ready(self, checkpoint: str) -> None:
         with self.lock:
-            if checkpoint not in self.tasks and not self.run.evaluation_of(Path(checkpoint)).is_file():
+            done = (self.run.evaluation_of(Path(checkpoint)).is_file()
+                    or self.run.evaluation_failure_of(Path(checkpoint)).is_file())
+            if checkpoint not in self.tasks and not done:
                 self.tasks[checkpoint] = evaluate_checkpoint_task.options(**JOB).remote(
                     checkpoint, self.evaluation, self.gate, self.wait_s
                 )

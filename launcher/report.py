@@ -26,7 +26,8 @@ from .document import Document
 from .grid import Grid
 from .workdir import REPORT, Workdir
 
-REPORTED_METRICS = ("activation_ratio", "activation_ratio_checkpoint", "cett", "train_loss", "val_loss")
+REPORTED_METRICS = ("activation_ratio", "activation_ratio_checkpoint", "cett", "train_loss", "val_loss",
+                    "grad_norm", "loss_spikes", "skipped_steps")
 
 
 @dataclass
@@ -48,8 +49,9 @@ class RunResult:
         return points[-1][1] if points else None
 
 
-def collect(uri: str, grid: Grid) -> tuple[str, str, dict[str, RunResult]]:
-    """(experiment id, parent run id, {run name: RunResult}) for the grid's runs in MLflow."""
+def collect(uri: str, grid: Grid, failed: frozenset[str] = frozenset()) -> tuple[str, str, dict[str, RunResult]]:
+    """(experiment id, parent run id, {run name: RunResult}) for the grid's runs in MLflow,
+    but the `failed` ones (the report names them and their reasons)."""
     import json
 
     from .tracking import client
@@ -65,6 +67,8 @@ def collect(uri: str, grid: Grid) -> tuple[str, str, dict[str, RunResult]]:
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         for spec in grid.runs:
+            if spec.name in failed:
+                continue
             run = by_name.get(spec.name)
             if run is None or "activation_ratio" not in run.data.metrics:
                 raise UserError(f"{grid.path}: run {spec.name} has no stabilised activation curve in MLflow yet; "
@@ -257,6 +261,20 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _count(value: float | None) -> str:
+    return "-" if value is None else f"{int(value)}"
+
+
+def _unmeasured(run: RunDir) -> list[dict]:
+    """The run's checkpoints that could not be measured: alone (the grid's per-checkpoint
+    jobs) or in the stabilised curve ({"checkpoint", "error"}, one per checkpoint)."""
+    found = {r["checkpoint"]: r["error"] for r in run.evaluation_failures()}
+    record = run.sparsity_record() if run.sparsity.is_file() else None
+    for excluded in (record or {}).get("excluded", []):
+        found.setdefault(excluded["checkpoint"], excluded["error"])
+    return [{"checkpoint": name, "error": error} for name, error in sorted(found.items())]
+
+
 def _prediction_cell(prediction, last_ratio: float) -> str:
     reached = last_ratio >= prediction.target if prediction.form == "silu" else last_ratio <= prediction.target
     if reached:
@@ -302,15 +320,33 @@ def build_report(grid: Grid, uri: str, workdir: Workdir, targets: list[float], e
                   f"(one CETT per run, set on its last {grid.spec.evaluation.last} checkpoints) on "
                   f"{grid.spec.evaluation.eval_tokens:,} validation tokens.")
 
+    failed_runs = {spec.name: workdir.run(spec.name).failed() for spec in grid.runs if spec.name not in results}
+    failed_runs = {name: failure["error"] for name, failure in failed_runs.items() if failure}
+    if failed_runs:
+        doc.heading("Failed runs")
+        doc.paragraph("These runs are not in the findings, curves, fits or predictions below:")
+        doc.bullets([f"**{name}**: {error}" for name, error in failed_runs.items()])
+    unmeasured = {name: _unmeasured(workdir.run(name)) for name in results}
+    unmeasured = {name: found for name, found in unmeasured.items() if found}
+    if unmeasured:
+        doc.heading("Checkpoints left out")
+        doc.paragraph("These checkpoints could not be measured (non-finite weights or perplexity); they are not "
+                      "in the activation curves or the fits:")
+        doc.bullets([f"**{name}** {c['checkpoint']}: {c['error']}" for name, found in unmeasured.items() for c in found])
+
     doc.heading("Findings of the paper, checked on these runs")
     doc.bullets([f"**{verdict}**: {claim}. {evidence}." for claim, verdict, evidence in found])
 
     doc.heading("Runs")
     doc.table(["run", "activation", "non-embedding params", "tokens", "train loss", "val loss",
-               "stabilised CETT", "activation ratio"],
+               "loss spikes", "skipped steps", "stabilised CETT", "activation ratio"],
               [[n, r.tags.get("activation", "-"), f"{int(r.tags['params']):,}" if r.tags.get("params") else "-",
                 f"{r.curve()[0][-1]:,}", _ratio(r.last("train_loss")), _ratio(r.last("val_loss")),
+                _count(r.last("loss_spikes")), _count(r.last("skipped_steps")),
                 _ratio(r.last("cett")), _ratio(r.last("activation_ratio"))] for n, r in results.items()])
+    doc.paragraph("A loss spike is a step whose training loss exceeds 1.25 times the median of the 50 steps "
+                  "before it; skipped steps had a non-finite loss or gradient norm and changed nothing "
+                  "(`train.skip_nonfinite_steps`).")
 
     doc.heading("Activation ratio against training tokens")
     doc.image("activation.png", activation_figure(results, fits),
@@ -395,6 +431,7 @@ def build_report(grid: Grid, uri: str, workdir: Workdir, targets: list[float], e
     data = {
         "grid": grid.name, "tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent_id,
         "targets": targets, "findings": [{"claim": c, "verdict": v, "evidence": e} for c, v, e in found],
+        "failed_runs": failed_runs, "checkpoints_left_out": unmeasured,
         "runs": {n: {
             "run_id": r.run_id, "tags": r.tags, "metrics": {k: [list(p) for p in v] for k, v in r.metrics.items()},
             "fit": fits[n].to_json() | {"bootstrap": None} if not isinstance(fits[n], str) else {"error": fits[n]},
@@ -424,7 +461,9 @@ def write_report(grid: Grid, uri: str, workdir: Workdir, targets: list[float] | 
     for target in targets:
         if not 0 < target < 1:
             raise SettingError("target", f"{target:g}", "an activation ratio must lie in (0, 1)")
-    doc, data = build_report(grid, uri, workdir, targets, *collect(uri, grid))
+    failed = frozenset(spec.name for spec in grid.runs
+                       if workdir.run(spec.name).failed() is not None and not workdir.run(spec.name).sparsity.is_file())
+    doc, data = build_report(grid, uri, workdir, targets, *collect(uri, grid, failed))
     doc.write(workdir.path, REPORT)
     write_json_atomic(workdir.report("json"), data)  # inf/nan (an unreachable target) as null
     if data["parent_run_id"]:

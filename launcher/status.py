@@ -15,7 +15,8 @@ from .workdir import Workdir
 
 def run_state(run: RunDir, spec: RunSpec) -> dict:
     """State (pending, training, evaluating, done, failed), tokens of the budget, the latest
-    rate, loss and activation ratio, how many checkpoints are measured, the evaluation jobs
+    rate, loss, gradient norm and activation ratio, loss spikes and skipped non-finite steps,
+    how many checkpoints are measured (and how many could not be), the evaluation jobs
     running, and a failure's error and log."""
     checkpoints = run.checkpoints()
     final = checkpoint_tokens(spec.config)[-1]
@@ -23,6 +24,7 @@ def run_state(run: RunDir, spec: RunSpec) -> dict:
     train = [p for p in run.metric_points() if p["kind"] == "train"]
     loss = train[-1]["loss"] if train else None
     rate = train[-1].get("tokens_per_s") if train else None
+    last = train[-1] if train else {}
     tokens = max(tokens, train[-1]["tokens"]) if train else tokens
     evaluations = run.evaluations()
     ratio = evaluations[-1]["activation_ratio"] if evaluations else None
@@ -41,7 +43,8 @@ def run_state(run: RunDir, spec: RunSpec) -> dict:
     return {"run": spec.name, "state": state, "tokens": tokens, "of": final, "loss": loss,
             "activation_ratio": ratio, "tokens_per_s": rate, "checkpoints": len(checkpoints),
             "evaluated": len(evaluations), "jobs": run.running_jobs(), "failure": failure,
-            "nodes": len(run.nodes())}
+            "nodes": len(run.nodes()), "grad_norm": last.get("grad_norm"), "loss_spikes": last.get("loss_spikes", 0),
+            "skipped_steps": last.get("skipped_steps", 0), "unmeasurable": len(run.evaluation_failures())}
 
 
 def _job_text(job: dict) -> str:
@@ -59,11 +62,18 @@ def progress_line(s: dict) -> str:
     """One run in a line: state, tokens, rate and ETA while training, activation ratio, and
     the evaluation jobs done and pending."""
     if s["state"] == "failed":
-        return f"{s['run']}: failed: {s['failure']['error']} (log: {s['failure']['log']})"
+        log = f" (log: {s['failure']['log']})" if s["failure"].get("log") else ""
+        return f"{s['run']}: failed: {s['failure']['error']}{log}"
     parts = [f"{s['run']}: {s['state']}", f"{short_count(s['tokens'])}/{short_count(s['of'])} tokens"]
     if s["state"] == "training" and s["tokens_per_s"]:
         parts.append(f"{short_count(int(s['tokens_per_s']))} tokens/s, ETA "
                      f"{duration((s['of'] - s['tokens']) / s['tokens_per_s'])}")
+    if s["loss_spikes"]:
+        parts.append(f"{s['loss_spikes']} loss spikes")
+    if s["skipped_steps"]:
+        parts.append(f"{s['skipped_steps']} non-finite steps skipped")
+    if s["unmeasurable"]:
+        parts.append(f"{s['unmeasurable']} checkpoints not measurable (non-finite)")
     if s["nodes"] > 1:
         parts.append(f"trained on {s['nodes']} nodes (moved after losing one)")
     if s["activation_ratio"] is not None:
@@ -81,16 +91,19 @@ def progress_line(s: dict) -> str:
 def status_table(grid: Grid, workdir: Workdir) -> str:
     """`grid status`: a table of the runs, then the line of each run that is failed or has
     evaluation jobs running (what the job is doing, or the error and the log to read)."""
-    lines = [f"{'run':<24}{'state':>11}{'tokens':>14}{'of':>12}{'loss':>9}{'act. ratio':>12}{'measured':>10}"]
+    lines = [f"{'run':<24}{'state':>11}{'tokens':>14}{'of':>12}{'loss':>9}{'grad norm':>11}{'spikes':>8}"
+             f"{'act. ratio':>12}{'measured':>10}"]
     notes = []
     for spec in grid.runs:
         s = run_state(workdir.run(spec.name), spec)
-        if s["state"] == "failed" or s["jobs"]:
+        if s["state"] == "failed" or s["jobs"] or s["skipped_steps"] or s["unmeasurable"]:
             notes.append(progress_line(s))
         loss = f"{s['loss']:.4f}" if s["loss"] is not None else "-"
+        norm = f"{s['grad_norm']:.3g}" if s["grad_norm"] is not None else "-"
         ratio = f"{s['activation_ratio']:.4f}" if s["activation_ratio"] is not None else "-"
         measured = f"{s['evaluated']}/{s['checkpoints']}"
-        lines.append(f"{s['run']:<24}{s['state']:>11}{s['tokens']:>14,}{s['of']:>12,}{loss:>9}{ratio:>12}{measured:>10}")
+        lines.append(f"{s['run']:<24}{s['state']:>11}{s['tokens']:>14,}{s['of']:>12,}{loss:>9}{norm:>11}"
+                     f"{s['loss_spikes']:>8}{ratio:>12}{measured:>10}")
     return "\n".join(lines + notes)
 
 

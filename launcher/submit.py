@@ -19,7 +19,6 @@ from ray import tune
 
 from sparsity_scaling.config import checkpoint_tokens
 from sparsity_scaling.errors import UserError
-from sparsity_scaling.files import write_json_atomic
 from sparsity_scaling.rundir import Checkpoint, RunDir
 from sparsity_scaling.train.callbacks import Callback, ConsoleProgress, TrainPoint
 
@@ -27,7 +26,8 @@ from .cluster import HEAD, ON_HEAD, NodeWatch, connect_ray, node_can_hold, outpu
 from .grid import Grid, GridFile, RunSpec
 from .report import write_report
 from .status import ProgressPrinter
-from .tracking import check_tracking_uri, child_run, parent_run, sync_run, sync_until_delivered, tracking
+from .tracking import (check_tracking_uri, child_run, mark_outcome, parent_run, sync_run, sync_until_delivered,
+                       tracking)
 from .workdir import Workdir
 
 
@@ -91,7 +91,11 @@ class GridCallback(Callback):
 
 def _train_worker(config: dict) -> None:
     """One rank of one run, inside a Ray Train worker (the process group already exists).
-    Notes the node it runs on; its output goes to the run's log for this rank."""
+    Notes the node it runs on; its output goes to the run's log for this rank.
+
+    A UserError (a diverged step, a bad setting, a full disk) ends the worker normally,
+    recorded in the run's failed.json: Ray would retry a raised error from the last
+    checkpoint, and meet it again. Every rank meets the same one (a step's verdict is global)."""
     from ray import train
 
     from sparsity_scaling.train.start import train_on_rank
@@ -103,7 +107,12 @@ def _train_worker(config: dict) -> None:
     run.record_node(node_id, ip, time.time())
     with output_to(run.train_log(rank)):
         print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}: rank {rank} on node {node_id} ({ip})")
-        train_on_rank(spec.config, run.path, [ConsoleProgress(), GridCallback(run, config["queue"], config["gate"])])
+        try:
+            train_on_rank(spec.config, run.path, [ConsoleProgress(), GridCallback(run, config["queue"], config["gate"])])
+        except UserError as error:
+            print(f"error: {error}", flush=True)
+            if rank == 0:
+                run.mark_failed(str(error), run.train_log(0))
 
 
 def _fit(trainer, watch: NodeWatch) -> None:
@@ -161,16 +170,23 @@ def _run_trial(params: dict, specs: dict, grid_spec: GridFile, workdir: str, gat
                                      failure_config=FailureConfig(max_failures=grid_spec.max_failures)),
             )
             _fit(trainer, NodeWatch(res.worker_resources(), res.node_wait_s))
+            failure = run.failed()
+            if failure is not None:  # a deterministic error, not retried (see _train_worker)
+                raise UserError(failure["error"])
         gate.training.remote(spec.name)  # trained (now or before): nothing of it to wait for
         log = run.evaluation_log
         ray.get(queue.finish.remote())
     except BaseException as error:
+        gate.training.remote(spec.name)  # it holds nothing now: the other runs' evaluations may start
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as out:
             traceback.print_exc(file=out)
-        write_json_atomic(run.failure, {"error": _error_line(error), "log": str(log)})
+        run.mark_failed(_error_line(error), log)
+        sync_run(run.path)  # its points up to the failure, to read beside the reason
+        mark_outcome(run.path, _error_line(error))
         raise
     delivered = sync_until_delivered(run.path)
+    mark_outcome(run.path, None)
     summary = run.sparsity_record()["checkpoints"][-1]
     return {"activation_ratio": summary["activation_ratio"], "tokens": summary["tokens"], "mlflow_delivered": delivered}
 
@@ -226,9 +242,12 @@ def submit(grid: Grid, workdir: Workdir, address: str | None = None) -> None:
         with ProgressPrinter(grid, workdir):  # instead of Tune's periodic status table
             results = tuner.fit()
         failed = [workdir.run(r.config["run"]) for r in results if r.error]
+        if len(failed) < len(grid.runs):
+            write_report(grid, uri, workdir)  # the runs that finished; the failed ones named
         if failed:
             first = failed[0].failed() or {"error": "see its logs", "log": str(failed[0].logs_dir)}
             more = f" ({len(failed) - 1} more runs failed: `grid status`)" if len(failed) > 1 else ""
+            finished = len(grid.runs) - len(failed)
             raise UserError(f"grid {grid.name} stopped: run {failed[0].name}: {first['error']} "
-                            f"(log: {first['log']}){more}")
-        write_report(grid, uri, workdir)
+                            f"(log: {first['log']}){more}"
+                            + (f"; {finished} of {len(grid.runs)} runs finished, see the report" if finished else ""))

@@ -235,6 +235,11 @@ def _locked(run: RunDir, wait: bool):
         handle.close()
 
 
+# MLflow metric <- field of a training point in metrics.jsonl
+TRAIN_METRICS = {"train_loss": "loss", "lr": "lr", "tokens_per_s": "tokens_per_s", "grad_norm": "grad_norm",
+                 "loss_spikes": "loss_spikes", "skipped_steps": "skipped_steps"}
+
+
 def _pending_points(run: RunDir, cursor: dict) -> tuple[list[tuple[str, float, int]], dict]:
     """(key, value, step) of every point newer than the cursor, and the advanced cursor."""
     points, new = [], dict(cursor)
@@ -243,8 +248,7 @@ def _pending_points(run: RunDir, cursor: dict) -> tuple[list[tuple[str, float, i
         if tokens <= cursor.get(kind, -1):
             continue  # delivered before (a resumed run reproduces it exactly)
         if kind == "train":
-            points += [("train_loss", point["loss"], tokens), ("lr", point["lr"], tokens),
-                       ("tokens_per_s", point["tokens_per_s"], tokens)]
+            points += [(key, point.get(field), tokens) for key, field in TRAIN_METRICS.items()]
         else:
             points.append(("val_loss", point["loss"], tokens))
         new[kind] = max(new.get(kind, -1), tokens)
@@ -259,6 +263,7 @@ def _pending_points(run: RunDir, cursor: dict) -> tuple[list[tuple[str, float, i
                    ("ppl_ratio_checkpoint", result["ppl_ratio"], tokens)]
         delivered.add(tokens)
     new["checkpoint_evals"] = sorted(delivered)
+    points = [p for p in points if p[1] is not None]  # a skipped step's loss: null in the file, no point
     record = None if cursor.get("stabilised") else run.sparsity_record()
     if record is not None:
         for point in record["checkpoints"]:
@@ -321,6 +326,27 @@ def sync_run(run_dir: str | Path, wait: bool = False) -> bool:
             return False
         write_json_atomic(cursor_file, {"delivered": new, "in_flight": False})
         return True
+
+
+def mark_outcome(run_dir: str | Path, error: str | None) -> None:
+    """The run's MLflow status: FAILED with its reason (tag `failure`), or FINISHED, which
+    also clears the reason of an earlier failed attempt. Best effort: an unreachable server
+    only costs the status."""
+    run = RunDir(run_dir)
+    if not run.mlflow_run.is_file():
+        return
+    identity = json.loads(run.mlflow_run.read_text())
+    try:
+        if not _reachable(identity["tracking_uri"]):
+            raise ConnectionError(f"no MLflow server answers at {identity['tracking_uri']}")
+        mlflow = client(identity["tracking_uri"])
+        if error is not None:
+            mlflow.set_tag(identity["run_id"], "failure", error[:5000])
+        elif "failure" in mlflow.get_run(identity["run_id"]).data.tags:
+            mlflow.delete_tag(identity["run_id"], "failure")
+        mlflow.set_terminated(identity["run_id"], "FAILED" if error is not None else "FINISHED")
+    except Exception as problem:  # MLflow raises many types when its server is away
+        print(f"MLflow status of {run.name} not set: {str(problem).splitlines()[0][:160]}", file=sys.stderr, flush=True)
 
 
 def sync_until_delivered(run_dir: str | Path, timeout: float = 600) -> bool:

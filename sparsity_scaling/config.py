@@ -163,6 +163,7 @@ class TrainConfig(_Section):
     decay_data: Optional[list[BlendPart]] = None  # the decay stage's data: `data prepare` outputs (data.tokenizer's)
     seed: int = 1234
     log_every: int = 10  # steps
+    skip_nonfinite_steps: int = 0  # steps with a non-finite loss or gradient norm skipped (no update) before failing
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -174,6 +175,8 @@ class TrainConfig(_Section):
             raise ValueError("warmup_fraction + decay_fraction must be at most 1")
         if not 0 <= self.final_lr_ratio <= 1:
             raise ValueError("final_lr_ratio must be in [0, 1]")
+        if self.skip_nonfinite_steps < 0:
+            raise ValueError("skip_nonfinite_steps must be >= 0")
         if self.decay_data is not None and not (self.decay_data and self.decay_fraction > 0):
             raise ValueError("decay_data needs at least one corpus and a decay_fraction above 0")
         return self
@@ -237,9 +240,11 @@ class RunConfig(_Section):
     def hash(self) -> str:
         """Identity of a run: the same config always trains the same model. Settings that
         do not change the model (storage retention, the epoch guard, recomputing activations)
-        are not part of it."""
+        are not part of it, nor is `train.skip_nonfinite_steps`: it changes no step that
+        trains, it only decides whether a run may go on past a non-finite one, so a run that
+        stopped there can be resumed with steps to skip."""
         exclude = {"checkpoint": {"keep_engine"},
-                   "train": {"activation_checkpointing"} | ({"decay_data"} if self.train.decay_data is None else set()),
+                   "train": {"activation_checkpointing", "skip_nonfinite_steps"} | ({"decay_data"} if self.train.decay_data is None else set()),
                    "data": {"max_epochs"} | ({"blend"} if self.data.blend is None else set())}
         text = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -39,3 +39,19 @@ class MissingSetting(SettingError):
 
     def render(self, name: Callable[[str], str]) -> str:
         return f"{name(self.needed_by)} {self.needed_by_value} needs {name(self.setting)}"
+
+
+class NonFiniteError(UserError):
+    """A value that must be finite is not: a training step's loss or gradient norm, a
+    checkpoint's weights, a perplexity. Deterministic: running again from the last
+    checkpoint meets it again, so nothing retries it."""
+
+
+class WriteFailed(UserError, OSError):
+    """A write that failed (a full disk, a quota, a read-only file system), in one line
+    naming the path and the system's reason. Still an OSError for code that expects one."""
+
+    def __init__(self, path: Any, error: OSError):
+        reason = error.strerror or str(error) or type(error).__name__
+        super().__init__(f"{path}: cannot write: {reason}" + (f" (errno {error.errno})" if error.errno else ""))
+        self.errno = error.errno

@@ -18,6 +18,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .errors import WriteFailed
+
 
 def sha256_file(path: str | Path) -> str:
     """The sha256 hex digest of a file, read in chunks (files of any size)."""
@@ -29,10 +31,14 @@ def sha256_file(path: str | Path) -> str:
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file renamed into place. A write that
+    fails (a full disk: ENOSPC) leaves the old file and no temporary, and is one
+    `UserError` line naming the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -41,8 +47,11 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from others
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and not isinstance(error, WriteFailed):
+            raise WriteFailed(path, error) from None
         raise
 
 
@@ -55,8 +64,14 @@ def write_json_atomic(path: str | Path, data) -> None:
 
 
 def json_text(data) -> str:
-    """Indented JSON with infinities and nan written as null."""
+    """Indented JSON with infinities and nan written as null: strict JSON, which every
+    JSON reader accepts (Python's own writes `NaN`, which strict readers reject)."""
     return _indented(_finite_or_null(data)) + "\n"
+
+
+def json_line(data) -> str:
+    """One line of a JSON-lines file (metrics.jsonl), as strict as `json_text`."""
+    return json.dumps(_finite_or_null(data), allow_nan=False)
 
 
 def _indented(value, indent=""):
@@ -68,7 +83,7 @@ def _indented(value, indent=""):
         return "{\n" + ",\n".join(items) + "\n" + indent + "}"
     if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
         return "[\n" + ",\n".join(inner + _indented(v, inner) for v in value) + "\n" + indent + "]"
-    return json.dumps(value)
+    return json.dumps(value, allow_nan=False)
 
 
 def _finite_or_null(value):

@@ -13,6 +13,8 @@ checkpoints lives. Every other module asks `RunDir` or `Checkpoint` for a path.
         engine/                      DeepSpeed state for exact resume (optimizer shards); only
                                      the newest checkpoint.keep_engine checkpoints keep it
     RUN/evaluations/tokens_<N>.json  PPL-p% of one checkpoint (a grid's evaluation jobs)
+    RUN/evaluations/failed/tokens_<N>.json  why a checkpoint could not be measured (non-finite
+                                     weights or perplexity): left out of the curves and fits
     RUN/sparsity.json                the stabilised activation curve and thresholds (evaluate-run)
     RUN/pareto.json, pareto.png      Pareto curves of every sparsity method at the last checkpoint
     RUN/activation_curve.png         the activation ratio against training tokens
@@ -21,7 +23,8 @@ checkpoints lives. Every other module asks `RunDir` or `Checkpoint` for a path.
     RUN/nodes/<node id>.json         each cluster node that trained the run (a grid's runs)
     RUN/jobs/<job>.json              an evaluation job while it runs: its node, attempt, search step
     RUN/logs/                        a grid run's output: train-rank<R>.log, evaluation.log
-    RUN/failed.json                  why the run's last attempt in a grid failed, and its log
+    RUN/failed.json                  why the run's last attempt failed (a diverged step; in a
+                                     grid, any error), and its log
 
 A checkpoint is written into `checkpoints/.tmp-<name>` and renamed into place after its
 manifest is written, so a checkpoint directory without the `.tmp-` prefix is always
@@ -38,7 +41,7 @@ from pathlib import Path
 
 from .config import RunConfig, load_config
 from .errors import SettingError, UserError
-from .files import sha256_file, write_json_atomic, write_text_atomic
+from .files import json_line, sha256_file, write_json_atomic, write_text_atomic
 
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
@@ -236,6 +239,10 @@ class RunDir:
         """Where the grid's PPL-p% result of the checkpoint in `checkpoint_dir` goes."""
         return self.evaluations_dir / f"{checkpoint_dir.name}.json"
 
+    def evaluation_failure_of(self, checkpoint_dir: Path) -> Path:
+        """Where the grid records why the checkpoint in `checkpoint_dir` could not be measured."""
+        return self.evaluations_dir / "failed" / f"{checkpoint_dir.name}.json"
+
     # ------------------------------------------------------------ reading
 
     def checkpoints(self) -> list[Checkpoint]:
@@ -258,6 +265,11 @@ class RunDir:
         if not self.evaluations_dir.is_dir():
             return []
         records = (json.loads(f.read_text()) for f in self.evaluations_dir.glob("tokens_*.json"))
+        return sorted(records, key=lambda r: r["train_tokens"])
+
+    def evaluation_failures(self) -> list[dict]:
+        """Checkpoints the grid could not measure ({"checkpoint", "train_tokens", "error"}), by tokens."""
+        records = (json.loads(f.read_text()) for f in (self.evaluations_dir / "failed").glob("tokens_*.json"))
         return sorted(records, key=lambda r: r["train_tokens"])
 
     def nodes(self) -> list[dict]:
@@ -340,6 +352,13 @@ class RunDir:
             shutil.copyfile(tokenizer, self.path / "tokenizer.model")
         write_json_atomic(self.data_record, record)
 
+    def mark_failed(self, error: str, log: str | Path | None = None) -> None:
+        """Record why the run stopped (failed.json: {"error", "log"}); `failed()` reads it."""
+        write_json_atomic(self.failure, {"error": error, "log": None if log is None else str(log)})
+
+    def clear_failure(self) -> None:
+        self.failure.unlink(missing_ok=True)
+
     def record_node(self, node_id: str, ip: str, since: float) -> None:
         """Note that a cluster node trains the run (one file per node: no lock needed)."""
         path = self.nodes_dir / f"{node_id}.json"
@@ -348,13 +367,13 @@ class RunDir:
 
     def append_metric(self, point: dict) -> None:
         with self.metrics.open("a") as f:
-            f.write(json.dumps(point) + "\n")
+            f.write(json_line(point) + "\n")
 
     def truncate_metrics_after(self, tokens: int) -> None:
         """Drop points logged after the checkpoint a run resumes from: none appears twice."""
         if self.metrics.exists():
             kept = [p for p in self.metric_points() if p["tokens"] <= tokens]
-            write_text_atomic(self.metrics, "".join(json.dumps(p) + "\n" for p in kept))
+            write_text_atomic(self.metrics, "".join(json_line(p) + "\n" for p in kept))
 
     def checkpoint_dir(self, tokens: int) -> Path:
         """Where the complete checkpoint at `tokens` lives."""

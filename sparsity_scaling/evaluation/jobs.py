@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..errors import SettingError, UserError
+from ..errors import NonFiniteError, SettingError, UserError
 from ..files import json_text, write_json_atomic
 from ..metrics.result import thresholds_artifact
 from ..metrics.search import Evaluator, Point, ReloadingEvaluator, ppl_p, stabilised_cett
@@ -26,7 +26,18 @@ from .settings import DataSettings, MetricSettings
 
 def load_evaluator(model: ModelRef, data: DataSettings, metric: MetricSettings, tp: int = 1) -> Evaluator:
     """The model at TP size `tp` on its validation data, dense pass done (call init_parallel(tp) first)."""
-    return Evaluator(model.load(tp), load_eval_data(model, data), metric.calibration_tokens)
+    return measurable(Evaluator(model.load(tp), load_eval_data(model, data), metric.calibration_tokens), model)
+
+
+def measurable(evaluator: Evaluator, model: ModelRef) -> Evaluator:
+    """Refuse a model whose dense perplexity is not finite: every ratio against it would
+    be meaningless (a diverged model reads as perfectly sparse). Non-finite weights are
+    refused as they load (`hf.load.read_weights`)."""
+    ppl = evaluator.dense.ppl
+    if not math.isfinite(ppl):
+        raise NonFiniteError(f"{model.name}: dense perplexity {ppl} on the validation data is not finite; "
+                             "the model cannot be measured")
+    return evaluator
 
 
 def evaluate_model(model: ModelRef, metric: MetricSettings, data: DataSettings, tp: int = 1,
@@ -103,17 +114,39 @@ def stabilised_trajectory(members: list[SeriesMember], metric: MetricSettings, d
         check_fits(members[-1].model.read_checkpoint(), tp)
     started = time.time()
 
-    def reloading(member: SeriesMember) -> ReloadingEvaluator:
-        return ReloadingEvaluator(lambda: member.model.load(tp), load_eval_data(member.model, data),
-                                  metric.calibration_tokens)
+    excluded = {}  # name -> why: members that cannot be measured, left out of the trajectory
 
-    # one model in memory at a time: the last members keep only their calibration
-    final = [reloading(m) for m in members[-last:]]
-    cett = stabilised_cett(final, metric.p, on_step)
+    def attempt(member: SeriesMember, load: Callable[[], Evaluator]) -> Evaluator | None:
+        try:
+            return load()
+        except NonFiniteError as error:
+            excluded[member.name] = {"checkpoint": member.name, "tokens": member.tokens, "error": str(error)}
+            if dist.get_rank() == 0:
+                print(f"{member.name}: left out: {error}", flush=True)
+            return None
+
+    def reloading(member: SeriesMember) -> Evaluator:
+        return measurable(ReloadingEvaluator(lambda: member.model.load(tp), load_eval_data(member.model, data),
+                                             metric.calibration_tokens), member.model)
+
+    # one model in memory at a time: the last measurable members keep only their calibration
+    final: dict[str, Evaluator] = {}
+    for member in reversed(members):
+        if len(final) == last:
+            break
+        evaluator = attempt(member, lambda: reloading(member))
+        if evaluator is not None:
+            final[member.name] = evaluator
+    if not final:
+        raise NonFiniteError(f"none of the {len(members)} models can be measured: {next(iter(excluded.values()))['error']}")
+    cett = stabilised_cett(list(reversed(final.values())), metric.p, on_step)
     points = []
-    for index, member in enumerate(members):
-        reuse = index - (len(members) - len(final))
-        evaluator = final[reuse] if reuse >= 0 else load_evaluator(member.model, data, metric, tp)
+    for member in members:
+        if member.name in excluded:
+            continue
+        evaluator = final.get(member.name) or attempt(member, lambda: load_evaluator(member.model, data, metric, tp))
+        if evaluator is None:
+            continue
         with evaluator.loaded() as ev:
             rule = ev.cett_rule(cett)
             result = ev.result("ppl-p-stabilised", rule, ev.measure(rule))
@@ -125,7 +158,8 @@ def stabilised_trajectory(members: list[SeriesMember], metric: MetricSettings, d
             print(f"{member.name}: activation ratio {result.activation_ratio:.4f}, "
                   f"PPL ratio {result.ppl_ratio:.4f}", flush=True)
     return {"metric": "ppl-p-stabilised", "p": metric.p, "cett": cett, "last": len(final),
-            "seconds": round(time.time() - started, 3), "checkpoints": points}
+            "seconds": round(time.time() - started, 3), "checkpoints": points,
+            "excluded": sorted(excluded.values(), key=lambda e: e["tokens"])}
 
 
 def evaluate_run(run_dir: str | Path, metric: MetricSettings, data: DataSettings, last: int = 5, tp: int = 1,

@@ -9,7 +9,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from ..config import RunConfig
-from ..errors import SettingError, UserError
+from ..errors import NonFiniteError, SettingError, UserError
 from ..model import MiniCPM
 from ..parallel import device, load_full_state_dict
 from ..rundir import Checkpoint, read_checkpoint
@@ -31,6 +31,10 @@ def read_weights(checkpoint: str | Path) -> tuple[Checkpoint, RunConfig, dict[st
         raise UserError(f"{file}: cannot read weights ({str(error).splitlines()[0]})") from None
     if not isinstance(state, dict):
         raise UserError(f"{file}: not a state dict of named tensors")
+    for name, tensor in state.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise NonFiniteError(f"{file}: weight {name} holds NaN or infinite values; a model with non-finite "
+                                 "weights cannot be measured")
     return ck, config, state
 
 

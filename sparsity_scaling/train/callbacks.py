@@ -42,6 +42,10 @@ class TrainPoint:
     loss: float
     lr: float | None = None  # training points only
     tokens_per_s: float | None = None  # training points only
+    grad_norm: float | None = None  # training points: the global gradient norm before clipping
+    loss_spikes: int | None = None  # training points: loss spikes so far (`train.health`)
+    skipped_steps: int | None = None  # training points: non-finite steps skipped so far
+    skipped: bool | None = None  # True at a skipped step: its loss or grad_norm is null (not finite)
 
     def record(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -77,8 +81,12 @@ class ConsoleProgress(Callback):
         if point.kind != "train":
             return
         eta = (self.plan.total_steps - point.step) * self.plan.batch_tokens / max(point.tokens_per_s, 1e-9)
+        norm = "-" if point.grad_norm is None else f"{point.grad_norm:.3g}"
+        trouble = "".join(f" | {name} {count}" for name, count in (("loss spikes", point.loss_spikes),
+                                                                   ("skipped steps", point.skipped_steps)) if count)
         print(f"step {point.step}/{self.plan.total_steps} | tokens {point.tokens:,} | loss {point.loss:.4f} | "
-              f"lr {point.lr:.2e} | {point.tokens_per_s:,.0f} tok/s | ETA {duration(eta)}", flush=True)
+              f"grad norm {norm} | lr {point.lr:.2e} | {point.tokens_per_s:,.0f} tok/s | ETA {duration(eta)}"
+              + trouble, flush=True)
 
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
         print(f"checkpoint {checkpoint.name} | val loss {checkpoint.manifest['val_loss']:.4f}", flush=True)

@@ -7,6 +7,7 @@ splits it into micro-batches, so any data-parallel size trains on the same globa
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -14,17 +15,19 @@ from typing import Sequence
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.utils import clip_grad_norm_
 from megatron.core import parallel_state as ps
 
 from ..config import RunConfig, checkpoint_tokens
 from ..data.pipeline import PreparedData
 from ..data.sampler import BlendedSampler, WindowSampler
-from ..errors import UserError
+from ..errors import NonFiniteError, UserError
 from ..model import MiniCPM
 from ..parallel import DeepSpeedMPU, device
 from ..rundir import Checkpoint, RunDir
 from .callbacks import Callback, TrainPlan, TrainPoint
 from .checkpoint import CheckpointState, save_checkpoint
+from .health import Health, finite
 from .schedule import decay_start, wsd_factor
 
 
@@ -76,13 +79,13 @@ def _param_groups(model: MiniCPM, config: RunConfig) -> list[dict]:
     ]
 
 
-def _deepspeed_config(config: RunConfig, layout: Layout, bf16: bool) -> dict:
+def _deepspeed_config(config: RunConfig, layout: Layout, bf16: bool, clips_itself: bool) -> dict:
     cfg = config.train
     return {
         "train_batch_size": layout.global_samples,
         "train_micro_batch_size_per_gpu": layout.micro,
         "gradient_accumulation_steps": layout.accumulation,
-        "gradient_clipping": cfg.grad_clip,
+        "gradient_clipping": 0.0 if clips_itself else cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": bf16},
         "optimizer": {
@@ -132,9 +135,13 @@ class Trainer:
         model.checkpoint_blocks = config.train.activation_checkpointing
         groups = _param_groups(model, config)
         self.base_lrs = [g["lr"] for g in groups]
+        # DeepSpeed's bf16 and ZeRO optimizers take the global gradient norm and skip a
+        # non-finite step themselves; its plain fp32 path keeps the norm to itself, so
+        # there the loop clips (the same function, before the same update) and decides.
+        self.clips_itself = not self.bf16 and config.train.zero_stage == 0
         self.engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=groups, config=_deepspeed_config(config, self.layout, self.bf16),
-            mpu=DeepSpeedMPU(),
+            model=model, model_parameters=groups,
+            config=_deepspeed_config(config, self.layout, self.bf16, self.clips_itself), mpu=DeepSpeedMPU(),
         )
         seq_len = config.data.seq_len
         self.schedule = checkpoint_tokens(config)
@@ -182,37 +189,57 @@ class Trainer:
             group["lr"] = base * factor
         return factor
 
-    def step(self, step: int) -> torch.Tensor:
-        """One optimizer step over this rank's micro-batches; their mean losses, left on the
-        device (reading them would wait for the GPU at every step, not only at log steps)."""
+    def step(self, step: int) -> tuple[float, float | None]:
+        """One optimizer step over this rank's micro-batches: (the global batch's mean loss,
+        the global gradient norm before clipping, None where DeepSpeed does not say).
+
+        A step whose loss or norm is not finite updates nothing. Its verdict costs one read
+        of two numbers per step (the GPU waits for it): every rank reaches the same one,
+        since the loss is summed over data-parallel ranks and the norm is global."""
         sampler, consumed = self.train_sampler, step * self.layout.global_samples
         if self.decay_sampler is not None and step >= self.decay_start:
             sampler, consumed = self.decay_sampler, (step - self.decay_start) * self.layout.global_samples
         losses = []
         dev = device()
-        for first, count in self.layout.micro_batches(consumed):
+        batches = self.layout.micro_batches(consumed)
+        for index, (first, count) in enumerate(batches):
             batch = sampler.samples(first, count).to(dev, non_blocking=True)
             loss = self.engine.module.token_losses(batch[:, :-1], batch[:, 1:]).mean()
             self.engine.backward(loss)
-            self.engine.step()
             losses.append(loss.detach())
-        return torch.stack(losses)
+            if index < len(batches) - 1:
+                self.engine.step()  # inside the accumulation: no update
+        loss_sum = torch.stack(losses).double().sum()
+        if self.clips_itself:  # decide before the update
+            norm = clip_grad_norm_(self.engine.module.parameters(), max_norm=self.config.train.grad_clip or math.inf,
+                                   mpu=self.engine.mpu)
+            loss, grad_norm = self._global(loss_sum, norm)
+            if not finite(loss, grad_norm):
+                for param in self.engine.module.parameters():
+                    param.grad = None  # AdamW leaves a parameter without a gradient as it is
+            self.engine.step()
+            return loss, grad_norm
+        self.engine.step()  # DeepSpeed's optimizer skips a non-finite gradient norm itself
+        norm = self.engine.get_global_grad_norm()
+        loss, grad_norm = self._global(loss_sum, torch.as_tensor(0.0 if norm is None else norm, device=dev))
+        return loss, None if norm is None else grad_norm
 
-    def mean_loss(self, losses: torch.Tensor) -> float:
-        """The global batch's mean loss (a collective over data-parallel ranks)."""
-        loss_sum = losses.double().sum().reshape(1).cpu()
-        dist.all_reduce(loss_sum, group=ps.get_data_parallel_group())
-        return (loss_sum / (self.layout.accumulation * self.layout.dp)).item()
+    def _global(self, loss_sum: torch.Tensor, norm: torch.Tensor) -> tuple[float, float]:
+        """(mean loss of the global batch, gradient norm) in one collective and one read."""
+        both = torch.stack([loss_sum, norm.double().reshape(())])
+        dist.all_reduce(both, group=ps.get_data_parallel_group())
+        loss_total, norm_total = both.tolist()
+        return loss_total / (self.layout.accumulation * self.layout.dp), norm_total / self.layout.dp
 
     def validate(self) -> float:
         return validation_loss(self.engine.module, self.valid_sampler, self.val_samples, self.layout.micro)
 
-    def save(self, step: int, train_loss: float, val_loss: float) -> Checkpoint:
+    def save(self, step: int, train_loss: float, val_loss: float, health: Health) -> Checkpoint:
         state = CheckpointState(
             tokens=step * self.batch_tokens, step=step, consumed_samples=step * self.layout.global_samples,
             config_hash=self.config.hash(), tp=self.config.parallel.tp, dp=self.layout.dp,
             vocab_size=self.data.vocab_size, activation=self.config.model.activation,
-            train_loss=train_loss, val_loss=val_loss,
+            train_loss=train_loss, val_loss=val_loss, health=health.record(),
         )
         return save_checkpoint(self.engine, self.config, self.run, state)
 
@@ -222,6 +249,10 @@ def train(config: RunConfig, run: RunDir, data: PreparedData, callbacks: Sequenc
 
     Every rank calls it inside the run's process groups, after rank 0 has claimed the
     directory (`start.train_on_rank` does both). Callbacks run on rank 0.
+
+    A step whose loss or gradient norm is not finite is skipped (no update) while
+    `train.skip_nonfinite_steps` allows, and otherwise stops the run with NonFiniteError
+    before anything after it is saved; the run directory records the reason (failed.json).
     """
     trainer = Trainer(config, run, data)
     callbacks = callbacks if trainer.is_main else ()
@@ -234,24 +265,44 @@ def train(config: RunConfig, run: RunDir, data: PreparedData, callbacks: Sequenc
 
     resumed = trainer.resume()
     step = resumed.step if resumed else 0
+    health = Health.from_manifest(resumed.manifest if resumed else None)
+    if trainer.is_main:
+        run.clear_failure()
     for callback in callbacks:
         callback.on_start(trainer.plan(step, resumed))
     started, start_step = time.time(), step
-    while step < trainer.total_steps:
-        factor = trainer.lr_factor(step)
-        losses = trainer.step(step)
-        step += 1
-        tokens = step * trainer.batch_tokens
-        at_checkpoint = tokens in trainer.schedule
-        if step % config.train.log_every == 0 or at_checkpoint:
-            train_loss = trainer.mean_loss(losses)
-            rate = (step - start_step) * trainer.batch_tokens / max(time.time() - started, 1e-9)
-            log(TrainPoint("train", step, tokens, train_loss, lr=trainer.base_lrs[1] * factor, tokens_per_s=rate))
-        if at_checkpoint:
-            val_loss = trainer.validate()
-            log(TrainPoint("val", step, tokens, val_loss))
-            checkpoint = trainer.save(step, train_loss, val_loss)
-            for callback in callbacks:
-                callback.on_checkpoint(checkpoint)
+    try:
+        while step < trainer.total_steps:
+            factor = trainer.lr_factor(step)
+            train_loss, grad_norm = trainer.step(step)
+            step += 1
+            tokens = step * trainer.batch_tokens
+            at_checkpoint = tokens in trainer.schedule
+            step_finite = finite(train_loss, grad_norm)
+            if step_finite:
+                health.finite_step(train_loss)
+            else:
+                warning = health.nonfinite_step(step, tokens, train_loss, grad_norm, config.train.skip_nonfinite_steps)
+                if trainer.is_main:
+                    print(warning, flush=True)
+            if step % config.train.log_every == 0 or at_checkpoint:
+                rate = (step - start_step) * trainer.batch_tokens / max(time.time() - started, 1e-9)
+                log(TrainPoint("train", step, tokens, train_loss, lr=trainer.base_lrs[1] * factor, tokens_per_s=rate,
+                               grad_norm=grad_norm, loss_spikes=health.loss_spikes,
+                               skipped_steps=health.skipped_steps, skipped=None if step_finite else True))
+            if at_checkpoint:
+                val_loss = trainer.validate()
+                if not finite(val_loss):
+                    raise NonFiniteError(f"training diverged at step {step} (tokens {tokens:,}): validation loss "
+                                         f"{val_loss:.4g} (not finite); no checkpoint written after the last "
+                                         "finite one")
+                log(TrainPoint("val", step, tokens, val_loss))
+                checkpoint = trainer.save(step, train_loss, val_loss, health)
+                for callback in callbacks:
+                    callback.on_checkpoint(checkpoint)
+    except NonFiniteError as error:
+        if trainer.is_main:
+            run.mark_failed(str(error))
+        raise
     dist.barrier()
     return run.checkpoints()[-1]

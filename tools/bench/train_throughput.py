@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import tempfile
 import time
@@ -227,10 +226,12 @@ def main() -> None:
     ratio = figures["ours"]["tokens_per_s"] / figures["reference"]["tokens_per_s"]
     print(f"ours / reference tokens/s: {ratio:.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"config": args.config, "overrides": args.set, "device": name,
-                                               "dtype": "bf16" if bf16 else "fp32", "batch_tokens": batch_tokens,
-                                               "flops_per_token": per_token, "peak_tflops": peak,
-                                               "ratio": ratio, **figures}, indent=2, default=str) + "\n")
+        from sparsity_scaling.files import write_json_atomic
+
+        # strict JSON: an unknown MFU is null
+        write_json_atomic(args.json, {"config": args.config, "overrides": args.set, "device": name,
+                                      "dtype": "bf16" if bf16 else "fp32", "batch_tokens": batch_tokens,
+                                      "flops_per_token": per_token, "peak_tflops": peak, "ratio": ratio, **figures})
     shutdown_parallel()
 
 
