@@ -153,7 +153,7 @@ def sparse_pass(target: SparsityTarget, data: EvalData, rule) -> SparsePass:
     loss = loss_pass(target, data, probe)
     layers = [ffn.layer for ffn in target.ffns]  # every FFN, also an MoE expert no token was routed to
     counts = torch.tensor([[probe.active.get(k, 0), probe.total.get(k, 0)] for k in layers], dtype=torch.float64)
-    tokens = torch.tensor([probe.tokens.get(k, 0) for k in layers], dtype=torch.float64)
+    tokens = torch.tensor([probe.seen.get(k, 0) for k in layers], dtype=torch.float64)
     if rule.site != "input":  # neurons are split across TP ranks; input features are not
         sum_tp(counts)
     sum_dp(counts)

@@ -149,12 +149,12 @@ class SparsifyingProbe(Probe):
         self.rule = rule
         self.active: dict[int, int] = {}
         self.total: dict[int, int] = {}
-        self.tokens: dict[int, int] = {}
+        self.seen: dict[int, int] = {}  # tokens each FFN saw
 
     def _count(self, layer: int, mask: torch.Tensor) -> None:
         self.active[layer] = self.active.get(layer, 0) + int(mask.sum())
         self.total[layer] = self.total.get(layer, 0) + mask.numel()
-        self.tokens[layer] = self.tokens.get(layer, 0) + mask.numel() // max(1, mask.shape[-1])
+        self.seen[layer] = self.seen.get(layer, 0) + mask.numel() // max(1, mask.shape[-1])
 
     def on_input(self, ffn, x):
         if self.rule.site != "input":
