@@ -10,7 +10,8 @@
     points: {0.1b-relu: {train.lr: 0.005}}   # for one run, by name
     resources: {tp: 1, dp: 1, cpus_per_worker: 1, gpus_per_worker: 0, node_wait_s: 600}
     evaluation: {p: 1.0, eval_tokens: 65536, last: 5, cpus: 1, pareto: true}
-    report: {targets: [0.07]}          # activation ratios whose token budgets are predicted
+    report: {targets: [0.07], tasks: [sparsity_smoke], task_limit: 100}   # budgets predicted for these
+                                       # ratios; lm-eval tasks scored dense and sparse
     max_failures: 3
 
 Run names come from the axis values, or an axis' `label` list (no timestamps), so
@@ -23,7 +24,7 @@ import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
@@ -119,6 +120,11 @@ class Report(_Section):
 
     targets: list[float] = [0.07]
     """Activation ratios whose token budgets the report predicts."""
+    tasks: list[str] = []
+    """lm-eval tasks the report scores each run's last checkpoint on, dense and at its
+    stabilised CETT (`sparsity-scaling downstream`; e.g. sparsity_smoke)."""
+    task_limit: Optional[int] = 100
+    """Examples per task (None: all)."""
 
     @field_validator("targets")
     @classmethod

@@ -401,6 +401,21 @@ def build_report(grid: Grid, uri: str, workdir: Workdir, targets: list[float], e
             for name, r in results.items()}
     doc.bullets([f"**{name}**: {line}" for name, line in buys.items()])
 
+    downstream = {name: workdir.run(name).downstream_record() for name in results}
+    downstream = {name: record for name, record in downstream.items() if record}
+    if downstream:
+        from sparsity_scaling.analysis.models import describe
+        from sparsity_scaling.downstream.compare import render_table
+
+        doc.heading("Downstream tasks at the measured sparsity")
+        doc.paragraph("lm-eval tasks scored on each run's checkpoint dense and with the sparsity setting applied "
+                      "(`sparsity-scaling downstream`); the activation ratio is the one the setting reached on the "
+                      "task's own text.")
+        for name, record in downstream.items():
+            doc.paragraph(f"**{name}** at {record['train_tokens']:,} tokens, {describe(record['setting'])}, "
+                          f"{record['limit'] or 'all'} examples per task:")
+            doc.code(render_table(record["rows"]))
+
     doc.heading("Training and validation loss")
     doc.image("loss.png", loss_figure(results), "Training loss (lines) and validation loss at checkpoints (circles)")
 
@@ -438,9 +453,36 @@ def build_report(grid: Grid, uri: str, workdir: Workdir, targets: list[float], e
             "predictions": [{"target": p.target, **p.to_json()} for p in predictions.get(n, [])],
             "pareto": r.pareto,
             "sparsity_buys": buys[n],
+            "downstream": downstream.get(n),
         } for n, r in results.items()},
     }
     return doc, data
+
+
+def score_downstream(grid: Grid, workdir: Workdir, results: dict[str, RunResult]) -> None:
+    """RUN/downstream.json for each finished run whose record does not hold the grid's tasks
+    at its last checkpoint: the report's tasks scored dense and at the run's stabilised CETT."""
+    from sparsity_scaling.analysis.models import parse_model
+    from sparsity_scaling.analysis.settings import AnalysisSettings
+    from sparsity_scaling.downstream.compare import DownstreamSettings, run_downstream
+    from sparsity_scaling.evaluation.settings import MetricSettings
+    from sparsity_scaling.data.pipeline import cache_root
+    from sparsity_scaling.ranks import on_ranks
+
+    wanted = grid.spec.report
+    for name in results:
+        run = workdir.run(name)
+        checkpoint, record, sparsity = run.checkpoints()[-1], run.downstream_record(), run.sparsity_record()
+        if sparsity is None or (record and record["checkpoint"] == checkpoint.name
+                                and record["tasks"] == wanted.tasks and record["limit"] == wanted.task_limit):
+            continue
+        print(f"report: scoring {name} on {', '.join(wanted.tasks)} (dense and at CETT {sparsity['cett']:.4f})",
+              flush=True)
+        analysis = AnalysisSettings(out=str(run.path), metric=MetricSettings(metric="cett", value=sparsity["cett"]),
+                                    data=grid.spec.evaluation.data())
+        settings = DownstreamSettings(tuple(wanted.tasks), limit=wanted.task_limit,
+                                      cache=str(cache_root(checkpoint.config().data)))
+        on_ranks(1, run_downstream, parse_model(str(checkpoint.path)), analysis, settings)
 
 
 def _ui_command(uri: str, workdir: Workdir, experiment_id: str, parent_id: str) -> str:
@@ -463,7 +505,10 @@ def write_report(grid: Grid, uri: str, workdir: Workdir, targets: list[float] | 
             raise SettingError("target", f"{target:g}", "an activation ratio must lie in (0, 1)")
     failed = frozenset(spec.name for spec in grid.runs
                        if workdir.run(spec.name).failed() is not None and not workdir.run(spec.name).sparsity.is_file())
-    doc, data = build_report(grid, uri, workdir, targets, *collect(uri, grid, failed))
+    collected = collect(uri, grid, failed)
+    if grid.spec.report.tasks:
+        score_downstream(grid, workdir, collected[2])
+    doc, data = build_report(grid, uri, workdir, targets, *collected)
     doc.write(workdir.path, REPORT)
     write_json_atomic(workdir.report("json"), data)  # inf/nan (an unreachable target) as null
     if data["parent_run_id"]:

@@ -124,6 +124,7 @@ class RunDir:
     SPARSITY = "sparsity.json"
     PARETO = "pareto.json"
     SPEEDUP = "speedup.json"
+    DOWNSTREAM = "downstream.json"
     PARETO_PLOT = "pareto.png"
     ACTIVATION_PLOT = "activation_curve.png"
     CONFIG = "config.yaml"
@@ -182,6 +183,11 @@ class RunDir:
     def speedup(self) -> Path:
         """The last `sparsity-scaling speedup` of one of the run's checkpoints."""
         return self.path / self.SPEEDUP
+
+    @property
+    def downstream(self) -> Path:
+        """The last `sparsity-scaling downstream` of one of the run's checkpoints."""
+        return self.path / self.DOWNSTREAM
 
     @property
     def pareto_plot(self) -> Path:
@@ -317,6 +323,17 @@ class RunDir:
             record["points"][0]["ffn_speedup"]
         except (ValueError, KeyError, TypeError, IndexError) as error:
             raise UserError(f"{self.speedup}: not a record of sparsity-scaling speedup ({error})") from None
+        return record
+
+    def downstream_record(self) -> dict | None:
+        """downstream.json (task scores, dense against sparse), or None if never measured."""
+        if not self.downstream.is_file():
+            return None
+        try:
+            record = json.loads(self.downstream.read_text())
+            record["rows"], record["tasks"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise UserError(f"{self.downstream}: not a record of sparsity-scaling downstream ({error})") from None
         return record
 
     # ------------------------------------------------------------ writing

@@ -90,6 +90,8 @@ def test_thresholds_mask_the_task_text_and_the_ratio_is_the_probes_count(micro_r
     record = json.loads(out.read_text())
     reported = {r["activation_ratio"] for r in record["rows"]}
     assert len(reported) == 1 and 0 < next(iter(reported)) < 1
+    kept = RunDir(micro_run).downstream_record()  # what the grid report shows
+    assert kept["rows"] == record["rows"] and kept["checkpoint"] == checkpoint.name
     logged = mlflow.get_run(run_id).data.metrics
     acc = next(r for r in record["rows"] if r["metric"] == "acc")
     assert logged["downstream/sparsity_smoke_prose/acc/dense"] == pytest.approx(acc["dense"])

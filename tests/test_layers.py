@@ -23,7 +23,7 @@ LAYERS = [
     ["sparsity_scaling.cli"],
 ]
 RUN_FILES = {"run.json", "config.yaml", "data.json", "metrics.jsonl", "manifest.json", "model.pt",
-             "sparsity.json", "speedup.json", "pareto.json", "pareto.png", "activation_curve.png", "mlflow_run.json",
+             "sparsity.json", "speedup.json", "downstream.json", "pareto.json", "pareto.png", "activation_curve.png", "mlflow_run.json",
              "mlflow_cursor.json", "mlflow.lock"}
 NOT_RUN_FILES = {("launcher.report", "pareto.png")}  # the report's own picture, in WORKDIR/report_files/
 

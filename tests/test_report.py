@@ -57,16 +57,34 @@ SPEEDUP = {"checkpoint": "tokens_000000003000000", "device": "cpu", "threads": 2
     for r, f, s, m in ((0.3, 0.53, 1.5, 1.2), (0.06, 0.37, 2.1, 1.4))]}
 
 
+DOWNSTREAM = {"checkpoint": "tokens_000000003000000", "train_tokens": 3_000_000, "tasks": ["sparsity_smoke"],
+              "limit": 100, "setting": {"metric": "cett", "cett": 0.11}, "rows": [
+                  {"task": "sparsity_smoke_prose", "metric": "acc", "dense": 0.31, "dense_stderr": 0.046,
+                   "sparse": 0.29, "sparse_stderr": 0.0456, "difference": -0.02, "activation_ratio": 0.0543}]}
+
+
 @pytest.fixture(scope="module")
 def report(results, tmp_path_factory):
     """(document, numbers) of the two runs: the laws are fitted once for these tests. The
-    ReLU run has a measured decoding speedup (RUN/speedup.json), the SiLU run none."""
+    ReLU run has a measured decoding speedup (RUN/speedup.json) and downstream scores
+    (RUN/downstream.json), the SiLU run neither."""
     from sparsity_scaling.files import write_json_atomic
     from sparsity_scaling.rundir import RunDir
 
     workdir = tmp_path_factory.mktemp("report")
     write_json_atomic(RunDir(workdir / "runs" / "relu").speedup, SPEEDUP)
+    write_json_atomic(RunDir(workdir / "runs" / "relu").downstream, DOWNSTREAM)
     return _report(workdir, results)
+
+
+def test_report_shows_downstream_scores_where_measured(report):
+    doc, data = report
+    text = doc.markdown("report_files")
+    assert "## Downstream tasks at the measured sparsity" in text
+    assert "**relu** at 3,000,000 tokens, CETT 0.11, 100 examples per task:" in text
+    assert re.search(r"^sparsity_smoke_prose +acc +0\.3100 ± 0\.0460 +0\.2900 ± 0\.0456 +-0\.0200 +0\.0543$",
+                     text, re.M)
+    assert data["runs"]["relu"]["downstream"] == DOWNSTREAM and data["runs"]["silu"]["downstream"] is None
 
 
 def test_report_says_what_the_sparsity_buys(report, results):

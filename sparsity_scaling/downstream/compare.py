@@ -22,6 +22,7 @@ from ..figures import save_figure
 from ..files import json_text, write_json_atomic
 from ..formatting import table
 from ..parallel import init_parallel
+from ..rundir import RunDir
 from .lm import ProbedLM, TextCodec
 from .tasks import go_offline, load_task, task_manager
 
@@ -164,6 +165,9 @@ def run_downstream(spec: ModelSpec, analysis: AnalysisSettings, settings: Downst
               "tasks": list(settings.tasks), "limit": settings.limit, "num_fewshot": settings.num_fewshot,
               "seconds": round(time.time() - started, 1), "rows": rows}
     print(render_table(rows))
+    if spec.model.checkpoint:  # the run keeps its latest downstream record, for the grid report
+        ck = spec.model.read_checkpoint()
+        write_json_atomic(RunDir(ck.run.path).downstream, {"checkpoint": ck.name, "train_tokens": ck.tokens, **record})
     if json_out:
         json_path = Path(json_out)
         png = json_path.with_suffix(".png")
