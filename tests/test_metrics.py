@@ -351,3 +351,112 @@ def test_bad_series_are_refused_in_one_line(micro_run, tmp_path, args, message):
     result = run_cli("evaluate-series", *paths, "--out", str(out), *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert result.stderr.count("\n") == 1 and not out.exists()
+
+
+# --- critical sparsity: each rule against a brute-force scan of its parameter, at TP 1 and 2 ----
+
+CRITICAL_CASES = [  # (rule, site, power, tolerance in percent)
+    ("top-p", "intermediate", 1.0, 1.0), ("top-p", "gate", 1.0, 1.0), ("top-p", "up", 1.0, 1.0),
+    ("top-p", "input", 1.0, 1.0), ("top-p", "intermediate", 2.0, 1.0), ("max-p", "intermediate", 1.0, 1.0),
+    ("topk", "intermediate", 1.0, 0.05),  # tight: the critical k lies past d_f / 2 on this model
+    ("fat", "intermediate", 1.0, 1.0), ("cett", "intermediate", 1.0, 1.0),
+]
+PARAMETER = {"top-p": "p", "max-p": "p", "topk": "k", "fat": "eps", "cett": "cett"}
+SPARSER_WHEN_LARGER = {"top-p": False, "max-p": True, "topk": False, "fat": True, "cett": True}
+
+
+@pytest.fixture(scope="module")
+def silu_checkpoint(micro_run, tmp_path_factory) -> Path:
+    """The micro run's trained weights under SiLU: every neuron is active, so top-k and
+    top-p have something to cut at every k and p (the ReLU model's zeros hide the top end)."""
+    from sparsity_scaling.config import load_config
+
+    source = RunDir(micro_run).checkpoints()[-1]
+    config = load_config(source.path / "config.yaml")
+    config = config.model_copy(update={"model": config.model.model_copy(update={"activation": "silu"})})
+    run = RunDir(tmp_path_factory.mktemp("silu") / "run")
+    tmp = run.start_checkpoint(source.tokens)
+    (tmp / "model.pt").write_bytes((source.path / "model.pt").read_bytes())
+    (tmp / "config.yaml").write_text(config.to_yaml())
+    return run.finish_checkpoint(tmp, {"tokens": source.tokens, "step": source.step,
+                                       "vocab_size": config.data.vocab_size}).path
+
+
+def _scan_values(rule: str, found: float, low: float, high: float, full: bool) -> list[float]:
+    """The settings one search step sparser than the one found (one neuron for top-k, the
+    range / 2**14 otherwise), then, for a `full` scan, a uniform grid over the rule's whole
+    range and a finer one around the setting found."""
+    step = 1 if rule == "topk" else (high - low) / 2 ** 14
+    sparser = 1 if SPARSER_WHEN_LARGER[rule] else -1
+    values = [found + sparser * step]
+    if full:
+        values += [low + (high - low) * i / 4 for i in range(5)]
+        values += [found + i * max(step, (high - low) / 2 ** 9) for i in (-2, 2)]
+    return [round(x) if rule == "topk" else x for x in values if low <= x <= high]
+
+
+def _critical_checks(checkpoint, tokens_path, tp, full_scan):
+    """Each case's critical result, and settings of its rule's parameter measured directly."""
+    import torch.distributed as dist
+
+    from sparsity_scaling.evaluation.metric import measure
+    from sparsity_scaling.evaluation.settings import MetricSettings
+    from sparsity_scaling.hf import load_target
+    from sparsity_scaling.metrics.measure import EvalData
+    from sparsity_scaling.metrics.rules import FixedThreshold, MaxP, TopK, TopP
+    from sparsity_scaling.metrics.search import Evaluator
+    from sparsity_scaling.parallel import init_parallel
+
+    init_parallel(tp)
+    model = load_target(checkpoint=checkpoint, tp=tp)
+    ev = Evaluator(model, EvalData(torch.from_numpy(np.load(tokens_path)[:16])))
+    peak = torch.tensor(max(float(a.abs().max()) for a in ev.dense.calibration.values()))
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the largest activation on any rank
+    rules = {"top-p": lambda x, site, power: TopP(site=site, p=x, power=power),
+             "max-p": lambda x, site, power: MaxP(site=site, p=x),
+             "topk": lambda x, site, power: TopK(site=site, k=int(x)),
+             "fat": lambda x, site, power: FixedThreshold(site=site, eps=x),
+             "cett": lambda x, site, power: ev.cett_rule(x)}
+    ranges = {"topk": (0, 160), "fat": (0.0, float(peak))}
+    out = []
+    for rule, site, power, tolerance in CRITICAL_CASES:
+        settings = MetricSettings(metric="critical", rule=rule, site=site, power=power, tolerance=tolerance)
+        try:
+            result = measure(settings, ev, "silu")[0].to_dict()
+        except Exception as error:  # reported, so the other cases still run
+            out.append({"case": (rule, site, power, tolerance), "error": str(error)})
+            continue
+        found = result["params"][PARAMETER[rule]]
+        scan = []
+        for x in _scan_values(rule, found, *ranges.get(rule, (0.0, 1.0)), full_scan):
+            sparse = ev.measure(rules[rule](x, site, power))
+            scan.append((x, sparse.ppl / ev.dense.ppl, sparse.activation_ratio))
+        out.append({"case": (rule, site, power, tolerance), "found": found, "ppl_ratio": result["ppl_ratio"],
+                    "activation_ratio": result["activation_ratio"], "scan": scan})
+    return out
+
+
+def _check_against_scan(case: dict) -> None:
+    """Within the tolerance, no scanned setting sparser than the one found, and the setting
+    one search step sparser exceeds it."""
+    assert "error" not in case, case
+    limit = 1 + case["case"][-1] / 100
+    assert case["ppl_ratio"] <= limit, case
+    (_, sparser_ratio, _), *scan = case["scan"]
+    assert sparser_ratio > limit, case
+    for x, ratio, activation in scan:
+        assert ratio > limit or activation >= case["activation_ratio"] - 1e-9, (case["case"], case["found"], x)
+
+
+def test_critical_sparsity_is_the_sparsest_setting_within_tolerance_at_tp_1_and_2(silu_checkpoint, tokens_file):
+    """Every rule, top-p at every site and with a power; at TP 2 (where top-k counts over
+    all d_f neurons and FAT's threshold must be one across ranks) the same settings."""
+    one = run_ranks(1, _critical_checks, silu_checkpoint, tokens_file, 1, True)[0]
+    two = run_ranks(2, _critical_checks, silu_checkpoint, tokens_file, 2, False)
+    for case in one + two[0]:
+        _check_against_scan(case)
+    topk = next(c for c in one if c["case"][0] == "topk")
+    assert topk["found"] > 80  # past d_f / TP: the TP 2 search must reach it too
+    assert two[0] == two[1]  # every rank searched the same settings
+    for a, b in zip(one, two[0]):
+        assert b["found"] == pytest.approx(a["found"], rel=1e-3, abs=1e-3), (a["case"], a["found"], b["found"])
