@@ -16,10 +16,13 @@ from typing import Callable, Iterator, Sequence
 
 from ..errors import UserError
 from . import check_p
+import torch
+
 from .cett import CETTSearch
-from .measure import EvalData, SparsePass, check_vocab, dense_pass, matmul_params, sparse_pass
+from .comm import max_all, tp_size
+from .measure import EvalData, SparsePass, check_vocab, dense_pass, loss_pass, matmul_params, sparse_pass
 from .result import SparsityResult
-from .rules import PerNeuronThreshold, Rule
+from .rules import PerNeuronThreshold, Rule, SitePeak
 from .target import SparsityTarget
 
 
@@ -41,6 +44,26 @@ class Evaluator:
     def measure(self, rule: Rule) -> SparsePass:
         self.passes += 1
         return sparse_pass(self.target, self.data, rule)
+
+    def width(self, site: str) -> int:
+        """Scores a rule at `site` ranks per token and layer: all d_f neurons of every TP rank
+        (top-k ranks the gathered neurons), or the d_model features of the FFN input."""
+        if site == "input":
+            return int(self.target.ffns[0].output_weight().shape[0])
+        return max(f.local_neurons for f in self.target.ffns) * tp_size()
+
+    def peak(self, site: str) -> float:
+        """The largest score at `site` on any rank, so every rank searches the same
+        thresholds: from the calibration activations at the intermediate site, else by one
+        pass over the data."""
+        if site == "intermediate":
+            local = max(float(a.abs().max()) for a in self.dense.calibration.values())
+        else:
+            probe = SitePeak(site)
+            loss_pass(self.target, self.data, probe)
+            self.passes += 1
+            local = probe.peak
+        return float(max_all(torch.tensor(local, dtype=torch.float64)))
 
     @contextmanager
     def loaded(self) -> Iterator["Evaluator"]:
