@@ -80,6 +80,9 @@ def test_grid_trains_evaluates_and_mirrors_everything_in_mlflow(grid_run):
         assert [s for s, _ in expected] == [c.tokens for c in RunDir(run_dir).checkpoints()]
         per_checkpoint = sorted(json.loads(f.read_text())["activation_ratio"] for f in (run_dir / "evaluations").glob("*.json"))
         assert sorted(v for _, v in run["metrics"]["activation_ratio_checkpoint"]) == pytest.approx(per_checkpoint)
+        converged = sorted(float(json.loads(f.read_text())["converged"]) for f in (run_dir / "evaluations").glob("*.json"))
+        assert sorted(v for _, v in run["metrics"]["converged_checkpoint"]) == converged  # each search's outcome
+        _same_points(run["metrics"]["converged"], [(t, float(stabilised["converged"])) for t, _ in expected])
         train = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
         _same_points(run["metrics"]["train_loss"], [(p["tokens"], p["loss"]) for p in train])
     status = run_cli("grid", "status", str(GRID), "--workdir", str(grid_run))

@@ -5,6 +5,7 @@ of a grid run, and every checkpoint of a run with the stabilising strategy
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,12 +46,18 @@ def evaluate_model(model: ModelRef, metric: MetricSettings, data: DataSettings, 
         artifact = thresholds_artifact(thresholds, key)  # collective under TP
     if dist.get_rank() != 0:
         return
+    _warn(result.convergence_warning())
     if json_out:
         write_json_atomic(json_out, record)
         if artifact is not None:
             json_path = Path(json_out)
             write_json_atomic(thresholds_out or json_path.with_name(json_path.stem + ".thresholds.json"), artifact)
     print(json_text(record), end="")
+
+
+def _warn(line: str | None) -> None:
+    if line:
+        print(line, file=sys.stderr, flush=True)
 
 
 def check_fits(checkpoint: Checkpoint, tp: int, free_bytes: int | None = None) -> None:
@@ -76,6 +83,8 @@ def evaluate_checkpoint(checkpoint: str | Path, metric: MetricSettings, data: Da
     ck = read_checkpoint(checkpoint)
     check_fits(ck, tp)
     result = ppl_p(load_evaluator(ModelRef(checkpoint=str(ck.path)), data, metric, tp), metric.p, on_step=on_step)
+    if dist.get_rank() == 0:
+        _warn(result.convergence_warning())
     record = result.to_dict()
     record["eval_tokens"] = record.pop("tokens")
     return {"checkpoint": ck.name, "train_tokens": ck.tokens, "step": ck.step, **record}
@@ -109,7 +118,10 @@ def stabilised_trajectory(members: list[SeriesMember], metric: MetricSettings, d
 
     # one model in memory at a time: the last members keep only their calibration
     final = [reloading(m) for m in members[-last:]]
-    cett = stabilised_cett(final, metric.p, on_step)
+    solution = stabilised_cett(final, metric.p, on_step)
+    cett = solution.point.x
+    if dist.get_rank() == 0:
+        _warn(solution.warning(f"the stabilised PPL-{metric.p:g}% search"))
     points = []
     for index, member in enumerate(members):
         reuse = index - (len(members) - len(final))
@@ -124,7 +136,8 @@ def stabilised_trajectory(members: list[SeriesMember], metric: MetricSettings, d
         if dist.get_rank() == 0:
             print(f"{member.name}: activation ratio {result.activation_ratio:.4f}, "
                   f"PPL ratio {result.ppl_ratio:.4f}", flush=True)
-    return {"metric": "ppl-p-stabilised", "p": metric.p, "cett": cett, "last": len(final),
+    return {"metric": "ppl-p-stabilised", "p": metric.p, "cett": cett, "converged": solution.converged,
+            "last": len(final),
             "seconds": round(time.time() - started, 3), "checkpoints": points}
 
 
