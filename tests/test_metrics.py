@@ -216,6 +216,12 @@ def test_evaluate_cli_writes_result_and_reusable_thresholds(micro_run, tokens_fi
     assert [len(v) for v in artifact["thresholds"].values()] == [160, 160]
     ratio = run_ranks(1, _apply_saved, checkpoint, tokens_file, tmp_path / "result.thresholds.json")[0]
     assert ratio == pytest.approx(record["activation_ratio"], abs=1e-9)
+    # --thresholds alone (no --json): the thresholds are written, the result printed
+    alone = tmp_path / "alone.json"
+    result = run_cli("evaluate", "--checkpoint", str(checkpoint), "--tokens", str(tokens_file), "--metric", "cett",
+                     "--value", "0.2", "--thresholds", str(alone))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(alone.read_text())["key"]["cett"] == json.loads(result.stdout)["cett"] == 0.2
 
 
 def _apply_saved(checkpoint, tokens_path, thresholds):
@@ -241,7 +247,29 @@ def test_evaluate_cli_bad_input(micro_run, tokens_file, tmp_path, args, message)
     result = run_cli("evaluate", "--checkpoint", str(checkpoint), "--tokens", str(tokens_file),
                      "--json", str(out), *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr and not out.exists()
+    assert result.stderr.count("\n") == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seq-len", "32"], "--seq-len 32: a token file gives the validation tokens and their length as they are"),
+    (["--eval-tokens", "1024"], "--eval-tokens 1024: a token file gives"),
+    (["--metric", "cett", "--value", "0.2", "--site", "gate"], "--site gate: metric cett reads its own site"),
+    (["--site", "up"], "--site up: metric ppl-p reads its own site"),
+    (["--metric", "relu", "--site", "input"], "--site input: metric relu reads its own site"),
+    (["--metric", "critical", "--rule", "cett", "--site", "gate"], "--site gate: critical with rule cett"),
+    (["--metric", "topk", "--value", "8", "--thresholds", "t.json"],
+     "--thresholds t.json: metric topk has no per-neuron thresholds; ppl-p and cett do"),
+])
+def test_evaluate_refuses_flags_it_would_ignore(tmp_path, capsys, args, message):
+    """Refused in one line before any model or data is read (in-process: nothing starts)."""
+    from sparsity_scaling.cli import main
+
+    out = tmp_path / "result.json"
+    code = main(["evaluate", "--checkpoint", str(tmp_path / "unread"), "--tokens", "unread.npy", "--json", str(out),
+                 *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"sparsity-scaling: error: {message}"), err
+    assert err.count("\n") == 1 and err.endswith("\n") and not out.exists()
 
 
 def test_evaluate_cli_refuses_incomplete_checkpoint_and_foreign_tokens(micro_run, tmp_path):

@@ -182,7 +182,8 @@ def _predict(args) -> None:
         laws = {name: result.fitted for name, result in fits.items()}
     if args.model is not None:
         if args.model not in laws:
-            raise LawError(f"{args.law}: no model {args.model!r} (models: {', '.join(laws)})")
+            source = args.law or f"experiment {args.experiment}"
+            raise LawError(f"{source}: no model {args.model!r} (models: {', '.join(laws)})")
         laws = {args.model: laws[args.model]}
     predictions = [predict_tokens(fitted, target)
                    for fitted in sorted(laws.values(), key=_table_order)]

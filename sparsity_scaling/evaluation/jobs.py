@@ -32,9 +32,9 @@ def load_evaluator(model: ModelRef, data: DataSettings, metric: MetricSettings, 
 
 def evaluate_model(model: ModelRef, metric: MetricSettings, data: DataSettings, tp: int = 1,
                    json_out: str | None = None, thresholds_out: str | None = None) -> None:
-    """Measure one model and print the result; with `json_out`, also write it there and
-    the per-neuron thresholds (if the metric has them) to `thresholds_out`, by default
-    beside it as NAME.thresholds.json."""
+    """Measure one model and print the result; with `json_out`, also write it there. The
+    per-neuron thresholds (if the metric has them) go to `thresholds_out`, by default beside
+    `json_out` as NAME.thresholds.json."""
     init_parallel(tp)
     evaluator = load_evaluator(model, data, metric, tp)
     result, thresholds = measure(metric, evaluator, model.activation(evaluator.target))
@@ -49,9 +49,10 @@ def evaluate_model(model: ModelRef, metric: MetricSettings, data: DataSettings, 
     _warn(result.convergence_warning())
     if json_out:
         write_json_atomic(json_out, record)
-        if artifact is not None:
-            json_path = Path(json_out)
-            write_json_atomic(thresholds_out or json_path.with_name(json_path.stem + ".thresholds.json"), artifact)
+        if artifact is not None and not thresholds_out:
+            thresholds_out = Path(json_out).with_name(Path(json_out).stem + ".thresholds.json")
+    if artifact is not None and thresholds_out:
+        write_json_atomic(thresholds_out, artifact)
     print(json_text(record), end="")
 
 
