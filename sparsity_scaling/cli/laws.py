@@ -54,7 +54,8 @@ def fit_parser() -> Parser:
                              "one model named by its stem) or CSV (model,tokens,activation_ratio)")
     _mlflow_arguments(parser)
     parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="the paper's windows and published coefficients for its models")
+                        help="the paper's published coefficients for its models, and fitting windows (published "
+                             "for 1.2B, inferred from the coefficients for the others)")
     window = parser.add_mutually_exclusive_group()
     window.add_argument("--drop-first", type=int, metavar="K", help="drop the first K checkpoints")
     window.add_argument("--min-tokens", type=float, metavar="D",
