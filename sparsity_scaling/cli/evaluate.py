@@ -113,9 +113,10 @@ def measurement_arguments(parser, out: bool = True) -> None:
     parser.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel ranks to start")
     if out:
         parser.add_argument("--json", help="write the result here (atomically)")
-    parser.add_argument("--eval-tokens", type=int, help=f"validation tokens to use (default {DataSettings.eval_tokens}; "
-                        "not with a token file)")
-    parser.add_argument("--seq-len", type=int, help="validation sequence length (default: the run's; not with a token file)")
+    parser.add_argument("--eval-tokens", type=int,
+                        help=f"validation tokens to use (default {DataSettings.eval_tokens}; not with a token file)")
+    parser.add_argument("--seq-len", type=int,
+                        help="validation sequence length (default: the run's; not with a token file)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--calibration-tokens", type=int, default=8192,
                         help="dense activations kept per rank for threshold calibration")

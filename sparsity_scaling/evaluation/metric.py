@@ -54,7 +54,8 @@ def _critical(settings: MetricSettings, evaluator: Evaluator) -> SparsityResult:
     if settings.rule == "max-p":
         return critical(evaluator, lambda x: MaxP(site=site, p=x), 0.0, 1.0, True, tol)
     if settings.rule == "topk":
-        return critical(evaluator, lambda x: TopK(site=site, k=int(x)), 0, evaluator.width(site), False, tol, integer=True)
+        width = evaluator.width(site)
+        return critical(evaluator, lambda x: TopK(site=site, k=int(x)), 0, width, False, tol, integer=True)
     if settings.rule == "cett":
         return critical(evaluator, evaluator.cett_rule, 0.0, 1.0, True, tol)
     return critical(evaluator, lambda x: FixedThreshold(site=site, eps=x), 0.0, evaluator.peak(site), True, tol)

@@ -230,8 +230,9 @@ def ppl_p(evaluator: Evaluator, p: float, measured: dict | None = None,
 def stabilised_cett(evaluators: Sequence[Evaluator], p: float,
                     on_step: Callable[[int, Point], None] | None = None) -> Solution:
     """The paper's stabilising strategy: one CETT whose PPL ratio, averaged over the given
-    (last five) checkpoints, is 1 + p/100 (where the search stopped, and whether it converged). Each evaluator's model is in memory only while it
-    is measured (with `ReloadingEvaluator`s: one model at a time)."""
+    (last five) checkpoints, is 1 + p/100 (where the search stopped, and whether it
+    converged). Each evaluator's model is in memory only while it is measured (with
+    `ReloadingEvaluator`s: one model at a time)."""
     check_p(p)
 
     def measure(c: float) -> Point:
