@@ -106,6 +106,46 @@ def test_curves_and_laws_read_the_grid_from_mlflow(grid_run, tmp_path):
     assert png.stat().st_size > 10_000
 
 
+def test_fit_laws_and_predict_tokens_read_the_grid_from_mlflow(grid_run, tmp_path, capsys):
+    """The README's MLflow path (`--experiment NAME --workdir DIR`): the laws fitted on the
+    curves MLflow holds are those fitted on the runs' own stabilised curves, and the budgets
+    predicted from the experiment are those of that fit."""
+    from sparsity_scaling.cli.laws import fit_main, predict_main
+    from sparsity_scaling.laws.curvefit import DEFAULT_WINDOW, fit_curves
+    from sparsity_scaling.laws.fitted import read_fit_file
+    from sparsity_scaling.laws.io import Curve
+    from sparsity_scaling.laws.predict import predict_tokens
+
+    source = ["--experiment", "cpu_test", "--workdir", str(grid_run)]
+    fit = tmp_path / "fit.json"
+    assert fit_main([*source, "--json", str(fit), "--bootstrap", "8"]) == 0, capsys.readouterr().err
+    curves = {}
+    for name in ("relu", "silu"):  # the same curves read from the run directories
+        points = json.loads((grid_run / "runs" / name / "sparsity.json").read_text())["checkpoints"]
+        curves[name] = Curve(name, [p["tokens"] for p in points], [p["activation_ratio"] for p in points],
+                             activation=name)
+    expected = fit_curves(curves, DEFAULT_WINDOW, n_bootstrap=8)
+    fitted = json.loads(fit.read_text())["models"]
+    assert set(fitted) == {"relu", "silu"}
+    for name, result in expected.items():
+        for coefficient in result.fitted.law.coefficients:
+            assert fitted[name][coefficient] == pytest.approx(result.fitted.coefficient(coefficient), rel=1e-6)
+    capsys.readouterr()
+
+    assert predict_main([*source, "--target", "0.2", "--json"]) == 0
+    predicted = json.loads(capsys.readouterr().out)["models"]
+    assert set(predicted) == {"relu", "silu"}
+    for name, law in read_fit_file(fit).items():
+        expected = predict_tokens(law, 0.2)
+        assert predicted[name]["reachable"] == expected.reachable
+        if expected.reachable:
+            assert predicted[name]["tokens"] == pytest.approx(expected.tokens, rel=1e-6)
+    assert predict_main([*source, "--target", "0.2", "--model", "gelu"]) == 2
+    err = capsys.readouterr().err  # the experiment named where the models were looked for
+    assert err.startswith("predict_tokens.py: error: experiment cpu_test: no model 'gelu' (models: ") and (
+        err.count("\n") == 1), err
+
+
 def test_the_shortened_demo_reports_what_mlflow_holds(grid_run):
     """`grid submit` ends with the report: its tables are MLflow's numbers, its laws and
     findings follow from them, and it is logged on the grid's parent run."""
