@@ -138,8 +138,7 @@ def stabilised_trajectory(members: list[SeriesMember], metric: MetricSettings, d
             print(f"{member.name}: activation ratio {result.activation_ratio:.4f}, "
                   f"PPL ratio {result.ppl_ratio:.4f}", flush=True)
     return {"metric": "ppl-p-stabilised", "p": metric.p, "cett": cett, "converged": solution.converged,
-            "last": len(final),
-            "seconds": round(time.time() - started, 3), "checkpoints": points}
+            "last": len(final), "seconds": round(time.time() - started, 3), "checkpoints": points}
 
 
 def evaluate_run(run_dir: str | Path, metric: MetricSettings, data: DataSettings, last: int = 5, tp: int = 1,

@@ -8,9 +8,8 @@ Where the windows come from: the published fitting scripts drop only the first s
 the 1.2B runs; the preset keeps that window for 1.2b_relu. The others (2.4b_relu: 3;
 0.1b_silu: 5, 0.2b_silu: 6, 0.4b_silu: 8; 1.2b_silu: 10, not the scripts' six) are not
 published: they were inferred here because with them a fit reproduces the published
-coefficients. Models without a preset (and every
-model when no preset is given) get the one default rule of `curvefit.DEFAULT_WINDOW`, the same
-for every model, tuned to none.
+coefficients. Models without a preset (and every model when no preset is given) get the one
+default rule of `curvefit.DEFAULT_WINDOW`, the same for every model, tuned to none.
 """
 
 from __future__ import annotations

@@ -14,10 +14,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-from ..errors import UserError
-from . import check_p
 import torch
 
+from ..errors import UserError
+from . import check_p
 from .cett import CETTSearch
 from .comm import max_all, tp_size
 from .measure import EvalData, SparsePass, check_vocab, dense_pass, loss_pass, matmul_params, sparse_pass
