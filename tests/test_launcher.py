@@ -110,6 +110,8 @@ def test_fit_laws_and_predict_tokens_read_the_grid_from_mlflow(grid_run, tmp_pat
     """The README's MLflow path (`--experiment NAME --workdir DIR`): the laws fitted on the
     curves MLflow holds are those fitted on the runs' own stabilised curves, and the budgets
     predicted from the experiment are those of that fit."""
+    from launcher.tracking import tracking
+    from launcher.workdir import Workdir
     from sparsity_scaling.cli.laws import fit_main, predict_main
     from sparsity_scaling.laws.curvefit import DEFAULT_WINDOW, fit_curves
     from sparsity_scaling.laws.fitted import read_fit_file
@@ -118,7 +120,14 @@ def test_fit_laws_and_predict_tokens_read_the_grid_from_mlflow(grid_run, tmp_pat
 
     source = ["--experiment", "cpu_test", "--workdir", str(grid_run)]
     fit = tmp_path / "fit.json"
-    assert fit_main([*source, "--json", str(fit), "--bootstrap", "8"]) == 0, capsys.readouterr().err
+    with tracking(Workdir(grid_run)):  # one MLflow server, which each command below finds running
+        fitted_code = fit_main([*source, "--json", str(fit), "--bootstrap", "8"])
+        fit_err = capsys.readouterr().err
+        predicted_code = predict_main([*source, "--target", "0.2", "--json"])
+        predicted = capsys.readouterr().out
+        unknown_code = predict_main([*source, "--target", "0.2", "--model", "gelu"])
+        unknown_err = capsys.readouterr().err
+    assert fitted_code == 0 and predicted_code == 0, fit_err
     curves = {}
     for name in ("relu", "silu"):  # the same curves read from the run directories
         points = json.loads((grid_run / "runs" / name / "sparsity.json").read_text())["checkpoints"]
@@ -130,20 +139,16 @@ def test_fit_laws_and_predict_tokens_read_the_grid_from_mlflow(grid_run, tmp_pat
     for name, result in expected.items():
         for coefficient in result.fitted.law.coefficients:
             assert fitted[name][coefficient] == pytest.approx(result.fitted.coefficient(coefficient), rel=1e-6)
-    capsys.readouterr()
-
-    assert predict_main([*source, "--target", "0.2", "--json"]) == 0
-    predicted = json.loads(capsys.readouterr().out)["models"]
+    predicted = json.loads(predicted)["models"]
     assert set(predicted) == {"relu", "silu"}
     for name, law in read_fit_file(fit).items():
         expected = predict_tokens(law, 0.2)
         assert predicted[name]["reachable"] == expected.reachable
         if expected.reachable:
             assert predicted[name]["tokens"] == pytest.approx(expected.tokens, rel=1e-6)
-    assert predict_main([*source, "--target", "0.2", "--model", "gelu"]) == 2
-    err = capsys.readouterr().err  # the experiment named where the models were looked for
-    assert err.startswith("predict_tokens.py: error: experiment cpu_test: no model 'gelu' (models: ") and (
-        err.count("\n") == 1), err
+    # the experiment is named where the models were looked for
+    assert unknown_code == 2 and unknown_err.count("\n") == 1, unknown_err
+    assert unknown_err.startswith("predict_tokens.py: error: experiment cpu_test: no model 'gelu' (models: ")
 
 
 def test_the_shortened_demo_reports_what_mlflow_holds(grid_run):
