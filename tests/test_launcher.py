@@ -106,10 +106,15 @@ def test_curves_and_laws_read_the_grid_from_mlflow(grid_run, tmp_path):
     assert png.stat().st_size > 10_000
 
 
-def test_fit_laws_and_predict_tokens_read_the_grid_from_mlflow(grid_run, tmp_path, capsys):
-    """The README's MLflow path (`--experiment NAME --workdir DIR`): the laws fitted on the
-    curves MLflow holds are those fitted on the runs' own stabilised curves, and the budgets
-    predicted from the experiment are those of that fit."""
+def test_fit_laws_and_predict_tokens_read_curves_from_mlflow(grid_run, tmp_path, capsys):
+    """The README's MLflow path (`--experiment NAME --workdir DIR`) on the grid's MLflow store:
+    the laws fitted on the curves MLflow holds are those fitted on the same curves in memory,
+    and the budgets predicted from the experiment are those of that fit. (The grid's own
+    curves are too short for a law: two runs of 14 checkpoints are logged beside them.)"""
+    import numpy as np
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
     from launcher.tracking import tracking
     from launcher.workdir import Workdir
     from sparsity_scaling.cli.laws import fit_main, predict_main
@@ -118,37 +123,43 @@ def test_fit_laws_and_predict_tokens_read_the_grid_from_mlflow(grid_run, tmp_pat
     from sparsity_scaling.laws.io import Curve
     from sparsity_scaling.laws.predict import predict_tokens
 
-    source = ["--experiment", "cpu_test", "--workdir", str(grid_run)]
+    tokens = [int(t) for t in np.geomspace(2.5e5, 3e6, 14)]
+    D, noise = np.asarray(tokens) / 1e9, np.random.default_rng(0).normal(0, 0.001, 14)
+    curves = {"relu": Curve("relu", tokens, np.exp(-60 * D**0.5 - 1) + 0.05 + noise, activation="relu"),
+              "silu": Curve("silu", tokens, -0.002 / D**0.5 + 0.3 + noise, activation="silu")}
+    source = ["--experiment", "laws_test", "--workdir", str(grid_run)]
     fit = tmp_path / "fit.json"
-    with tracking(Workdir(grid_run)):  # one MLflow server, which each command below finds running
+    with tracking(Workdir(grid_run)) as uri:  # one MLflow server, which each command below finds running
+        mlflow = MlflowClient(uri)
+        experiment = mlflow.create_experiment("laws_test")
+        for name, curve in curves.items():
+            run = mlflow.create_run(experiment, run_name=name, tags={"activation": name, "run": name}).info.run_id
+            mlflow.log_batch(run, metrics=[Metric("activation_ratio", float(a), 0, int(t))
+                                           for t, a in zip(curve.tokens, curve.activation_ratio)])
         fitted_code = fit_main([*source, "--json", str(fit), "--bootstrap", "8"])
         fit_err = capsys.readouterr().err
-        predicted_code = predict_main([*source, "--target", "0.2", "--json"])
+        predicted_code = predict_main([*source, "--target", "0.06", "--json"])
         predicted = capsys.readouterr().out
-        unknown_code = predict_main([*source, "--target", "0.2", "--model", "gelu"])
+        unknown_code = predict_main([*source, "--target", "0.06", "--model", "gelu"])
         unknown_err = capsys.readouterr().err
     assert fitted_code == 0 and predicted_code == 0, fit_err
-    curves = {}
-    for name in ("relu", "silu"):  # the same curves read from the run directories
-        points = json.loads((grid_run / "runs" / name / "sparsity.json").read_text())["checkpoints"]
-        curves[name] = Curve(name, [p["tokens"] for p in points], [p["activation_ratio"] for p in points],
-                             activation=name)
     expected = fit_curves(curves, DEFAULT_WINDOW, n_bootstrap=8)
     fitted = json.loads(fit.read_text())["models"]
     assert set(fitted) == {"relu", "silu"}
     for name, result in expected.items():
+        assert fitted[name]["points_used"] == 13
         for coefficient in result.fitted.law.coefficients:
             assert fitted[name][coefficient] == pytest.approx(result.fitted.coefficient(coefficient), rel=1e-6)
     predicted = json.loads(predicted)["models"]
     assert set(predicted) == {"relu", "silu"}
     for name, law in read_fit_file(fit).items():
-        expected = predict_tokens(law, 0.2)
+        expected = predict_tokens(law, 0.06)
         assert predicted[name]["reachable"] == expected.reachable
         if expected.reachable:
             assert predicted[name]["tokens"] == pytest.approx(expected.tokens, rel=1e-6)
     # the experiment is named where the models were looked for
     assert unknown_code == 2 and unknown_err.count("\n") == 1, unknown_err
-    assert unknown_err.startswith("predict_tokens.py: error: experiment cpu_test: no model 'gelu' (models: ")
+    assert unknown_err.startswith("predict_tokens.py: error: experiment laws_test: no model 'gelu' (models: ")
 
 
 def test_the_shortened_demo_reports_what_mlflow_holds(grid_run):
