@@ -177,15 +177,14 @@ def predict_parser() -> Parser:
 def _predict(args) -> None:
     target = check_target(args.target)
     if args.law:
-        laws = read_fit_file(args.law)
-    else:
-        fits = fit_curves(_curves([], args), DEFAULT_WINDOW)
-        laws = {name: result.fitted for name, result in fits.items()}
+        source, found = args.law, read_fit_file(args.law)
+    else:  # curves, fitted once the model is chosen
+        source, found = f"experiment {args.experiment}", _curves([], args)
     if args.model is not None:
-        if args.model not in laws:
-            source = args.law or f"experiment {args.experiment}"
-            raise LawError(f"{source}: no model {args.model!r} (models: {', '.join(laws)})")
-        laws = {args.model: laws[args.model]}
+        if args.model not in found:
+            raise LawError(f"{source}: no model {args.model!r} (models: {', '.join(found)})")
+        found = {args.model: found[args.model]}
+    laws = found if args.law else {name: result.fitted for name, result in fit_curves(found, DEFAULT_WINDOW).items()}
     predictions = [predict_tokens(fitted, target)
                    for fitted in sorted(laws.values(), key=_table_order)]
     if args.json is None:
