@@ -261,6 +261,8 @@ def _pending_points(run: RunDir, cursor: dict) -> tuple[list[tuple[str, float, i
         points += [("activation_ratio_checkpoint", result["activation_ratio"], tokens),
                    ("cett_checkpoint", result["cett"], tokens),
                    ("ppl_ratio_checkpoint", result["ppl_ratio"], tokens)]
+        if result.get("converged") is not None:  # 1: the PPL-p% search met its tolerance, 0: it ran out of steps
+            points.append(("converged_checkpoint", float(result["converged"]), tokens))
         delivered.add(tokens)
     new["checkpoint_evals"] = sorted(delivered)
     points = [p for p in points if p[1] is not None]  # a skipped step's loss: null in the file, no point
@@ -270,6 +272,8 @@ def _pending_points(run: RunDir, cursor: dict) -> tuple[list[tuple[str, float, i
             tokens = point["tokens"]
             points += [("activation_ratio", point["activation_ratio"], tokens), ("cett", record["cett"], tokens),
                        ("ppl_ratio", point["ppl_ratio"], tokens)]
+            if record.get("converged") is not None:  # the stabilising search's, as for cett
+                points.append(("converged", float(record["converged"]), tokens))
             points += [(f"layer_activation_ratio/{i}", r, tokens)
                        for i, r in enumerate(point["layer_activation_ratios"])]
         new["stabilised"] = True

@@ -461,8 +461,7 @@ def test_bad_input_is_one_line(micro_run, hf_models, tmp_path, capsys, args, mes
     code = main(["analyze", *[a.format(**paths) for a in args], "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2, err[-2000:]
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("sparsity-scaling: error: ") and message in last
+    assert err.count("\n") == 1 and err.startswith("sparsity-scaling: error: ") and message in err, err
     assert not (tmp_path / "out").exists()
     # the in-process run left no world-of-one environment behind for later subprocesses
     assert not {"RANK", "WORLD_SIZE", "MASTER_PORT"} & set(os.environ)

@@ -38,7 +38,7 @@ def test_paper_scales_match_the_papers_table():
     for name, target in PAPER_PARAMS.items():
         built, formula = counts[name]
         assert built == formula, name
-        assert abs(built - target) / target < 0.03, (name, built, target)
+        assert abs(built - target) / target < 0.01, (name, built, target)  # the README promises 1%
         cfg = load_config(MODELS / f"{name}.yaml").model
         assert 48 <= cfg.width_depth_ratio <= 56, (name, cfg.width_depth_ratio)
         assert cfg.d_ff == 2.5 * cfg.d_model, name

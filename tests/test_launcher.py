@@ -80,6 +80,9 @@ def test_grid_trains_evaluates_and_mirrors_everything_in_mlflow(grid_run):
         assert [s for s, _ in expected] == [c.tokens for c in RunDir(run_dir).checkpoints()]
         per_checkpoint = sorted(json.loads(f.read_text())["activation_ratio"] for f in (run_dir / "evaluations").glob("*.json"))
         assert sorted(v for _, v in run["metrics"]["activation_ratio_checkpoint"]) == pytest.approx(per_checkpoint)
+        converged = sorted(float(json.loads(f.read_text())["converged"]) for f in (run_dir / "evaluations").glob("*.json"))
+        assert sorted(v for _, v in run["metrics"]["converged_checkpoint"]) == converged  # each search's outcome
+        _same_points(run["metrics"]["converged"], [(t, float(stabilised["converged"])) for t, _ in expected])
         train = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
         _same_points(run["metrics"]["train_loss"], [(p["tokens"], p["loss"]) for p in train])
     status = run_cli("grid", "status", str(GRID), "--workdir", str(grid_run))
@@ -101,6 +104,62 @@ def test_curves_and_laws_read_the_grid_from_mlflow(grid_run, tmp_path):
     assert subprocess.run([sys.executable, "tools/curves.py", "--experiment", "cpu_test", "--workdir", str(grid_run),
                            "--out", str(png)], capture_output=True, cwd=REPO, timeout=300).returncode == 0
     assert png.stat().st_size > 10_000
+
+
+def test_fit_laws_and_predict_tokens_read_curves_from_mlflow(grid_run, tmp_path, capsys):
+    """The README's MLflow path (`--experiment NAME --workdir DIR`) on the grid's MLflow store:
+    the laws fitted on the curves MLflow holds are those fitted on the same curves in memory,
+    and the budgets predicted from the experiment are those of that fit. (The grid's own
+    curves are too short for a law: two runs of 14 checkpoints are logged beside them.)"""
+    import numpy as np
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from launcher.tracking import tracking
+    from launcher.workdir import Workdir
+    from sparsity_scaling.cli.laws import fit_main, predict_main
+    from sparsity_scaling.laws.curvefit import DEFAULT_WINDOW, fit_curves
+    from sparsity_scaling.laws.fitted import read_fit_file
+    from sparsity_scaling.laws.io import Curve
+    from sparsity_scaling.laws.predict import predict_tokens
+
+    tokens = [int(t) for t in np.geomspace(2.5e5, 3e6, 14)]
+    D, noise = np.asarray(tokens) / 1e9, np.random.default_rng(0).normal(0, 0.001, 14)
+    curves = {"relu": Curve("relu", tokens, np.exp(-60 * D**0.5 - 1) + 0.05 + noise, activation="relu"),
+              "silu": Curve("silu", tokens, -0.002 / D**0.5 + 0.3 + noise, activation="silu")}
+    source = ["--experiment", "laws_test", "--workdir", str(grid_run)]
+    fit = tmp_path / "fit.json"
+    with tracking(Workdir(grid_run)) as uri:  # one MLflow server, which each command below finds running
+        mlflow = MlflowClient(uri)
+        experiment = mlflow.create_experiment("laws_test")
+        for name, curve in curves.items():
+            run = mlflow.create_run(experiment, run_name=name, tags={"activation": name, "run": name}).info.run_id
+            mlflow.log_batch(run, metrics=[Metric("activation_ratio", float(a), 0, int(t))
+                                           for t, a in zip(curve.tokens, curve.activation_ratio)])
+        fitted_code = fit_main([*source, "--json", str(fit), "--bootstrap", "8"])
+        fit_err = capsys.readouterr().err
+        predicted_code = predict_main([*source, "--target", "0.06", "--json"])
+        predicted = capsys.readouterr().out
+        unknown_code = predict_main([*source, "--target", "0.06", "--model", "gelu"])
+        unknown_err = capsys.readouterr().err
+    assert fitted_code == 0 and predicted_code == 0, fit_err
+    expected = fit_curves(curves, DEFAULT_WINDOW, n_bootstrap=8)
+    fitted = json.loads(fit.read_text())["models"]
+    assert set(fitted) == {"relu", "silu"}
+    for name, result in expected.items():
+        assert fitted[name]["points_used"] == 13
+        for coefficient in result.fitted.law.coefficients:
+            assert fitted[name][coefficient] == pytest.approx(result.fitted.coefficient(coefficient), rel=1e-6)
+    predicted = json.loads(predicted)["models"]
+    assert set(predicted) == {"relu", "silu"}
+    for name, law in read_fit_file(fit).items():
+        expected = predict_tokens(law, 0.06)
+        assert predicted[name]["reachable"] == expected.reachable
+        if expected.reachable:
+            assert predicted[name]["tokens"] == pytest.approx(expected.tokens, rel=1e-6)
+    # the experiment is named where the models were looked for
+    assert unknown_code == 2 and unknown_err.count("\n") == 1, unknown_err
+    assert unknown_err.startswith("predict_tokens.py: error: experiment laws_test: no model 'gelu' (models: ")
 
 
 def test_the_shortened_demo_reports_what_mlflow_holds(grid_run):

@@ -1,4 +1,5 @@
-"""The laws refitted on the Sparsing Law paper's own data, with its windows (preset)."""
+"""The laws refitted on the Sparsing Law paper's own data, with the preset's windows (1.2B ReLU's
+published, the others inferred from the published coefficients: see laws/presets.py)."""
 
 from pathlib import Path
 

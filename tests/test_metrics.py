@@ -44,28 +44,43 @@ def _evaluator(checkpoint, tokens_path, tp=1):
 
 
 def _brute_force_cett(a: torch.Tensor, w_out: torch.Tensor, eps: float) -> float:
-    """Mean over tokens of ||sum of inactive n_i|| / ||sum of all n_i||, neuron by neuron."""
+    """Mean over tokens of ||sum of inactive n_i|| / ||sum of all n_i||, from each neuron's
+    own output n_i = W_out[:, i] a_i (not the search's masked matrix product)."""
     values = []
-    for token in a:
-        n = w_out * token  # [d, f]: column i is n_i = W_out[:, i] a_i
-        inactive = n.norm(dim=0) < eps
-        total = n.sum(dim=1).norm()
-        if total > 0:
-            values.append((n[:, inactive].sum(dim=1).norm() / total).item())
-    return float(np.mean(values))
+    for chunk in a.double().split(256):
+        n = w_out.double()[None] * chunk[:, None, :]  # [tokens, d, f]: column i is n_i
+        inactive = n.norm(dim=1) < eps
+        total = n.sum(dim=2).norm(dim=1)
+        residual = (n * inactive[:, None, :]).sum(dim=2).norm(dim=1)
+        values.append((residual / total)[total > 0])
+    return float(torch.cat(values).mean())
 
 
 def _cett_checks(checkpoint, tokens_path):
     from sparsity_scaling.metrics.search import ppl_p, solve_ppl_ratio
 
-    ev, model = _evaluator(checkpoint, tokens_path)
+    from sparsity_scaling.hf import load_target
+    from sparsity_scaling.metrics.measure import EvalData
+    from sparsity_scaling.metrics.search import Evaluator
+    from sparsity_scaling.parallel import init_parallel
+
+    init_parallel(1)
+    model = load_target(checkpoint=checkpoint)
+    forwarded = [0]  # tokens through the model, counted by a hook, not by the evaluator
+    model.register_forward_hook(lambda module, args, output: forwarded.__setitem__(0, forwarded[0] + args[0].numel()))
+    data = EvalData(torch.from_numpy(np.load(tokens_path)))
+    ev = Evaluator(model, data)
+    evaluations = []  # the threshold searches' CETT evaluations: one product W_out (a * mask) each
+    evaluate = ev.cett.cett
+    ev.cett.cett = lambda layer, eps: evaluations.append(layer) or evaluate(layer, eps)
     out = {"result": ppl_p(ev, 1.0).to_dict()}  # first: its cost counts from the dense pass
+    per_pass = 2 * sum(p.numel() for p in model.parameters() if p.dim() == 2) * data.tokens
+    search = sum(2 * ev.dense.calibration[layer].numel() * 64 for layer in evaluations)  # d_model 64
+    out["counted_passes"] = forwarded[0] / data.tokens + search / per_pass
     eps = ev.cett.thresholds(0.2)
-    out["brute"] = [
-        _brute_force_cett(ev.dense.calibration[f.layer][:300], f.output_weight(), eps[f.layer]) for f in model.ffns
-    ]
-    # on all calibration tokens (what the search used) the match is within its tolerance
-    out["search"] = [ev.cett.cett(f.layer, eps[f.layer]) for f in model.ffns]
+    # every calibration token (what the search calibrates on), each neuron's output on its own
+    out["brute"] = [_brute_force_cett(ev.dense.calibration[f.layer], f.output_weight(), eps[f.layer])
+                    for f in model.ffns]
     sweep = []
     for c in (0.05, 0.1, 0.2, 0.4, 0.8):
         sparse = ev.measure(ev.cett_rule(c))
@@ -79,18 +94,19 @@ def _cett_checks(checkpoint, tokens_path):
         sparse = ev.measure(ev.cett_rule(c))
         return Point(c, sparse.ppl / ev.dense.ppl, sparse.activation_ratio)
 
-    exact = solve_ppl_ratio(measure, 1.01, act_tol=1e-5, ratio_tol=1e-9, max_steps=40)
+    exact = solve_ppl_ratio(measure, 1.01, act_tol=1e-5, ratio_tol=1e-9, max_steps=40).point
     out["exact_activation"] = exact.activation
+    cut_short = ppl_p(ev, 1.0, max_steps=2)  # a fresh search with too few steps to converge
+    out["cut_short"] = cut_short.to_dict()
+    out["cut_short_warning"] = cut_short.convergence_warning()
     return out
 
 
 def test_cett_thresholds_and_ppl_p_match_brute_force(micro_run, tokens_file):
     checkpoint = RunDir(micro_run).checkpoints()[-1].path
     out = run_ranks(1, _cett_checks, checkpoint, tokens_file)[0]
-    for value in out["search"]:
-        assert value == pytest.approx(0.2, abs=1e-4)
-    for value in out["brute"]:  # a subset of tokens: same definition, sampling noise only
-        assert value == pytest.approx(0.2, abs=0.03)
+    for value in out["brute"]:  # within the search's tolerance on CETT (1e-4), plus rounding
+        assert value == pytest.approx(0.2, abs=1.5e-4)
     cetts, acts, ratios = zip(*out["sweep"])
     assert all(a > b for a, b in zip(acts, acts[1:])), acts  # activation falls with CETT
     assert all(a <= b + 1e-4 for a, b in zip(ratios, ratios[1:])), ratios  # PPL rises
@@ -98,7 +114,26 @@ def test_cett_thresholds_and_ppl_p_match_brute_force(micro_run, tokens_file):
     assert result["ppl_ratio"] == pytest.approx(1.01, abs=2e-3)
     assert abs(result["activation_ratio"] - out["exact_activation"]) <= 1e-3
     assert result["forward_passes"] <= 15
+    assert result["forward_passes"] == pytest.approx(out["counted_passes"], abs=1e-3)  # rounded to 3 places
     assert len(result["thresholds"]) == len(result["layer_activation_ratios"]) == 2
+    assert result["converged"] is True
+    short = out["cut_short"]
+    assert short["converged"] is False and short["extra"]["activation_gap"] > 1e-3
+    assert out["cut_short_warning"].startswith("warning: the PPL-1% search did not converge")
+
+
+def test_a_search_that_runs_out_of_steps_says_it_did_not_converge():
+    from sparsity_scaling.metrics.search import Point, solve_ppl_ratio
+
+    def measure(c):  # PPL ratio 1 + c**4: far from linear in log, so interpolation is slow
+        return Point(c, 1 + c ** 4, 1 - c)
+
+    short = solve_ppl_ratio(measure, 1.01, max_steps=3)
+    assert not short.converged and short.activation_gap > 1e-3
+    assert "did not converge" in short.warning("the search") and "uncertain by up to" in short.warning("the search")
+    full = solve_ppl_ratio(measure, 1.01)
+    assert full.converged and full.warning("the search") is None
+    assert full.point.x == pytest.approx(0.1 ** 0.5, abs=1e-3)  # 1 + c**4 = 1.01
 
 
 def _tp_result(checkpoint, tokens_path, tp):
@@ -175,11 +210,18 @@ def test_evaluate_cli_writes_result_and_reusable_thresholds(micro_run, tokens_fi
     for key in ("metric", "params", "cett", "thresholds", "layer_activation_ratios", "activation_ratio",
                 "dense_ppl", "sparse_ppl", "ppl_ratio", "tokens", "forward_passes", "seconds"):
         assert key in record
+    assert record["converged"] is True and "warning" not in result.stderr
     artifact = json.loads((tmp_path / "result.thresholds.json").read_text())
     assert artifact["key"]["p"] == 1.0 and artifact["key"]["data_hash"] == record["data_hash"]
     assert [len(v) for v in artifact["thresholds"].values()] == [160, 160]
     ratio = run_ranks(1, _apply_saved, checkpoint, tokens_file, tmp_path / "result.thresholds.json")[0]
     assert ratio == pytest.approx(record["activation_ratio"], abs=1e-9)
+    # --thresholds alone (no --json): the thresholds are written, the result printed
+    alone = tmp_path / "alone.json"
+    result = run_cli("evaluate", "--checkpoint", str(checkpoint), "--tokens", str(tokens_file), "--metric", "cett",
+                     "--value", "0.2", "--thresholds", str(alone))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(alone.read_text())["key"]["cett"] == json.loads(result.stdout)["cett"] == 0.2
 
 
 def _apply_saved(checkpoint, tokens_path, thresholds):
@@ -205,7 +247,29 @@ def test_evaluate_cli_bad_input(micro_run, tokens_file, tmp_path, args, message)
     result = run_cli("evaluate", "--checkpoint", str(checkpoint), "--tokens", str(tokens_file),
                      "--json", str(out), *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr and not out.exists()
+    assert result.stderr.count("\n") == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seq-len", "32"], "--seq-len 32: a token file gives the validation tokens and their length as they are"),
+    (["--eval-tokens", "1024"], "--eval-tokens 1024: a token file gives"),
+    (["--metric", "cett", "--value", "0.2", "--site", "gate"], "--site gate: metric cett reads its own site"),
+    (["--site", "up"], "--site up: metric ppl-p reads its own site"),
+    (["--metric", "relu", "--site", "input"], "--site input: metric relu reads its own site"),
+    (["--metric", "critical", "--rule", "cett", "--site", "gate"], "--site gate: critical with rule cett"),
+    (["--metric", "topk", "--value", "8", "--thresholds", "t.json"],
+     "--thresholds t.json: metric topk has no per-neuron thresholds; ppl-p and cett do"),
+])
+def test_evaluate_refuses_flags_it_would_ignore(tmp_path, capsys, args, message):
+    """Refused in one line before any model or data is read (in-process: nothing starts)."""
+    from sparsity_scaling.cli import main
+
+    out = tmp_path / "result.json"
+    code = main(["evaluate", "--checkpoint", str(tmp_path / "unread"), "--tokens", "unread.npy", "--json", str(out),
+                 *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"sparsity-scaling: error: {message}"), err
+    assert err.count("\n") == 1 and err.endswith("\n") and not out.exists()
 
 
 def test_evaluate_cli_refuses_incomplete_checkpoint_and_foreign_tokens(micro_run, tmp_path):
@@ -258,10 +322,10 @@ def _stabilising_checks(paths: list[str], tokens_path) -> dict:
     reloading = [ReloadingEvaluator(loader(p), data) for p in paths]
     gc.collect()
     between = len(alive)
-    bounded = stabilised_cett(reloading, 1.0)
+    bounded = stabilised_cett(reloading, 1.0).point.x
     parked = all(ev.target is None and all(layer.w_out is None for layer in ev.cett.layers.values())
                  for ev in reloading)
-    every_model_kept = stabilised_cett([Evaluator(load_target(checkpoint=p), data) for p in paths], 1.0)
+    every_model_kept = stabilised_cett([Evaluator(load_target(checkpoint=p), data) for p in paths], 1.0).point.x
     return {"between": between, "peak": peak[0], "parked": parked, "bounded": bounded, "kept": every_model_kept}
 
 
@@ -330,12 +394,11 @@ def test_a_series_of_checkpoints_gives_evaluate_runs_trajectory(micro_run, token
     batch = checkpoints[0].tokens // checkpoints[0].step
     exported = [str(export_llama(c.path, tmp_path / f"step{c.step}")) for c in checkpoints]
     ours_out, hf_out = tmp_path / "ours.json", tmp_path / "hf.json"
-    tokens = ["--token-file", str(tokens_file)]
+    tokens = ["--last", "3", "--token-file", str(tokens_file)]  # the file's tokens, all of them
     mlflow, run_id, run_dir = mlflow_run_dir(tmp_path)
-    assert run_cli("evaluate-series", *shuffled, "--out", str(ours_out), *common, *tokens,
+    assert run_cli("evaluate-series", *shuffled, "--out", str(ours_out), *tokens,
                    "--mlflow-run", str(run_dir)).returncode == 0
-    result = run_cli("evaluate-series", *exported, "--tokens-per-step", str(batch), "--out", str(hf_out),
-                     *common, *tokens)
+    result = run_cli("evaluate-series", *exported, "--tokens-per-step", str(batch), "--out", str(hf_out), *tokens)
     assert result.returncode == 0, result.stderr[-3000:]
     ours, hf = json.loads(ours_out.read_text()), json.loads(hf_out.read_text())
     assert hf["token_passed"] == ours["token_passed"]
@@ -357,3 +420,112 @@ def test_bad_series_are_refused_in_one_line(micro_run, tmp_path, args, message):
     result = run_cli("evaluate-series", *paths, "--out", str(out), *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert result.stderr.count("\n") == 1 and not out.exists()
+
+
+# --- critical sparsity: each rule against a brute-force scan of its parameter, at TP 1 and 2 ----
+
+CRITICAL_CASES = [  # (rule, site, power, tolerance in percent)
+    ("top-p", "intermediate", 1.0, 1.0), ("top-p", "gate", 1.0, 1.0), ("top-p", "up", 1.0, 1.0),
+    ("top-p", "input", 1.0, 1.0), ("top-p", "intermediate", 2.0, 1.0), ("max-p", "intermediate", 1.0, 1.0),
+    ("topk", "intermediate", 1.0, 0.05),  # tight: the critical k lies past d_f / 2 on this model
+    ("fat", "intermediate", 1.0, 1.0), ("cett", "intermediate", 1.0, 1.0),
+]
+PARAMETER = {"top-p": "p", "max-p": "p", "topk": "k", "fat": "eps", "cett": "cett"}
+SPARSER_WHEN_LARGER = {"top-p": False, "max-p": True, "topk": False, "fat": True, "cett": True}
+
+
+@pytest.fixture(scope="module")
+def silu_checkpoint(micro_run, tmp_path_factory) -> Path:
+    """The micro run's trained weights under SiLU: every neuron is active, so top-k and
+    top-p have something to cut at every k and p (the ReLU model's zeros hide the top end)."""
+    from sparsity_scaling.config import load_config
+
+    source = RunDir(micro_run).checkpoints()[-1]
+    config = load_config(source.path / "config.yaml")
+    config = config.model_copy(update={"model": config.model.model_copy(update={"activation": "silu"})})
+    run = RunDir(tmp_path_factory.mktemp("silu") / "run")
+    tmp = run.start_checkpoint(source.tokens)
+    (tmp / "model.pt").write_bytes((source.path / "model.pt").read_bytes())
+    (tmp / "config.yaml").write_text(config.to_yaml())
+    return run.finish_checkpoint(tmp, {"tokens": source.tokens, "step": source.step,
+                                       "vocab_size": config.data.vocab_size}).path
+
+
+def _scan_values(rule: str, found: float, low: float, high: float, full: bool) -> list[float]:
+    """The settings one search step sparser than the one found (one neuron for top-k, the
+    range / 2**14 otherwise), then, for a `full` scan, a uniform grid over the rule's whole
+    range and a finer one around the setting found."""
+    step = 1 if rule == "topk" else (high - low) / 2 ** 14
+    sparser = 1 if SPARSER_WHEN_LARGER[rule] else -1
+    values = [found + sparser * step]
+    if full:
+        values += [low + (high - low) * i / 4 for i in range(5)]
+        values += [found + i * max(step, (high - low) / 2 ** 9) for i in (-2, 2)]
+    return [round(x) if rule == "topk" else x for x in values if low <= x <= high]
+
+
+def _critical_checks(checkpoint, tokens_path, tp, full_scan):
+    """Each case's critical result, and settings of its rule's parameter measured directly."""
+    import torch.distributed as dist
+
+    from sparsity_scaling.evaluation.metric import measure
+    from sparsity_scaling.evaluation.settings import MetricSettings
+    from sparsity_scaling.hf import load_target
+    from sparsity_scaling.metrics.measure import EvalData
+    from sparsity_scaling.metrics.rules import FixedThreshold, MaxP, TopK, TopP
+    from sparsity_scaling.metrics.search import Evaluator
+    from sparsity_scaling.parallel import init_parallel
+
+    init_parallel(tp)
+    model = load_target(checkpoint=checkpoint, tp=tp)
+    ev = Evaluator(model, EvalData(torch.from_numpy(np.load(tokens_path)[:16])))
+    peak = torch.tensor(max(float(a.abs().max()) for a in ev.dense.calibration.values()))
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the largest activation on any rank
+    rules = {"top-p": lambda x, site, power: TopP(site=site, p=x, power=power),
+             "max-p": lambda x, site, power: MaxP(site=site, p=x),
+             "topk": lambda x, site, power: TopK(site=site, k=int(x)),
+             "fat": lambda x, site, power: FixedThreshold(site=site, eps=x),
+             "cett": lambda x, site, power: ev.cett_rule(x)}
+    ranges = {"topk": (0, 160), "fat": (0.0, float(peak))}
+    out = []
+    for rule, site, power, tolerance in CRITICAL_CASES:
+        settings = MetricSettings(metric="critical", rule=rule, site=site, power=power, tolerance=tolerance)
+        try:
+            result = measure(settings, ev, "silu")[0].to_dict()
+        except Exception as error:  # reported, so the other cases still run
+            out.append({"case": (rule, site, power, tolerance), "error": str(error)})
+            continue
+        found = result["params"][PARAMETER[rule]]
+        scan = []
+        for x in _scan_values(rule, found, *ranges.get(rule, (0.0, 1.0)), full_scan):
+            sparse = ev.measure(rules[rule](x, site, power))
+            scan.append((x, sparse.ppl / ev.dense.ppl, sparse.activation_ratio))
+        out.append({"case": (rule, site, power, tolerance), "found": found, "ppl_ratio": result["ppl_ratio"],
+                    "activation_ratio": result["activation_ratio"], "scan": scan})
+    return out
+
+
+def _check_against_scan(case: dict) -> None:
+    """Within the tolerance, no scanned setting sparser than the one found, and the setting
+    one search step sparser exceeds it."""
+    assert "error" not in case, case
+    limit = 1 + case["case"][-1] / 100
+    assert case["ppl_ratio"] <= limit, case
+    (_, sparser_ratio, _), *scan = case["scan"]
+    assert sparser_ratio > limit, case
+    for x, ratio, activation in scan:
+        assert ratio > limit or activation >= case["activation_ratio"] - 1e-9, (case["case"], case["found"], x)
+
+
+def test_critical_sparsity_is_the_sparsest_setting_within_tolerance_at_tp_1_and_2(silu_checkpoint, tokens_file):
+    """Every rule, top-p at every site and with a power; at TP 2 (where top-k counts over
+    all d_f neurons and FAT's threshold must be one across ranks) the same settings."""
+    one = run_ranks(1, _critical_checks, silu_checkpoint, tokens_file, 1, True)[0]
+    two = run_ranks(2, _critical_checks, silu_checkpoint, tokens_file, 2, False)
+    for case in one + two[0]:
+        _check_against_scan(case)
+    topk = next(c for c in one if c["case"][0] == "topk")
+    assert topk["found"] > 80  # past d_f / TP: the TP 2 search must reach it too
+    assert two[0] == two[1]  # every rank searched the same settings
+    for a, b in zip(one, two[0]):
+        assert b["found"] == pytest.approx(a["found"], rel=1e-3, abs=1e-3), (a["case"], a["found"], b["found"])

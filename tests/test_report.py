@@ -24,6 +24,13 @@ def _silu(D, noise):
     return -0.002 / D**0.5 + 0.3 + noise
 
 
+# the laws written out for scipy, and the generating coefficients as its fixed start
+INDEPENDENT = {
+    "relu": (lambda D, alpha, b, c, A0: np.exp(-c * D**alpha + b) + A0, ("alpha", "b", "c", "A0"), (0.5, -1, 60, 0.05)),
+    "silu": (lambda D, alpha, c, A0: -c / D**alpha + A0, ("alpha", "c", "A0"), (0.5, 0.002, 0.3)),
+}
+
+
 def _run(name, activation, law, seed=0):
     D = np.asarray(TOKENS) / 1e9
     ratios = law(D, np.random.default_rng(seed).normal(0, 0.001, len(D)))
@@ -128,11 +135,21 @@ def test_report_fits_the_laws_and_predicts_budgets_from_the_curves(report, resul
     from sparsity_scaling.laws.curvefit import fit_curve
     from sparsity_scaling.laws.predict import predict_tokens
 
+    from scipy.optimize import curve_fit
+
     doc, data = report
     text = doc.markdown("report_files")
     for name, run in results.items():
         refit = fit_curve(law_curve(name, *run.curve(), run.tags))
         fitted = data["runs"][name]["fit"]
+        assert "error" not in fitted and fitted["points_used"] == 13  # the default window drops 1 of 14
+        # an independent least-squares fit (scipy, from the generating coefficients) on the same points
+        tokens, ratios = map(np.asarray, zip(*run.metrics["activation_ratio"]))
+        kept = tokens >= 0.1 * tokens[-1]
+        law, names, start = INDEPENDENT[name]
+        optimum, _ = curve_fit(law, tokens[kept] / 1e9, ratios[kept], p0=start, maxfev=20000)
+        for coefficient, value in zip(names, optimum):
+            assert fitted[coefficient] == pytest.approx(value, rel=1e-4), (name, coefficient)
         for coefficient in refit.fitted.law.coefficients:
             assert fitted[coefficient] == pytest.approx(refit.fitted.coefficient(coefficient))
         A0 = refit.fitted.coefficient("A0")
@@ -165,7 +182,20 @@ def test_report_writes_markdown_with_pictures_and_self_contained_html(report, tm
         assert (tmp_path / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (tmp_path / "report.html").read_text()
     assert html.count('src="data:image/png;base64,') == 3 and "report_files" not in html
-    assert "mlflow ui" not in html or "--backend-store-uri" in html
+    # no local store in this workdir: the report links the grid's tracking server
+    assert "open http://127.0.0.1:1/#/experiments/1/runs/parent" in html and "mlflow ui" not in html
+
+
+def test_the_mlflow_command_opens_a_local_store_on_its_files(tmp_path):
+    from launcher.report import _ui_command
+
+    workdir = Workdir(tmp_path)
+    workdir.mlflow_db.parent.mkdir(parents=True)
+    workdir.mlflow_db.write_bytes(b"")
+    command = _ui_command("http://127.0.0.1:5001", workdir, "1", "parent")
+    assert command.startswith(f"mlflow ui --backend-store-uri sqlite:///{workdir.mlflow_db} "
+                              f"--artifacts-destination {workdir.mlflow_artifacts} --port 5000\n")
+    assert command.endswith("open http://127.0.0.1:5000/#/experiments/1/runs/parent")
 
 
 def test_a_curve_too_short_for_a_law_is_reported_not_hidden(tmp_path):

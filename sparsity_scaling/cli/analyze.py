@@ -84,7 +84,7 @@ def _analyze(args) -> None:
     from ..ranks import on_ranks
 
     job, job_args, metric = _job(args)
-    settings = AnalysisSettings(out=args.out, metric=metric, data=data_settings(args),
+    settings = AnalysisSettings(out=args.out, metric=metric, data=data_settings(args, args.tokens),
                                 datasets=parse_datasets(args.data or (), args.tokens or ()), tp=args.tp)
     if args.analysis != "frequency":
         settings.single_dataset(args.analysis)

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-from ..errors import UserError
-from ..evaluation.settings import CRITICAL_RULES, METRICS, DataSettings, MetricSettings
+from ..errors import SettingError, UserError
+from ..evaluation.settings import CRITICAL_RULES, METRICS, THRESHOLD_METRICS, DataSettings, MetricSettings
 from ..metrics import SITES
 from .common import ErrorLine, mlflow_arguments, mlflow_publisher, positive_int
 
 
-def data_settings(args) -> DataSettings:
-    """--data/--tokens (where the command has them), --eval-tokens, --seq-len, --batch-size."""
-    return DataSettings(text_file=getattr(args, "data", None), tokens=getattr(args, "tokens", None),
-                        eval_tokens=args.eval_tokens, seq_len=args.seq_len, batch_size=args.batch_size)
+def data_settings(args, tokens: str | None = None) -> DataSettings:
+    """--data (where the command has it), the token file `tokens`, --eval-tokens, --seq-len,
+    --batch-size. A token file fixes the validation tokens and their length, so --eval-tokens
+    and --seq-len beside it are refused rather than ignored."""
+    if tokens:
+        for name in ("eval_tokens", "seq_len"):
+            if getattr(args, name) is not None:
+                raise SettingError(name, getattr(args, name), "a token file gives the validation tokens and their "
+                                   "length as they are; use it only with --data or a run's validation split")
+    eval_tokens = DataSettings.eval_tokens if args.eval_tokens is None else args.eval_tokens
+    return DataSettings(text_file=getattr(args, "data", None), tokens=tokens, eval_tokens=eval_tokens,
+                        seq_len=args.seq_len, batch_size=args.batch_size)
 
 
 def metric_settings(args, **fixed) -> MetricSettings:
@@ -29,7 +37,10 @@ def _evaluate(args) -> None:
     if (args.checkpoint is None) == (args.hf_model is None):
         raise UserError("give exactly one of --checkpoint DIR and --hf-model DIR_OR_GGUF")
     model = ModelRef(args.checkpoint, args.hf_model)
-    metric, data = metric_settings(args), data_settings(args)
+    metric, data = metric_settings(args), data_settings(args, args.tokens)
+    if args.thresholds and metric.metric not in THRESHOLD_METRICS:
+        raise SettingError("thresholds", args.thresholds, f"metric {metric.metric} has no per-neuron thresholds; "
+                           f"{' and '.join(THRESHOLD_METRICS)} do")
     if args.checkpoint:
         model.read_checkpoint()  # a clear error before any rank starts
     on_ranks(args.tp, evaluate_model, model, metric, data, args.tp, args.json, args.thresholds,
@@ -52,8 +63,7 @@ def _evaluate_series(args) -> None:
     if args.mlflow_run and not args.out:
         raise UserError("--mlflow-run logs the trajectory file: give --out too")
     members = series_members(args.models, args.tokens, args.tokens_per_step, args.last)
-    data = DataSettings(text_file=args.data, tokens=args.token_file, eval_tokens=args.eval_tokens,
-                        seq_len=args.seq_len, batch_size=args.batch_size)
+    data = data_settings(args, args.token_file)
     with mlflow_publisher(args, folder="series") as publish:
         on_ranks(args.tp, evaluate_series, members, metric_settings(args), data, args.last, args.tp, args.out,
                  publish, report_error=ErrorLine())
@@ -66,12 +76,13 @@ def add_commands(commands) -> None:
     ev.add_argument("--metric", choices=METRICS, default="ppl-p")
     ev.add_argument("--p", type=float, default=1.0, help="PPL-p%%: allowed perplexity increase, percent")
     ev.add_argument("--value", type=float, help="the rule's parameter: CETT, k, eps or p")
-    ev.add_argument("--site", choices=SITES, default="intermediate")
+    ev.add_argument("--site", choices=SITES, default="intermediate",
+                    help="where topk, fat, top-p, max-p and critical (but its cett rule) read scores")
     ev.add_argument("--power", type=float, default=1.0, help="top-p: sum |a|**power")
     ev.add_argument("--rule", choices=CRITICAL_RULES, default="top-p",
                     help="critical: the rule whose critical sparsity is searched")
     ev.add_argument("--tolerance", type=float, default=1.0, help="critical: PPL increase allowed, percent")
-    ev.add_argument("--thresholds", help="where to write per-neuron thresholds (default: beside --json)")
+    ev.add_argument("--thresholds", help="where to write per-neuron thresholds (ppl-p, cett; default: beside --json)")
     measurement_arguments(ev)
     ev.add_argument("--data", help="validation text: .txt or .jsonl (text field)")
     ev.add_argument("--tokens", help="validation tokens: .npy int array (sequences, length)")
@@ -109,8 +120,10 @@ def measurement_arguments(parser, out: bool = True, tp: bool = True) -> None:
         parser.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel ranks to start")
     if out:
         parser.add_argument("--json", help="write the result here (atomically)")
-    parser.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens to use")
-    parser.add_argument("--seq-len", type=int, help="validation sequence length (default: the run's)")
+    parser.add_argument("--eval-tokens", type=int,
+                        help=f"validation tokens to use (default {DataSettings.eval_tokens}; not with a token file)")
+    parser.add_argument("--seq-len", type=int,
+                        help="validation sequence length (default: the run's; not with a token file)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--calibration-tokens", type=int, default=8192,
                         help="dense activations kept per rank for threshold calibration")

@@ -54,7 +54,8 @@ def fit_parser() -> Parser:
                              "one model named by its stem) or CSV (model,tokens,activation_ratio)")
     _mlflow_arguments(parser)
     parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="the paper's windows and published coefficients for its models")
+                        help="the paper's published coefficients for its models, and fitting windows (published "
+                             "for 1.2B, inferred from the coefficients for the others)")
     window = parser.add_mutually_exclusive_group()
     window.add_argument("--drop-first", type=int, metavar="K", help="drop the first K checkpoints")
     window.add_argument("--min-tokens", type=float, metavar="D",
@@ -176,14 +177,14 @@ def predict_parser() -> Parser:
 def _predict(args) -> None:
     target = check_target(args.target)
     if args.law:
-        laws = read_fit_file(args.law)
-    else:
-        fits = fit_curves(_curves([], args), DEFAULT_WINDOW)
-        laws = {name: result.fitted for name, result in fits.items()}
+        source, found = args.law, read_fit_file(args.law)
+    else:  # curves, fitted once the model is chosen
+        source, found = f"experiment {args.experiment}", _curves([], args)
     if args.model is not None:
-        if args.model not in laws:
-            raise LawError(f"{args.law}: no model {args.model!r} (models: {', '.join(laws)})")
-        laws = {args.model: laws[args.model]}
+        if args.model not in found:
+            raise LawError(f"{source}: no model {args.model!r} (models: {', '.join(found)})")
+        found = {args.model: found[args.model]}
+    laws = found if args.law else {name: result.fitted for name, result in fit_curves(found, DEFAULT_WINDOW).items()}
     predictions = [predict_tokens(fitted, target)
                    for fitted in sorted(laws.values(), key=_table_order)]
     if args.json is None:

@@ -5,6 +5,7 @@ of a grid run, and every checkpoint of a run with the stabilising strategy
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,9 +43,9 @@ def measurable(evaluator: Evaluator, model: ModelRef) -> Evaluator:
 
 def evaluate_model(model: ModelRef, metric: MetricSettings, data: DataSettings, tp: int = 1,
                    json_out: str | None = None, thresholds_out: str | None = None) -> None:
-    """Measure one model and print the result; with `json_out`, also write it there and
-    the per-neuron thresholds (if the metric has them) to `thresholds_out`, by default
-    beside it as NAME.thresholds.json."""
+    """Measure one model and print the result; with `json_out`, also write it there. The
+    per-neuron thresholds (if the metric has them) go to `thresholds_out`, by default beside
+    `json_out` as NAME.thresholds.json."""
     init_parallel(tp)
     evaluator = load_evaluator(model, data, metric, tp)
     result, thresholds = measure(metric, evaluator, model.activation(evaluator.target))
@@ -56,12 +57,19 @@ def evaluate_model(model: ModelRef, metric: MetricSettings, data: DataSettings, 
         artifact = thresholds_artifact(thresholds, key)  # collective under TP
     if dist.get_rank() != 0:
         return
+    _warn(result.convergence_warning())
     if json_out:
         write_json_atomic(json_out, record)
-        if artifact is not None:
-            json_path = Path(json_out)
-            write_json_atomic(thresholds_out or json_path.with_name(json_path.stem + ".thresholds.json"), artifact)
+        if artifact is not None and not thresholds_out:
+            thresholds_out = Path(json_out).with_name(Path(json_out).stem + ".thresholds.json")
+    if artifact is not None and thresholds_out:
+        write_json_atomic(thresholds_out, artifact)
     print(json_text(record), end="")
+
+
+def _warn(line: str | None) -> None:
+    if line:
+        print(line, file=sys.stderr, flush=True)
 
 
 def check_fits(checkpoint: Checkpoint, tp: int, free_bytes: int | None = None) -> None:
@@ -87,6 +95,8 @@ def evaluate_checkpoint(checkpoint: str | Path, metric: MetricSettings, data: Da
     ck = read_checkpoint(checkpoint)
     check_fits(ck, tp)
     result = ppl_p(load_evaluator(ModelRef(checkpoint=str(ck.path)), data, metric, tp), metric.p, on_step=on_step)
+    if dist.get_rank() == 0:
+        _warn(result.convergence_warning())
     record = result.to_dict()
     record["eval_tokens"] = record.pop("tokens")
     return {"checkpoint": ck.name, "train_tokens": ck.tokens, "step": ck.step, **record}
@@ -139,7 +149,10 @@ def stabilised_trajectory(members: list[SeriesMember], metric: MetricSettings, d
             final[member.name] = evaluator
     if not final:
         raise NonFiniteError(f"none of the {len(members)} models can be measured: {next(iter(excluded.values()))['error']}")
-    cett = stabilised_cett(list(reversed(final.values())), metric.p, on_step)
+    solution = stabilised_cett(list(reversed(final.values())), metric.p, on_step)
+    cett = solution.point.x
+    if dist.get_rank() == 0:
+        _warn(solution.warning(f"the stabilised PPL-{metric.p:g}% search"))
     points = []
     for member in members:
         if member.name in excluded:
@@ -157,8 +170,8 @@ def stabilised_trajectory(members: list[SeriesMember], metric: MetricSettings, d
         if dist.get_rank() == 0:
             print(f"{member.name}: activation ratio {result.activation_ratio:.4f}, "
                   f"PPL ratio {result.ppl_ratio:.4f}", flush=True)
-    return {"metric": "ppl-p-stabilised", "p": metric.p, "cett": cett, "last": len(final),
-            "seconds": round(time.time() - started, 3), "checkpoints": points,
+    return {"metric": "ppl-p-stabilised", "p": metric.p, "cett": cett, "converged": solution.converged,
+            "last": len(final), "seconds": round(time.time() - started, 3), "checkpoints": points,
             "excluded": sorted(excluded.values(), key=lambda e: e["tokens"])}
 
 

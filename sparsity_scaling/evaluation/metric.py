@@ -46,15 +46,16 @@ def measure(settings: MetricSettings, evaluator: Evaluator,
 
 
 def _critical(settings: MetricSettings, evaluator: Evaluator) -> SparsityResult:
-    width = max(f.local_neurons for f in evaluator.target.ffns)
+    """The search ranges are the same on every rank: k up to all neurons, eps up to the
+    largest score anywhere."""
     site, tol, power = settings.site, settings.tolerance / 100, settings.power
     if settings.rule == "top-p":
         return critical(evaluator, lambda x: TopP(site=site, p=x, power=power), 0.0, 1.0, False, tol)
     if settings.rule == "max-p":
         return critical(evaluator, lambda x: MaxP(site=site, p=x), 0.0, 1.0, True, tol)
     if settings.rule == "topk":
+        width = evaluator.width(site)
         return critical(evaluator, lambda x: TopK(site=site, k=int(x)), 0, width, False, tol, integer=True)
     if settings.rule == "cett":
         return critical(evaluator, evaluator.cett_rule, 0.0, 1.0, True, tol)
-    peak = max(float(a.abs().max()) for a in evaluator.dense.calibration.values() if a.numel())
-    return critical(evaluator, lambda x: FixedThreshold(site=site, eps=x), 0.0, peak, True, tol)
+    return critical(evaluator, lambda x: FixedThreshold(site=site, eps=x), 0.0, evaluator.peak(site), True, tol)

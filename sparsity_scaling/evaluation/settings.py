@@ -15,6 +15,7 @@ from ..metrics import check_p, check_site
 METRICS = ("ppl-p", "cett", "topk", "fat", "relu", "top-p", "max-p", "critical")
 CRITICAL_RULES = ("top-p", "max-p", "topk", "fat", "cett")
 NEEDS_VALUE = ("cett", "topk", "fat", "top-p", "max-p")  # the rule's parameter is given, not searched
+THRESHOLD_METRICS = ("ppl-p", "cett")  # the metrics with per-neuron thresholds to save
 
 
 def _positive(setting: str, value: int | None) -> None:
@@ -75,6 +76,11 @@ class MetricSettings:
         if self.metric in NEEDS_VALUE and self.value is None:
             raise MissingSetting("value", "metric", self.metric)
         check_site(self.site)
+        fixed_site = self.metric in ("cett", "ppl-p", "relu") or (self.metric == "critical" and self.rule == "cett")
+        if fixed_site and self.site != "intermediate":
+            what = "critical with rule cett" if self.metric == "critical" else f"metric {self.metric}"
+            raise SettingError("site", self.site, f"{what} reads its own site (CETT: the intermediate activation, "
+                               f"relu: the gate's zeros); site applies to topk, fat, top-p and max-p")
         if self.rule not in CRITICAL_RULES:
             raise SettingError("rule", self.rule, f"expected one of {', '.join(CRITICAL_RULES)}")
         if not self.tolerance > 0:

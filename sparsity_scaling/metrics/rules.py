@@ -141,6 +141,21 @@ def site_scores(trace: FFNTrace, site: str) -> torch.Tensor:
     return {"intermediate": trace.activation, "gate": trace.gate, "up": trace.up}[site].abs()
 
 
+class SitePeak(Probe):
+    """The largest score a rule at `site` sees on this rank (the top of FAT's search range)."""
+
+    def __init__(self, site: str):
+        self.site, self.peak = site, 0.0
+
+    def on_input(self, ffn, x):
+        if self.site == "input":
+            self.peak = max(self.peak, float(x.abs().max()))
+
+    def on_activation(self, ffn, trace):
+        if self.site != "input":
+            self.peak = max(self.peak, float(site_scores(trace, self.site).max()))
+
+
 class SparsifyingProbe(Probe):
     """Applies a rule in every FFN and counts active and total entries, and the tokens the
     FFN saw (all of them, or an MoE expert's routed ones), per layer."""

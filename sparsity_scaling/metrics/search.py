@@ -14,12 +14,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
+import torch
+
 from ..errors import UserError
 from . import check_p
 from .cett import CETTSearch
-from .measure import EvalData, SparsePass, check_vocab, dense_pass, matmul_params, sparse_pass
-from .result import SparsityResult
-from .rules import PerNeuronThreshold, Rule
+from .comm import max_all, tp_size
+from .measure import EvalData, SparsePass, check_vocab, dense_pass, loss_pass, matmul_params, sparse_pass
+from .result import SparsityResult, unconverged_warning
+from .rules import PerNeuronThreshold, Rule, SitePeak
 from .target import SparsityTarget
 
 
@@ -42,6 +45,26 @@ class Evaluator:
         self.passes += 1
         return sparse_pass(self.target, self.data, rule)
 
+    def width(self, site: str) -> int:
+        """Scores a rule at `site` ranks per token and layer: all d_f neurons of every TP rank
+        (top-k ranks the gathered neurons), or the d_model features of the FFN input."""
+        if site == "input":
+            return int(self.target.ffns[0].output_weight().shape[0])
+        return max(f.local_neurons for f in self.target.ffns) * tp_size()
+
+    def peak(self, site: str) -> float:
+        """The largest score at `site` on any rank, so every rank searches the same
+        thresholds: from the calibration activations at the intermediate site, else by one
+        pass over the data."""
+        if site == "intermediate":
+            local = max(float(a.abs().max()) for a in self.dense.calibration.values() if a.numel())
+        else:
+            probe = SitePeak(site)
+            loss_pass(self.target, self.data, probe)
+            self.passes += 1
+            local = probe.peak
+        return float(max_all(torch.tensor(local, dtype=torch.float64)))
+
     @contextmanager
     def loaded(self) -> Iterator["Evaluator"]:
         """This evaluator with its model in memory (it always is; see `ReloadingEvaluator`)."""
@@ -53,7 +76,8 @@ class Evaluator:
             thresholds=self.cett.neuron_thresholds(eps), cett=value, layer_eps=[eps[k] for k in sorted(eps)]
         )
 
-    def result(self, metric: str, rule: Rule, sparse: SparsePass, **extra) -> SparsityResult:
+    def result(self, metric: str, rule: Rule, sparse: SparsePass, converged: bool | None = None,
+               **extra) -> SparsityResult:
         cett = getattr(rule, "cett", None)
         experts = expert_ratios(self.target, sparse)
         if experts:
@@ -71,6 +95,7 @@ class Evaluator:
             seconds=round(time.time() - self.started, 3),
             cett=cett,
             thresholds=getattr(rule, "layer_eps", None),
+            converged=converged,
             extra=extra,
         )
 
@@ -116,9 +141,22 @@ class Point:
     activation: float
 
 
+@dataclass
+class Solution:
+    """Where a PPL-ratio search stopped, and whether it got there within its tolerances."""
+
+    point: Point
+    converged: bool
+    activation_gap: float | None  # the final bracket's activation ratios apart (None: never bracketed)
+
+    def warning(self, what: str) -> str | None:
+        """A line for the user when the search ran out of steps, else None."""
+        return None if self.converged else unconverged_warning(what, self.activation_gap)
+
+
 def solve_ppl_ratio(measure: Callable[[float], Point], target: float, act_tol: float = 1e-3,
                     ratio_tol: float = 1e-6, max_steps: int = 16, start: float = 0.1,
-                    known: Sequence[Point] = (), on_step: Callable[[int, Point], None] | None = None) -> Point:
+                    known: Sequence[Point] = (), on_step: Callable[[int, Point], None] | None = None) -> Solution:
     """Find the CETT value whose PPL ratio is `target`.
 
     PPL ratio and activation ratio are monotone in CETT. Bracket the target by doubling,
@@ -126,7 +164,8 @@ def solve_ppl_ratio(measure: Callable[[float], Point], target: float, act_tol: f
     the bracket's activation ratios differ by at most act_tol, so the reported activation
     ratio is within act_tol of the one at the exact CETT. Points measured before (`known`,
     e.g. by a search for another p) narrow the starting bracket and cost nothing.
-    `on_step(step, point)` hears of each measurement (a job's progress report).
+    `on_step(step, point)` hears of each measurement (a job's progress report). After
+    `max_steps` measurements it stops where it is, and says it did not converge.
     """
     lo, hi = Point(0.0, 1.0, 1.0), None
 
@@ -163,15 +202,16 @@ def solve_ppl_ratio(measure: Callable[[float], Point], target: float, act_tol: f
         if on_step is not None:
             on_step(step, last)
     candidates = [p for p in (lo, hi) if p is not None]
-    return min(candidates, key=lambda p: abs(p.ratio - target))
+    best = min(candidates, key=lambda p: abs(p.ratio - target))
+    return Solution(best, converged(last), None if hi is None else lo.activation - hi.activation)
 
 
 def ppl_p(evaluator: Evaluator, p: float, measured: dict | None = None,
-          on_step: Callable[[int, Point], None] | None = None) -> SparsityResult:
+          on_step: Callable[[int, Point], None] | None = None, max_steps: int = 16) -> SparsityResult:
     """PPL-p% sparsity: the CETT at which PPL is (1 + p/100) times the dense PPL.
 
     `measured` ({CETT: (rule, sparse pass)}) shares measurements between searches on the
-    same evaluator, e.g. a sweep over p.
+    same evaluator, e.g. a sweep over p. The result says whether the search converged.
     """
     check_p(p)
     measured = {} if measured is None else measured
@@ -185,20 +225,25 @@ def ppl_p(evaluator: Evaluator, p: float, measured: dict | None = None,
         measured[c] = (rule, evaluator.measure(rule))
         return point(c)
 
-    best = solve_ppl_ratio(measure, 1 + p / 100, known=[point(c) for c in measured], on_step=on_step)
+    solution = solve_ppl_ratio(measure, 1 + p / 100, known=[point(c) for c in measured], on_step=on_step,
+                               max_steps=max_steps)
+    best = solution.point
     if best.x not in measured:  # the search stopped at CETT 0 (dense)
         measure(best.x)
     rule, sparse = measured[best.x]
-    result = evaluator.result("ppl-p", rule, sparse)
+    result = evaluator.result("ppl-p", rule, sparse, converged=solution.converged)
     result.params["p"] = p
+    if not solution.converged:
+        result.extra["activation_gap"] = solution.activation_gap
     return result
 
 
 def stabilised_cett(evaluators: Sequence[Evaluator], p: float,
-                    on_step: Callable[[int, Point], None] | None = None) -> float:
+                    on_step: Callable[[int, Point], None] | None = None) -> Solution:
     """The paper's stabilising strategy: one CETT whose PPL ratio, averaged over the given
-    (last five) checkpoints, is 1 + p/100. Each evaluator's model is in memory only while it
-    is measured (with `ReloadingEvaluator`s: one model at a time)."""
+    (last five) checkpoints, is 1 + p/100 (where the search stopped, and whether it
+    converged). Each evaluator's model is in memory only while it is measured (with
+    `ReloadingEvaluator`s: one model at a time)."""
     check_p(p)
 
     def measure(c: float) -> Point:
@@ -210,7 +255,7 @@ def stabilised_cett(evaluators: Sequence[Evaluator], p: float,
             acts.append(sparse.activation_ratio)
         return Point(c, sum(ratios) / len(ratios), sum(acts) / len(acts))
 
-    return solve_ppl_ratio(measure, 1 + p / 100, on_step=on_step).x
+    return solve_ppl_ratio(measure, 1 + p / 100, on_step=on_step)
 
 
 def critical(evaluator: Evaluator, make_rule: Callable[[float], Rule], low: float, high: float,

@@ -1,4 +1,4 @@
-"""Benchmark: PPL-1% with our evaluator against the paper's released algorithm.
+"""Benchmark: PPL-1% with our evaluator against the paper's released algorithm (re-implemented).
 
 The released algorithm (re-implemented here from its description) bisects the CETT value
 about 20 times to a tolerance of 1e-6; every step re-runs the dense pass, searches each
@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def released_ppl_p(target, data, p: float = 1.0, tolerance: float = 1e-6, candidates: int = 65536):
-    """The released algorithm: nested bisections, the dense pass repeated at every step."""
+    """The released algorithm as its description gives it (not the released code): nested bisections,
+    the dense pass repeated at every step."""
     from sparsity_scaling.metrics.measure import dense_pass, sparse_pass
     from sparsity_scaling.metrics.rules import PerNeuronThreshold
 
@@ -115,7 +116,8 @@ def main() -> None:
         shutdown_parallel()
 
     print(f"model {model.name}, {data.tokens:,} validation tokens; forward-pass equivalents split into "
-          "dense passes, sparse passes and threshold searches")
+          "dense passes, sparse passes and threshold searches; 'released' is the paper's algorithm as "
+          "re-implemented here from its description")
     print(f"{'':10}{'activation ratio':>18}{'forward passes':>16}{'dense':>8}{'sparse':>8}{'thresholds':>12}{'seconds':>10}")
     for name, ratio, split, seconds in (("ours", ours.activation_ratio, ours_split, ours_seconds),
                                         ("released", released_ratio, released_split, released_seconds)):
