@@ -377,15 +377,15 @@ def test_a_series_of_checkpoints_gives_evaluate_runs_trajectory(micro_run, token
     """`evaluate-series` on the run's own checkpoints is `evaluate-run` (the same record, in
     the reference format); on the same checkpoints exported to Hugging Face directories
     named by step, with --tokens-per-step, it gives the same trajectory."""
+    from sparsity_scaling.cli import main
     from sparsity_scaling.hf import export_llama
 
     checkpoints = RunDir(micro_run).checkpoints()
     run_out, series_out = tmp_path / "run.json", tmp_path / "series.json"
     common = ["--last", "3", "--eval-tokens", "2048"]
-    assert run_cli("evaluate-run", str(micro_run), "--json", str(run_out), *common).returncode == 0
+    assert main(["evaluate-run", str(micro_run), "--json", str(run_out), *common]) == 0  # in process: no start-up
     shuffled = [str(c.path) for c in reversed(checkpoints)]  # any order: sorted by trained tokens
-    result = run_cli("evaluate-series", *shuffled, "--out", str(series_out), *common)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(["evaluate-series", *shuffled, "--out", str(series_out), *common]) == 0
     run, series = json.loads(run_out.read_text()), json.loads(series_out.read_text())
     assert series["token_passed"] == [c.tokens for c in checkpoints]
     assert series["activation_ratio"] == [p["activation_ratio"] for p in run["checkpoints"]]
@@ -396,10 +396,8 @@ def test_a_series_of_checkpoints_gives_evaluate_runs_trajectory(micro_run, token
     ours_out, hf_out = tmp_path / "ours.json", tmp_path / "hf.json"
     tokens = ["--last", "3", "--token-file", str(tokens_file)]  # the file's tokens, all of them
     mlflow, run_id, run_dir = mlflow_run_dir(tmp_path)
-    assert run_cli("evaluate-series", *shuffled, "--out", str(ours_out), *tokens,
-                   "--mlflow-run", str(run_dir)).returncode == 0
-    result = run_cli("evaluate-series", *exported, "--tokens-per-step", str(batch), "--out", str(hf_out), *tokens)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(["evaluate-series", *shuffled, "--out", str(ours_out), *tokens, "--mlflow-run", str(run_dir)]) == 0
+    assert main(["evaluate-series", *exported, "--tokens-per-step", str(batch), "--out", str(hf_out), *tokens]) == 0
     ours, hf = json.loads(ours_out.read_text()), json.loads(hf_out.read_text())
     assert hf["token_passed"] == ours["token_passed"]
     assert hf["activation_ratio"] == pytest.approx(ours["activation_ratio"], abs=2e-3)
@@ -414,12 +412,16 @@ def test_a_series_of_checkpoints_gives_evaluate_runs_trajectory(micro_run, token
     (["--last", "9"], "--last 9: the series has only 3 models"),
     (["--tokens", "1e6", "1e6", "2e6", "--last", "2"], "share the trained-token count 1,000,000"),
 ])
-def test_bad_series_are_refused_in_one_line(micro_run, tmp_path, args, message):
+def test_bad_series_are_refused_in_one_line(micro_run, tmp_path, args, message, capfd):
+    from sparsity_scaling.cli import main
+
     paths = [str(c.path) for c in RunDir(micro_run).checkpoints()[:3]]
     out = tmp_path / "series.json"
-    result = run_cli("evaluate-series", *paths, "--out", str(out), *args)
-    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
-    assert result.stderr.count("\n") == 1 and not out.exists()
+    capfd.readouterr()
+    status = main(["evaluate-series", *paths, "--out", str(out), *args])
+    err = capfd.readouterr().err
+    assert status == 2 and message in err, err[-2000:]
+    assert err.count("\n") == 1 and not out.exists()
 
 
 # --- critical sparsity: each rule against a brute-force scan of its parameter, at TP 1 and 2 ----

@@ -12,6 +12,7 @@ is not on this machine is refused with one line saying how to provide it.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import random
@@ -124,16 +125,22 @@ def smoke_tasks_dir(cache: Path) -> Path:
 def task_manager(include_paths: list[str], cache: Path, tasks: tuple[str, ...] = ()):
     """lm-eval's task index over the smoke tasks and `include_paths`, and over its registry
     too unless they hold every one of `tasks` (indexing the registry takes seconds)."""
-    from lm_eval.tasks import TaskManager
-
     for path in include_paths:
         if not Path(path).is_dir():
             raise SettingError("include_path", path, "not a directory")
-    paths = [str(smoke_tasks_dir(cache)), *include_paths]
-    local = TaskManager(include_path=paths, include_defaults=False)
+    paths = (str(smoke_tasks_dir(cache)), *include_paths)
+    local = _index(paths, registry=False)
     if tasks and all(name in local.all_tasks for name in tasks):
         return local
-    return TaskManager(include_path=paths)
+    return _index(paths, registry=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _index(paths: tuple[str, ...], registry: bool):
+    """One task index per set of directories in a process (the registry's takes seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths), include_defaults=registry)
 
 
 def load_task(name: str, manager) -> dict:
