@@ -305,36 +305,16 @@ class RunDir:
 
     def sparsity_record(self) -> dict | None:
         """sparsity.json (the stabilised curve), or None before evaluate-run wrote it."""
-        if not self.sparsity.is_file():
-            return None
-        try:
-            record = json.loads(self.sparsity.read_text())
-            record["checkpoints"][0]["activation_ratio"]
-        except (ValueError, KeyError, TypeError, IndexError) as error:
-            raise UserError(f"{self.sparsity}: not a sparsity record of evaluate-run ({error})") from None
-        return record
+        return _record(self.sparsity, "a sparsity record of evaluate-run",
+                       lambda r: r["checkpoints"][0]["activation_ratio"])
 
     def speedup_record(self) -> dict | None:
         """speedup.json (decode latencies, dense against sparse), or None if never measured."""
-        if not self.speedup.is_file():
-            return None
-        try:
-            record = json.loads(self.speedup.read_text())
-            record["points"][0]["ffn_speedup"]
-        except (ValueError, KeyError, TypeError, IndexError) as error:
-            raise UserError(f"{self.speedup}: not a record of sparsity-scaling speedup ({error})") from None
-        return record
+        return _record(self.speedup, "a record of sparsity-scaling speedup", lambda r: r["points"][0]["ffn_speedup"])
 
     def downstream_record(self) -> dict | None:
         """downstream.json (task scores, dense against sparse), or None if never measured."""
-        if not self.downstream.is_file():
-            return None
-        try:
-            record = json.loads(self.downstream.read_text())
-            record["rows"], record["tasks"]
-        except (ValueError, KeyError, TypeError) as error:
-            raise UserError(f"{self.downstream}: not a record of sparsity-scaling downstream ({error})") from None
-        return record
+        return _record(self.downstream, "a record of sparsity-scaling downstream", lambda r: (r["rows"], r["tasks"]))
 
     # ------------------------------------------------------------ writing
 
@@ -445,3 +425,16 @@ class RunDir:
             for path in self.checkpoints_dir.iterdir():
                 if path.name.startswith(TMP_PREFIX):
                     shutil.rmtree(path, ignore_errors=True)
+
+
+def _record(path: Path, what: str, check) -> dict | None:
+    """A JSON record of the run, or None if it was never written; `check(record)` reads the
+    fields its readers rely on, so a file of another kind is one clear error."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        check(record)
+    except (ValueError, KeyError, TypeError, IndexError) as error:
+        raise UserError(f"{path}: not {what} ({error})") from None
+    return record
