@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import UserError
 from .analyze import ANALYSIS_METRICS
 from .common import ErrorLine, mlflow_arguments, mlflow_publisher
-from .evaluate import data_settings, metric_settings
+from .evaluate import data_settings, measurement_arguments, metric_settings
 
 SMOKE_HINT = "sparsity_smoke (the suite's own offline smoke tasks)"
 
@@ -31,7 +31,8 @@ def _downstream(args) -> None:
         raise UserError("give either --thresholds or a --metric, not both")
     spec = parse_models([args.model], [args.thresholds] if args.thresholds else None)[0]
     analysis = AnalysisSettings(out=str(Path(args.json).parent) if args.json else ".",
-                                metric=None if args.thresholds else metric_settings(args), data=data_settings(args),
+                                metric=None if args.thresholds else metric_settings(args),
+                                data=data_settings(args, args.tokens),
                                 datasets=parse_datasets([args.data] if args.data else (),
                                                         [args.tokens] if args.tokens else ()))
     with mlflow_publisher(args, folder="downstream") as publish:
@@ -66,9 +67,6 @@ def add_commands(commands) -> None:
     down.add_argument("--power", type=float, default=1.0, action=_Given, help="top-p: sum |a|**power")
     down.add_argument("--data", help="validation text for the threshold search (default: the run's validation split)")
     down.add_argument("--tokens", help="validation tokens for the threshold search: .npy (sequences, length)")
-    down.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens for the threshold search")
-    down.add_argument("--seq-len", type=int, help="validation sequence length (default: the run's)")
-    down.add_argument("--batch-size", type=int, default=8)
-    down.add_argument("--calibration-tokens", type=int, default=8192)
+    measurement_arguments(down, out=False, tp=False)  # the threshold search's data sizes
     mlflow_arguments(down)
     down.set_defaults(run=_downstream, metric_given=False)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from ..formatting import duration
 from ..metrics.rules import Rule, SparsifyingProbe
 
 DEFAULT_MAX_GEN_TOKENS = 256
@@ -171,4 +172,4 @@ class _Clock:
         self.last = now
         rate = self.done / max(now - self.started, 1e-9)
         eta = (self.total - self.done) / rate if rate else 0.0
-        self.say(f"  {self.what}: {self.done}/{self.total} requests, {rate:.1f}/s, ETA {eta:.0f} s")
+        self.say(f"  {self.what}: {self.done}/{self.total} requests, {rate:.1f}/s, ETA {duration(eta)}")
