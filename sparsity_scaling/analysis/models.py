@@ -20,7 +20,7 @@ from ..evaluation.metric import fixed_rule
 from ..formatting import short_count
 from ..hf.paths import model_kind
 from ..metrics.measure import EvalData
-from ..metrics.result import load_thresholds
+from ..metrics.result import thresholds_probe
 from ..metrics.rules import PerNeuronThreshold, Rule
 from ..metrics.search import Evaluator, ppl_p
 from ..rundir import RunDir, read_checkpoint
@@ -75,8 +75,8 @@ def parse_models(texts: list[str], thresholds: list[str] | None = None) -> list[
 
 def _saved_thresholds(spec: ModelSpec, target) -> PerNeuronThreshold:
     try:
-        probe = load_thresholds(spec.thresholds)
-        made_for = json.loads(Path(spec.thresholds).read_text()).get("key", {}).get("model")
+        artifact = json.loads(Path(spec.thresholds).read_text())  # read once: it holds every neuron's threshold
+        probe, made_for = thresholds_probe(artifact), artifact.get("key", {}).get("model")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise SettingError("thresholds", spec.thresholds, f"not a thresholds file ({error})") from None
     widths = {f.layer: f.local_neurons for f in target.ffns}

@@ -60,7 +60,11 @@ def thresholds_artifact(neuron_thresholds: dict[int, torch.Tensor], key: dict) -
 
 def load_thresholds(path: str | Path) -> ThresholdNeurons:
     """A probe that applies saved thresholds to a model of any TP size (for later inference)."""
-    data = json.loads(Path(path).read_text())
+    return thresholds_probe(json.loads(Path(path).read_text()))
+
+
+def thresholds_probe(artifact: dict) -> ThresholdNeurons:
+    """The probe of a thresholds artifact already read (see `thresholds_artifact`)."""
     return ThresholdNeurons(
-        {int(k): local_slice(torch.tensor(v)) for k, v in data["thresholds"].items()}
+        {int(k): local_slice(torch.tensor(v)) for k, v in artifact["thresholds"].items()}
     )
