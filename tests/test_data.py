@@ -35,6 +35,28 @@ def test_default_corpus_has_code_and_docs_split_disjointly():
     assert again.train_hash == split.train_hash and again.valid_hash == split.valid_hash
 
 
+def test_the_default_corpus_as_code_or_prose_for_data_prepare(tmp_path, capsys):
+    """`data stdlib --subset`: the decay demo's two kinds of text, as JSONL `data prepare` reads."""
+    import itertools
+
+    from sparsity_scaling.cli import main
+    from sparsity_scaling.data.corpus import stdlib_documents, stdlib_subset
+    from sparsity_scaling.data.sources import corpus_documents
+
+    prose = list(itertools.islice(stdlib_subset("prose"), 20))
+    assert all(d.id.startswith("prose/code/") for d in prose)  # docstrings first, documentation topics last
+    source = next(d for d in stdlib_documents() if d.id == prose[0].id.removeprefix("prose/"))
+    lines = [line for paragraph in prose[0].text.split("\n\n") for line in paragraph.splitlines()]
+    assert all(line.strip() in source.text for line in lines)  # its docstrings (dedented), nothing else
+    out = tmp_path / "code.jsonl"
+    assert main(["data", "stdlib", str(out), "--subset", "code"]) == 0
+    written = corpus_documents([str(out)])
+    assert [next(written) for _ in range(3)] == [d.text for d in itertools.islice(stdlib_subset("code"), 3)]
+    assert "documents" in capsys.readouterr().out
+    assert main(["data", "stdlib", str(tmp_path / "code.txt"), "--subset", "code"]) == 2
+    assert not (tmp_path / "code.txt").exists()
+
+
 def test_prepared_data_is_megatron_format_and_records_the_split(tmp_path):
     data = prepare_data(DataConfig(**SMALL))
     for prefix, key in ((data.train[0], "train_tokens"), (data.valid[0], "valid_tokens")):

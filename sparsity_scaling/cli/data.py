@@ -31,6 +31,19 @@ def _prepare(args) -> None:
     prepare_corpus(settings, args.address)
 
 
+def _stdlib(args) -> None:
+    from ..data.corpus import stdlib_documents, stdlib_subset
+    from ..errors import UserError
+    from ..files import json_line, write_text_atomic
+
+    if not args.out.endswith(".jsonl"):
+        raise UserError(f"{args.out}: must name a .jsonl file (what `data prepare` reads)")
+    docs = list(stdlib_documents() if args.subset == "all" else stdlib_subset(args.subset))
+    write_text_atomic(args.out, "".join(json_line({"id": d.id, "text": d.text}) + "\n" for d in docs))
+    size = sum(len(d.text.encode()) for d in docs)
+    print(f"{len(docs):,} documents, {size / 1e6:.1f} MB of {args.subset} -> {args.out}")
+
+
 def add_commands(commands) -> None:
     data = commands.add_parser("data", help="prepare corpora for training")
     sub = data.add_subparsers(dest="data_command", required=True)
@@ -56,3 +69,8 @@ def add_commands(commands) -> None:
     prepare.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray); "
                          "inputs and PREFIX must be on storage every node sees")
     prepare.set_defaults(run=_prepare)
+    stdlib = sub.add_parser("stdlib", help="write the built-in corpus (this Python's standard library) as JSONL "
+                            "for `data prepare`: whole, its code, or its prose (documentation topics and docstrings)")
+    stdlib.add_argument("out", metavar="OUT.jsonl")
+    stdlib.add_argument("--subset", choices=("all", "code", "prose"), default="all")
+    stdlib.set_defaults(run=_stdlib)

@@ -8,6 +8,7 @@ document (or an identical copy of it) is never in both splits.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import sysconfig
@@ -54,6 +55,33 @@ def stdlib_documents() -> Iterator[Document]:
 
     for name in sorted(topics):
         yield Document(f"doc/{name}", topics[name])
+
+
+def prose_paragraphs(doc: Document) -> list[str]:
+    """The natural-language text of a default-corpus document: a documentation topic whole,
+    or a code file's docstrings (module, class and function), cut into paragraphs."""
+    texts = [doc.text]
+    if doc.kind == "code":
+        try:
+            tree = ast.parse(doc.text)
+        except (SyntaxError, ValueError):
+            return []
+        texts = [ast.get_docstring(node) or "" for node in ast.walk(tree)
+                 if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    return [p for text in texts for p in text.split("\n\n") if p.strip()]
+
+
+def stdlib_subset(subset: str) -> Iterator[Document]:
+    """One side of the default corpus, for training on one kind of text (the decay demo: code,
+    then prose): `code`, the source files; `prose`, the documentation topics and each source
+    file's docstrings as one document."""
+    for doc in stdlib_documents():
+        if subset == "code" and doc.kind == "code":
+            yield doc
+        elif subset == "prose":
+            paragraphs = prose_paragraphs(doc)
+            if paragraphs:
+                yield Document(f"prose/{doc.id}", "\n\n".join(paragraphs))
 
 
 def _jsonl_documents(path: Path) -> Iterator[Document]:

@@ -11,14 +11,13 @@ is not on this machine is refused with one line saying how to provide it.
 
 from __future__ import annotations
 
-import ast
 import functools
 import json
 import os
 import random
 from pathlib import Path
 
-from ..data.corpus import Document, load_documents, split_documents
+from ..data.corpus import Document, load_documents, prose_paragraphs, split_documents
 from ..errors import SettingError, UserError
 from ..files import write_text_atomic
 
@@ -40,27 +39,11 @@ def go_offline() -> None:
 # ---------------------------------------------------------------- the smoke tasks
 
 
-def _paragraphs(docs: list[Document]) -> list[str]:
-    """Prose paragraphs: documentation topics, and the docstrings of code documents."""
-    out = []
-    for doc in docs:
-        texts = [doc.text]
-        if doc.kind == "code":
-            try:
-                tree = ast.parse(doc.text)
-            except (SyntaxError, ValueError):
-                continue
-            texts = [ast.get_docstring(node) or "" for node in ast.walk(tree)
-                     if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
-        out += [p for text in texts for p in text.split("\n\n")]
-    return out
-
-
 def _prose_items(docs: list[Document], rng: random.Random) -> list[dict]:
     """Prose: 14 words of a paragraph; which of 4 six-word continuations follows (the other
     three end other paragraphs at the same place)."""
     spans = []
-    for paragraph in _paragraphs(docs):
+    for paragraph in (p for doc in docs for p in prose_paragraphs(doc)):
         words = paragraph.split()
         if len(words) >= 20 and all(w.isprintable() for w in words):
             spans.append((" ".join(words[:14]), " " + " ".join(words[14:20])))
