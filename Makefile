@@ -7,8 +7,10 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
+CLI := $(VENV)/bin/sparsity-scaling
+CORPORA := runs/corpora
 
-.PHONY: demo test install clean
+.PHONY: demo decay-demo test install clean
 
 install: $(STAMP)
 
@@ -20,6 +22,20 @@ $(STAMP): setup.cfg pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/sparsity-scaling grid submit configs/grids/demo.yaml --workdir $(DEMO_DIR)
+
+# The decay stage (configs/grids/decay.yaml): code, then prose once the decay starts, against
+# code throughout; the corpora share the tokenizer trained on the code.
+decay-demo: $(CORPORA)/code.json $(CORPORA)/prose.json
+	$(CLI) grid submit configs/grids/decay.yaml --workdir runs/decay
+
+$(CORPORA)/%.jsonl: $(STAMP)
+	$(CLI) data stdlib $@ --subset $*
+
+$(CORPORA)/code.json: $(CORPORA)/code.jsonl
+	$(CLI) data prepare $< --out $(CORPORA)/code --tokenizer train:512
+
+$(CORPORA)/prose.json: $(CORPORA)/prose.jsonl $(CORPORA)/code.json
+	$(CLI) data prepare $< --out $(CORPORA)/prose --tokenizer $(CORPORA)/code.model
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -14,7 +14,9 @@
                                        # ratios; lm-eval tasks scored dense and sparse
     max_failures: 3
 
-Run names come from the axis values, or an axis' `label` list (no timestamps), so
+Paths in a grid file (base, and data paths: data.tokenizer, data.blend[].prefix,
+train.decay_data[].prefix, ...) are relative to the grid file, so a grid and its corpora
+travel together. Run names come from the axis values, or an axis' `label` list (no timestamps), so
 resubmitting finds the same runs.
 """
 
@@ -248,6 +250,7 @@ def load_grid(path: str | Path) -> Grid:
         seen[name] = point
         base = str((path.parent / point.get("base", spec.base)).resolve())
         values = {**spec.overrides, **{k: v for k, v in point.items() if k != "base"}, **spec.points.get(name, {})}
+        values = {key: _from_grid_file(key, value, path.parent) for key, value in values.items()}
         values["parallel.tp"] = spec.resources.tp
         overrides = tuple(f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
                           for k, v in values.items())
@@ -264,6 +267,25 @@ def load_grid(path: str | Path) -> Grid:
     if unknown:
         raise UserError(f"{path}: points: {sorted(unknown)} match no run of the grid")
     return Grid(path, spec, runs)
+
+
+PATH_FIELDS = ("data.corpus", "data.train_prefix", "data.valid_prefix", "data.tokenizer", "data.cache_dir")
+BLEND_FIELDS = ("data.blend", "train.decay_data")
+
+
+def _from_grid_file(key: str, value: Any, folder: Path) -> Any:
+    """A data path written in the grid file, made absolute from the grid file's folder (the
+    built-in corpus `stdlib` and absolute paths stay as they are)."""
+    def absolute(text):
+        if not isinstance(text, str) or text == "stdlib" or Path(text).expanduser().is_absolute():
+            return text
+        return str((folder / text).resolve())
+
+    if key in PATH_FIELDS:
+        return absolute(value)
+    if key in BLEND_FIELDS and isinstance(value, list):
+        return [{**part, "prefix": absolute(part.get("prefix"))} if isinstance(part, dict) else part for part in value]
+    return value
 
 
 def _amount(value: float) -> str:

@@ -284,6 +284,22 @@ def test_invalid_grids_are_refused_before_anything_runs(tmp_path, grid_text, mes
     assert result.stderr.count("\n") == 1
 
 
+def test_data_paths_in_a_grid_file_are_relative_to_it():
+    """The decay demo's grid names its corpora relative to itself, as `base`: each run gets
+    them absolute (Ray workers do not share the driver's working directory)."""
+    from launcher.grid import load_grid
+
+    corpora = (REPO / "runs" / "corpora").resolve()
+    runs = {spec.name: spec.config for spec in load_grid(REPO / "configs" / "grids" / "decay.yaml").runs}
+    assert set(runs) == {"code_only", "prose_decay"}
+    for config in runs.values():
+        assert config.data.tokenizer == str(corpora / "code.model")
+        assert [part.prefix for part in config.data.blend] == [str(corpora / "code")]
+        assert config.data.corpus == "stdlib"  # the built-in corpus' name is not a path
+    assert runs["code_only"].train.decay_data is None
+    assert [part.prefix for part in runs["prose_decay"].train.decay_data] == [str(corpora / "prose")]
+
+
 def test_evaluation_resources_no_node_has_are_refused_before_anything_runs(tmp_path, ray_address):
     grid = tmp_path / "grid.yaml"
     grid.write_text(f"name: g\nbase: {REPO / 'configs' / 'models' / 'micro.yaml'}\nevaluation: {{gpus: 1}}\n")
