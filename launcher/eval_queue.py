@@ -67,10 +67,10 @@ class _Rank:
                 shutdown_parallel()
 
 
-def run_job(evaluation: Evaluation, wait_s: float, run: RunDir, job: str, fn, *args):
+def run_job(evaluation: Evaluation, wait_s: float, log: Path, job: str, fn, *args):
     """fn(*args) on `evaluation.tp` ranks that form one process group (a placement group of
     one bundle per rank); rank 0's result. fn runs `init_parallel(tp)` and lets rank 0 write.
-    The ranks' output goes to the run's evaluation log. Waits for room on the cluster, but
+    The ranks' output goes to `log` (a run's evaluation log). Waits for room on the cluster, but
     stops after `wait_s` seconds in which no node could hold a rank at all."""
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -85,7 +85,7 @@ def run_job(evaluation: Evaluation, wait_s: float, run: RunDir, job: str, fn, *a
                                scheduling_strategy=PlacementGroupSchedulingStrategy(group, index)).remote()
                  for index in range(evaluation.tp)]
         master = ray.get(ranks[0].address.remote())
-        results = ray.get([r.run.remote(i, evaluation.tp, master, str(run.evaluation_log), fn, *args) for i, r in enumerate(ranks)])
+        results = ray.get([r.run.remote(i, evaluation.tp, master, str(log), fn, *args) for i, r in enumerate(ranks)])
     finally:
         remove_placement_group(group)
     return results[0]
@@ -172,7 +172,7 @@ JOB = {**ON_HEAD, "retry_exceptions": [ray.exceptions.RayActorError], "max_retri
 def evaluate_checkpoint_task(checkpoint: str, evaluation: Evaluation, gate, wait_s: float) -> dict | None:
     _after_training(gate)
     run = read_checkpoint(checkpoint).run
-    record = run_job(evaluation, wait_s, run, Path(checkpoint).name, _checkpoint_job, checkpoint, evaluation)
+    record = run_job(evaluation, wait_s, run.evaluation_log, Path(checkpoint).name, _checkpoint_job, checkpoint, evaluation)
     sync_run(run.path)
     return record
 
@@ -180,7 +180,7 @@ def evaluate_checkpoint_task(checkpoint: str, evaluation: Evaluation, gate, wait
 @ray.remote
 def evaluate_run_task(run_dir: str, evaluation: Evaluation, gate, wait_s: float) -> None:
     _after_training(gate)
-    run_job(evaluation, wait_s, RunDir(run_dir), "stabilised", _stabilised_job, run_dir, evaluation)
+    run_job(evaluation, wait_s, RunDir(run_dir).evaluation_log, "stabilised", _stabilised_job, run_dir, evaluation)
     plot_run(RunDir(run_dir))
     sync_run(run_dir)
 
@@ -189,7 +189,7 @@ def evaluate_run_task(run_dir: str, evaluation: Evaluation, gate, wait_s: float)
 def pareto_task(run_dir: str, evaluation: Evaluation, gate, wait_s: float) -> None:
     """The Pareto curves at the last checkpoint (one rank with the job's per-rank resources)."""
     _after_training(gate)
-    run_job(evaluation.model_copy(update={"tp": 1}), wait_s, RunDir(run_dir), "pareto", _pareto_job, run_dir,
+    run_job(evaluation.model_copy(update={"tp": 1}), wait_s, RunDir(run_dir).evaluation_log, "pareto", _pareto_job, run_dir,
             evaluation)
     sync_run(run_dir)
 

@@ -326,9 +326,9 @@ def test_an_evaluation_job_across_two_tensor_parallel_ranks_matches_one_rank(mic
     ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
     try:
         one_rank = Evaluation(eval_tokens=4096, cpus=1)
-        one = run_job(one_rank, 60, RunDir(run), "one", _checkpoint_job, checkpoint, one_rank)
+        one = run_job(one_rank, 60, RunDir(run).evaluation_log, "one", _checkpoint_job, checkpoint, one_rank)
         two_ranks = Evaluation(eval_tokens=4096, cpus=1, tp=2)
-        two = run_job(two_ranks, 60, RunDir(run), "two", _checkpoint_job, checkpoint, two_ranks)
+        two = run_job(two_ranks, 60, RunDir(run).evaluation_log, "two", _checkpoint_job, checkpoint, two_ranks)
     finally:
         ray.shutdown()
     assert two["activation_ratio"] == pytest.approx(one["activation_ratio"], abs=2e-3)
@@ -339,6 +339,32 @@ def test_an_evaluation_job_across_two_tensor_parallel_ranks_matches_one_rank(mic
     assert written == two  # rank 0 wrote it, once
     assert not RunDir(run).running_jobs()  # the job's status went with its result
     assert "Traceback" not in RunDir(run).evaluation_log.read_text()  # the ranks' output
+
+
+def test_a_series_measured_as_cluster_jobs_is_the_grids_own_trajectory(grid_run, ray_address, tmp_path, capsys):
+    """`evaluate-series --address`: the CETT search, then one job per model at once, gives
+    the stabilised trajectory the grid computed for the run in one job."""
+    import ray
+
+    from sparsity_scaling.cli import main
+
+    run = RunDir(grid_run / "runs" / "relu")
+    out = tmp_path / "series.json"
+    checkpoints = [str(c.path) for c in run.checkpoints()]
+    try:
+        status = main(["evaluate-series", *checkpoints, "--address", ray_address, "--cpus", "0.5", "--out", str(out),
+                       "--last", "3", "--eval-tokens", "2048", "--calibration-tokens", "1024"])
+    finally:
+        ray.shutdown()
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    series, grid = json.loads(out.read_text()), run.sparsity_record()
+    assert series["cett"] == grid["cett"] and series["last"] == grid["last"] == 3
+    assert series["token_passed"] == [p["tokens"] for p in grid["checkpoints"]]
+    assert series["activation_ratio"] == pytest.approx([p["activation_ratio"] for p in grid["checkpoints"]],
+                                                       rel=1e-9)
+    assert f"[{len(checkpoints)}/{len(checkpoints)}]" in printed  # a line per finished job
+    assert f"{Path(checkpoints[-1]).name}: activation ratio" in (tmp_path / "series.json.log").read_text()
 
 
 def test_a_checkpoint_too_large_for_one_device_is_refused_with_the_tp_it_needs(micro_run):

@@ -56,17 +56,30 @@ def _evaluate_run(args) -> None:
 
 
 def _evaluate_series(args) -> None:
-    from ..evaluation.jobs import evaluate_series
+    from ..evaluation.jobs import evaluate_series, write_series
     from ..evaluation.series import series_members
     from ..ranks import on_ranks
 
     if args.mlflow_run and not args.out:
         raise UserError("--mlflow-run logs the trajectory file: give --out too")
+    if args.address and not args.out:
+        raise UserError("--address runs the series as cluster jobs, whose result is a file: give --out too")
     members = series_members(args.models, args.tokens, args.tokens_per_step, args.last)
-    data = data_settings(args, args.token_file)
+    metric, data = metric_settings(args), data_settings(args, args.token_file)
     with mlflow_publisher(args, folder="series") as publish:
-        on_ranks(args.tp, evaluate_series, members, metric_settings(args), data, args.last, args.tp, args.out,
-                 publish, report_error=ErrorLine())
+        if not args.address:
+            on_ranks(args.tp, evaluate_series, members, metric, data, args.last, args.tp, args.out, publish,
+                     report_error=ErrorLine())
+            return
+        from launcher.grid import Evaluation
+        from launcher.series import evaluate_series_on_ray
+
+        if args.cpus <= 0 or args.gpus < 0:
+            raise SettingError("cpus" if args.cpus <= 0 else "gpus", args.cpus if args.cpus <= 0 else args.gpus,
+                               "a rank needs some CPU and no negative GPU")
+        ranks = Evaluation(tp=args.tp, cpus=args.cpus, gpus=args.gpus)
+        record = evaluate_series_on_ray(members, metric, data, args.last, ranks, args.address, f"{args.out}.log")
+        write_series(record, len(members), args.out, publish)
 
 
 def add_commands(commands) -> None:
@@ -109,6 +122,11 @@ def add_commands(commands) -> None:
     series.add_argument("--out", help="the trajectory (token_passed, activation_ratio, details) as JSON")
     series.add_argument("--data", help="validation text: .txt or .jsonl (text field)")
     series.add_argument("--token-file", help="validation tokens: .npy int array (sequences, length)")
+    series.add_argument("--address", help="run the evaluation as jobs on this Ray cluster (`local`: a local Ray): "
+                        "the CETT search, then every model at once as the cluster holds them; needs --out, "
+                        "the ranks' output goes to OUT.log")
+    series.add_argument("--cpus", type=float, default=1, help="with --address: CPUs of each rank")
+    series.add_argument("--gpus", type=float, default=0, help="with --address: GPUs of each rank")
     measurement_arguments(series, out=False)
     mlflow_arguments(series)
     series.set_defaults(run=_evaluate_series)

@@ -112,67 +112,91 @@ class SeriesMember:
     step: int | None = None
 
 
-def stabilised_trajectory(members: list[SeriesMember], metric: MetricSettings, data: DataSettings, last: int = 5,
-                          tp: int = 1, on_step: Callable[[int, Point], None] | None = None) -> dict:
-    """The paper's stabilising strategy over a series (oldest first): one CETT whose mean PPL
-    ratio over the `last` newest models is 1 + p/100, then applied to every model. The
-    record `evaluate-run` writes; every rank returns it. `on_step` hears each search step."""
+def _left_out(member: SeriesMember, error: NonFiniteError) -> dict:
+    """The record of a model that cannot be measured (non-finite weights or perplexity)."""
+    if dist.get_rank() == 0:
+        print(f"{member.name}: left out: {error}", flush=True)
+    return {"checkpoint": member.name, "tokens": member.tokens, "error": str(error)}
+
+
+@dataclass
+class SeriesSearch:
+    """The stabilising strategy's CETT over a series' newest models."""
+
+    cett: float
+    converged: bool
+    final: dict[str, Evaluator]  # the `last` newest measurable models, calibrated, weights parked
+    excluded: dict[str, dict]  # name -> why: models left out of the trajectory
+
+
+def search_series(members: list[SeriesMember], metric: MetricSettings, data: DataSettings, last: int = 5,
+                  tp: int = 1, on_step: Callable[[int, Point], None] | None = None) -> SeriesSearch:
+    """The paper's stabilising strategy (members oldest first): one CETT whose mean PPL ratio
+    over the `last` newest measurable models is 1 + p/100. One model in memory at a time:
+    the others keep only their calibration. `on_step` hears each search step."""
     if last < 1:
         raise SettingError("last", last, "must be at least 1")
     init_parallel(tp)
     if members[-1].model.checkpoint:
         check_fits(members[-1].model.read_checkpoint(), tp)
-    started = time.time()
-
-    excluded = {}  # name -> why: members that cannot be measured, left out of the trajectory
-
-    def attempt(member: SeriesMember, load: Callable[[], Evaluator]) -> Evaluator | None:
-        try:
-            return load()
-        except NonFiniteError as error:
-            excluded[member.name] = {"checkpoint": member.name, "tokens": member.tokens, "error": str(error)}
-            if dist.get_rank() == 0:
-                print(f"{member.name}: left out: {error}", flush=True)
-            return None
-
-    def reloading(member: SeriesMember) -> Evaluator:
-        return measurable(ReloadingEvaluator(lambda: member.model.load(tp), load_eval_data(member.model, data),
-                                             metric.calibration_tokens), member.model)
-
-    # one model in memory at a time: the last measurable members keep only their calibration
-    final: dict[str, Evaluator] = {}
+    final, excluded = {}, {}
     for member in reversed(members):
         if len(final) == last:
             break
-        evaluator = attempt(member, lambda: reloading(member))
-        if evaluator is not None:
-            final[member.name] = evaluator
+        try:
+            final[member.name] = measurable(ReloadingEvaluator(lambda m=member: m.model.load(tp),
+                                                               load_eval_data(member.model, data),
+                                                               metric.calibration_tokens), member.model)
+        except NonFiniteError as error:
+            excluded[member.name] = _left_out(member, error)
     if not final:
         raise NonFiniteError(f"none of the {len(members)} models can be measured: {next(iter(excluded.values()))['error']}")
     solution = stabilised_cett(list(reversed(final.values())), metric.p, on_step)
-    cett = solution.point.x
     if dist.get_rank() == 0:
         _warn(solution.warning(f"the stabilised PPL-{metric.p:g}% search"))
-    points = []
+    return SeriesSearch(solution.point.x, solution.converged, dict(reversed(final.items())), excluded)
+
+
+def measure_member(member: SeriesMember, cett: float, metric: MetricSettings, data: DataSettings, tp: int = 1,
+                   evaluator: Evaluator | None = None) -> dict:
+    """One model of a series at the series' CETT: its point of the trajectory (NonFiniteError
+    if it cannot be measured). `evaluator`: the model's, if the search holds it already."""
+    init_parallel(tp)
+    evaluator = evaluator or load_evaluator(member.model, data, metric, tp)
+    with evaluator.loaded() as ev:
+        rule = ev.cett_rule(cett)
+        result = ev.result("ppl-p-stabilised", rule, ev.measure(rule))
+    record = result.to_dict()
+    record["eval_tokens"] = record.pop("tokens")  # "tokens" is the training-token count here
+    if dist.get_rank() == 0:
+        print(f"{member.name}: activation ratio {result.activation_ratio:.4f}, "
+              f"PPL ratio {result.ppl_ratio:.4f}", flush=True)
+    return {"checkpoint": member.name, "tokens": member.tokens, "step": member.step, **record}
+
+
+def trajectory_record(metric: MetricSettings, cett: float, converged: bool, last: int, started: float,
+                      points: list[dict], excluded: list[dict]) -> dict:
+    """What `evaluate-run` writes as RUN/sparsity.json (and `evaluate-series` extends)."""
+    return {"metric": "ppl-p-stabilised", "p": metric.p, "cett": cett, "converged": converged, "last": last,
+            "seconds": round(time.time() - started, 3), "checkpoints": sorted(points, key=lambda p: p["tokens"]),
+            "excluded": sorted(excluded, key=lambda e: e["tokens"])}
+
+
+def stabilised_trajectory(members: list[SeriesMember], metric: MetricSettings, data: DataSettings, last: int = 5,
+                          tp: int = 1, on_step: Callable[[int, Point], None] | None = None) -> dict:
+    """The stabilising strategy over a series, then every model measured at its CETT, in
+    this job; the record `evaluate-run` writes (every rank returns it)."""
+    started = time.time()
+    search = search_series(members, metric, data, last, tp, on_step)
+    used, excluded, points = len(search.final), dict(search.excluded), []
     for member in members:
         if member.name in excluded:
             continue
-        evaluator = final.get(member.name) or attempt(member, lambda: load_evaluator(member.model, data, metric, tp))
-        if evaluator is None:
-            continue
-        with evaluator.loaded() as ev:
-            rule = ev.cett_rule(cett)
-            result = ev.result("ppl-p-stabilised", rule, ev.measure(rule))
-        del evaluator
-        record = result.to_dict()
-        record["eval_tokens"] = record.pop("tokens")  # "tokens" is the training-token count here
-        points.append({"checkpoint": member.name, "tokens": member.tokens, "step": member.step, **record})
-        if dist.get_rank() == 0:
-            print(f"{member.name}: activation ratio {result.activation_ratio:.4f}, "
-                  f"PPL ratio {result.ppl_ratio:.4f}", flush=True)
-    return {"metric": "ppl-p-stabilised", "p": metric.p, "cett": cett, "converged": solution.converged,
-            "last": len(final), "seconds": round(time.time() - started, 3), "checkpoints": points,
-            "excluded": sorted(excluded.values(), key=lambda e: e["tokens"])}
+        try:
+            points.append(measure_member(member, search.cett, metric, data, tp, search.final.pop(member.name, None)))
+        except NonFiniteError as error:
+            excluded[member.name] = _left_out(member, error)
+    return trajectory_record(metric, search.cett, search.converged, used, started, points, list(excluded.values()))
 
 
 def evaluate_run(run_dir: str | Path, metric: MetricSettings, data: DataSettings, last: int = 5, tp: int = 1,
@@ -193,18 +217,22 @@ def evaluate_run(run_dir: str | Path, metric: MetricSettings, data: DataSettings
 
 def evaluate_series(members: list[SeriesMember], metric: MetricSettings, data: DataSettings, last: int, tp: int,
                     out: str | None, publish: Callable | None = None) -> None:
-    """`evaluate-series`: the stabilised trajectory of an existing checkpoint series, written
-    in the reference format ({"token_passed", "activation_ratio"} plus each point's details)
-    that the law fitting and `tools/predict_tokens.py` read. `publish(files, metrics)` (an
-    MLflow run's logger) gets the file and `series_activation_ratio` at step = tokens."""
+    """`evaluate-series` in this job (on its `tp` ranks)."""
     record = stabilised_trajectory(members, metric, data, last, tp)
-    if dist.get_rank() != 0:
-        return
+    if dist.get_rank() == 0:
+        write_series(record, len(members), out, publish)
+
+
+def write_series(record: dict, models: int, out: str | None, publish: Callable | None = None) -> None:
+    """A series' stabilised trajectory in the reference format ({"token_passed",
+    "activation_ratio"} plus each point's details) that the law fitting and
+    `tools/predict_tokens.py` read. `publish(files, metrics)` (an MLflow run's logger) gets the
+    file and `series_activation_ratio` at step = tokens."""
     trajectory = {"token_passed": [p["tokens"] for p in record["checkpoints"]],
                   "activation_ratio": [p["activation_ratio"] for p in record["checkpoints"]], **record}
     if out:
         write_json_atomic(out, trajectory)
-    print(f"stabilised CETT {record['cett']:.5f} over the last {record['last']} of {len(members)} models"
+    print(f"stabilised CETT {record['cett']:.5f} over the last {record['last']} of {models} models"
           + (f" -> {out}" if out else ""))
     if publish is not None:
         publish([out], [("series_activation_ratio", p["activation_ratio"], p["tokens"])
