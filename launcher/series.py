@@ -11,7 +11,7 @@ from pathlib import Path
 
 import ray
 
-from sparsity_scaling.evaluation.jobs import SeriesMember, measure_member, search_series, trajectory_record
+from sparsity_scaling.evaluation.jobs import SeriesMember, left_out, measure_member, search_series, trajectory_record
 from sparsity_scaling.evaluation.settings import DataSettings, MetricSettings
 from sparsity_scaling.errors import NonFiniteError
 from sparsity_scaling.formatting import duration
@@ -32,7 +32,7 @@ def _member_job(member: SeriesMember, cett: float, metric: MetricSettings, data:
     try:
         return measure_member(member, cett, metric, data, tp)
     except NonFiniteError as error:
-        return {"excluded": {"checkpoint": member.name, "tokens": member.tokens, "error": str(error)}}
+        return {"excluded": left_out(member, error)}
 
 
 @ray.remote
@@ -56,9 +56,9 @@ def evaluate_series_on_ray(members: list[SeriesMember], metric: MetricSettings, 
     search = ray.get(submit("search", _search_job, members, metric, data, last, tp))
     print(f"CETT {search['cett']:.5f} after {duration(time.time() - started)}; measuring every model at it",
           flush=True)
-    left_out = {e["checkpoint"] for e in search["excluded"]}
+    unmeasurable = {e["checkpoint"] for e in search["excluded"]}
     pending = {submit(m.name, _member_job, m, search["cett"], metric, data, tp): m
-               for m in members if m.name not in left_out}
+               for m in members if m.name not in unmeasurable}
     points, excluded = [], list(search["excluded"])
     while pending:
         (done,), _ = ray.wait(list(pending), num_returns=1)

@@ -112,7 +112,7 @@ class SeriesMember:
     step: int | None = None
 
 
-def _left_out(member: SeriesMember, error: NonFiniteError) -> dict:
+def left_out(member: SeriesMember, error: NonFiniteError) -> dict:
     """The record of a model that cannot be measured (non-finite weights or perplexity)."""
     if dist.get_rank() == 0:
         print(f"{member.name}: left out: {error}", flush=True)
@@ -148,13 +148,13 @@ def search_series(members: list[SeriesMember], metric: MetricSettings, data: Dat
                                                                load_eval_data(member.model, data),
                                                                metric.calibration_tokens), member.model)
         except NonFiniteError as error:
-            excluded[member.name] = _left_out(member, error)
+            excluded[member.name] = left_out(member, error)
     if not final:
         raise NonFiniteError(f"none of the {len(members)} models can be measured: {next(iter(excluded.values()))['error']}")
     solution = stabilised_cett(list(reversed(final.values())), metric.p, on_step)
     if dist.get_rank() == 0:
         _warn(solution.warning(f"the stabilised PPL-{metric.p:g}% search"))
-    return SeriesSearch(solution.point.x, solution.converged, dict(reversed(final.items())), excluded)
+    return SeriesSearch(solution.point.x, solution.converged, final, excluded)
 
 
 def measure_member(member: SeriesMember, cett: float, metric: MetricSettings, data: DataSettings, tp: int = 1,
@@ -195,7 +195,7 @@ def stabilised_trajectory(members: list[SeriesMember], metric: MetricSettings, d
         try:
             points.append(measure_member(member, search.cett, metric, data, tp, search.final.pop(member.name, None)))
         except NonFiniteError as error:
-            excluded[member.name] = _left_out(member, error)
+            excluded[member.name] = left_out(member, error)
     return trajectory_record(metric, search.cett, search.converged, used, started, points, list(excluded.values()))
 
 
