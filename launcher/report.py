@@ -207,7 +207,22 @@ METHOD_NAMES = {"topk": "Top-k", "fat": "FAT-eps", "top-p": "top-p"}
 # ---------------------------------------------------------------- figures
 
 
-def activation_figure(results: dict[str, RunResult], fits: dict) -> bytes:
+def decay_marks(grid: Grid, names) -> dict[str, int]:
+    """{label: training tokens} where the runs' WSD decay starts, naming the runs whose data
+    switches there (train.decay_data): one dashed line per distinct start."""
+    from sparsity_scaling.train.schedule import decay_start_tokens
+
+    starts: dict[int, list[str]] = {}
+    for spec in grid.runs:
+        if spec.name in names:
+            starts.setdefault(decay_start_tokens(spec.config), []).extend(
+                [spec.name] if spec.config.train.decay_data else [])
+    return {"decay" + (f": {', '.join(switched)} switch data" if switched else ""): tokens
+            for tokens, switched in starts.items()}
+
+
+def activation_figure(results: dict[str, RunResult], fits: dict, marks: dict[str, int] | None = None) -> bytes:
+    """The activation curves, fitted laws and bands; a dashed line at each of `marks`."""
     from matplotlib.figure import Figure
 
     from sparsity_scaling.laws.forms import TOKENS_PER_UNIT
@@ -230,6 +245,10 @@ def activation_figure(results: dict[str, RunResult], fits: dict) -> bytes:
             ax.fill_between(grid * TOKENS_PER_UNIT, low, high, color=colour, alpha=0.2)
             ax.plot(grid * TOKENS_PER_UNIT, fit.fit.law.evaluate(grid, fit.fit.params), color=colour,
                     label=f"{name}: {fit.fit.law.name} law, {fit.fitted.level:.0%} band")
+    for label, tokens in (marks or {}).items():
+        ax.axvline(tokens, ls="--", color="gray", lw=1)
+        ax.annotate(label, (tokens, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                    textcoords="offset points", fontsize=8, color="gray")
     return _against_tokens(figure, ax, "activation ratio", "Activation ratio against training data")
 
 
@@ -349,9 +368,9 @@ def build_report(grid: Grid, uri: str, workdir: Workdir, targets: list[float], e
                   "(`train.skip_nonfinite_steps`).")
 
     doc.heading("Activation ratio against training tokens")
-    doc.image("activation.png", activation_figure(results, fits),
+    doc.image("activation.png", activation_figure(results, fits, decay_marks(grid, results)),
               "Stabilised PPL-1% activation ratio (circles) with the fitted law and its bootstrap band; "
-              "crosses: PPL-1% searched at each checkpoint alone")
+              "crosses: PPL-1% searched at each checkpoint alone; dashed: where the decay stage starts")
     steps = sorted({s for r in results.values() for s in r.curve()[0]})
     columns = {n: dict(r.metrics["activation_ratio"]) for n, r in results.items()}
     doc.table(["tokens", *results], [[f"{s:,}", *(_ratio(columns[n].get(s)) for n in results)] for s in steps])

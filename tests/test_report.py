@@ -206,3 +206,16 @@ def test_a_curve_too_short_for_a_law_is_reported_not_hidden(tmp_path):
     text = doc.markdown("report_files")
     assert f"No law fitted: {data['runs']['relu']['fit']['error']}" in text
     assert data["runs"]["relu"]["predictions"] == [] and len(data["runs"]["silu"]["predictions"]) == 2
+
+
+def test_the_activation_figure_marks_where_the_decay_starts_and_whose_data_switches():
+    from launcher.report import decay_marks
+    from sparsity_scaling.train.schedule import decay_start_tokens
+
+    decay = load_grid(REPO / "configs" / "grids" / "decay.yaml")
+    start = decay_start_tokens(decay.runs[0].config)
+    assert 0.7 * 2e6 < start < 0.8 * 2e6  # the last quarter
+    assert decay_marks(decay, {"code_only", "prose_decay"}) == {"decay: prose_decay switch data": start}
+    assert decay_marks(decay, {"code_only"}) == {"decay": start}
+    demo = load_grid(REPO / "configs" / "grids" / "demo.yaml")
+    assert decay_marks(demo, {"relu", "silu"}) == {"decay": decay_start_tokens(demo.runs[0].config)}
