@@ -102,6 +102,25 @@ def trained(corpus, tmp_path_factory, ray_address) -> Path:
 
 
 @pytest.fixture(scope="module")
+def parquet(corpus, trained, tmp_path_factory, ray_address) -> Path:
+    """The corpus' parquet file alone, prepared with the trained tokenizer: a second corpus
+    to blend with the first or to train on in the decay stage."""
+    prefix = tmp_path_factory.mktemp("parquet") / "parquet"
+    result = _prepare(corpus / "c.parquet", "--out", prefix, "--tokenizer", f"{trained}.model", address=ray_address)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return prefix
+
+
+@pytest.fixture(scope="module")
+def parquet_hf(corpus, hf_tokenizer, tmp_path_factory, ray_address) -> Path:
+    """The same, prepared with the Hugging Face tokenizer: a corpus another tokenizer made."""
+    prefix = tmp_path_factory.mktemp("parquet_hf") / "parquet"
+    result = _prepare(corpus / "c.parquet", "--out", prefix, "--tokenizer", hf_tokenizer, address=ray_address)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return prefix
+
+
+@pytest.fixture(scope="module")
 def hf_tokenizer(tmp_path_factory) -> Path:
     """A byte-level BPE Hugging Face tokenizer, trained here (nothing downloaded)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -261,11 +280,8 @@ def test_a_paper_scale_config_on_the_builtin_corpus_is_refused_with_the_epoch_me
     assert plain.returncode == 2 and "names no corpus" in plain.stderr and "data prepare" in plain.stderr
 
 
-def test_a_run_trains_on_a_blend_of_prepared_corpora(corpus, trained, hf_tokenizer, tmp_path, ray_address):
-    second = tmp_path / "second"
-    result = _prepare(corpus / "c.parquet", "--out", second, "--tokenizer", f"{trained}.model", address=ray_address)
-    assert result.returncode == 0, result.stderr[-3000:]
-    blend = f"[{{prefix: {trained}, weight: 0.7}}, {{prefix: {second}, weight: 0.3}}]"
+def test_a_run_trains_on_a_blend_of_prepared_corpora(trained, parquet, parquet_hf, hf_tokenizer, tmp_path):
+    blend = f"[{{prefix: {trained}, weight: 0.7}}, {{prefix: {parquet}, weight: 0.3}}]"
     out = tmp_path / "run"
     result = run_cli("train", str(MICRO), "--out", str(out), "--set", f"data.blend={blend}",
                      "--set", f"data.tokenizer={trained}.model", "--set", "train.tokens=8192",
@@ -282,8 +298,7 @@ def test_a_run_trains_on_a_blend_of_prepared_corpora(corpus, trained, hf_tokeniz
     assert measured.returncode == 0, measured.stderr[-3000:]
     assert json.loads((tmp_path / "topk.json").read_text())["activation_ratio"] == pytest.approx(16 / 160, abs=0.01)
 
-    hf = tmp_path / "hf"
-    assert _prepare(corpus / "c.parquet", "--out", hf, "--tokenizer", hf_tokenizer, address=ray_address).returncode == 0
+    hf = parquet_hf
     hf_run = run_cli("train", str(MICRO), "--out", str(tmp_path / "hf-run"), "--set", f"data.train_prefix={hf}_train",
                      "--set", f"data.valid_prefix={hf}_valid", "--set", f"data.tokenizer={hf_tokenizer}",
                      "--set", "train.tokens=4096", "--set", "checkpoint.first_tokens=4096")
@@ -299,12 +314,10 @@ def test_a_run_trains_on_a_blend_of_prepared_corpora(corpus, trained, hf_tokeniz
     assert missing.returncode == 2 and "is not a `sparsity-scaling data prepare` output" in missing.stderr
 
 
-def test_the_decay_stage_trains_on_its_own_data(corpus, trained, hf_tokenizer, tmp_path, ray_address):
+def test_the_decay_stage_trains_on_its_own_data(trained, parquet, parquet_hf, tmp_path):
     """train.decay_data replaces the training data from the first decay step on: the run
     equals the one without it up to there, and differs after."""
-    decay = tmp_path / "decay"
-    assert _prepare(corpus / "c.parquet", "--out", decay, "--tokenizer", f"{trained}.model",
-                    address=ray_address).returncode == 0
+    decay = parquet
     common = ["--set", f"data.blend=[{{prefix: {trained}, weight: 1}}]", "--set", f"data.tokenizer={trained}.model",
               "--set", "train.tokens=8192", "--set", "train.decay_fraction=0.5", "--set", "train.log_every=1",
               "--set", "checkpoint.first_tokens=4096"]
@@ -318,10 +331,8 @@ def test_the_decay_stage_trains_on_its_own_data(corpus, trained, hf_tokenizer, t
     assert all(a[1] != b[1] for a, b in zip(runs["decay"][start:], runs["plain"][start:]))
     assert json.loads(RunDir(tmp_path / "decay").data_record.read_text())["decay"]["blend"][0]["prefix"] == str(decay)
 
-    hf = tmp_path / "hf"
-    assert _prepare(corpus / "c.parquet", "--out", hf, "--tokenizer", hf_tokenizer, address=ray_address).returncode == 0
     refused = run_cli("train", str(MICRO), "--out", str(tmp_path / "mixed"), *common,
-                      "--set", f"train.decay_data=[{{prefix: {hf}, weight: 1}}]")
+                      "--set", f"train.decay_data=[{{prefix: {parquet_hf}, weight: 1}}]")
     assert refused.returncode == 2 and "train.decay_data[0].prefix" in refused.stderr
     assert "made with another tokenizer" in refused.stderr and refused.stderr.count("\n") == 1
 
