@@ -88,8 +88,11 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="one of our checkpoints (default: train the micro config)")
     parser.add_argument("--hf-model", help="a local Hugging Face causal LM directory or .gguf file instead")
     parser.add_argument("--tokens", help="validation tokens: .npy int array (sequences, length); needed with --hf-model")
-    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--eval-tokens", type=int, help="validation tokens of the run's split or the text "
+                        "(default 16384); a token file is used whole")
     args = parser.parse_args()
+    if args.tokens and args.eval_tokens is not None:
+        parser.error("--eval-tokens: a token file (--tokens) gives the validation tokens as they are")
 
     from sparsity_scaling.evaluation.inputs import ModelRef, load_eval_data
     from sparsity_scaling.evaluation.settings import DataSettings
@@ -103,7 +106,7 @@ def main() -> None:
             model = ModelRef(checkpoint=str(Path(args.checkpoint) if args.checkpoint else _checkpoint(Path(work))))
         init_parallel(1)
         target = model.load()
-        data = load_eval_data(model, DataSettings(tokens=args.tokens, eval_tokens=args.eval_tokens))
+        data = load_eval_data(model, DataSettings(tokens=args.tokens, eval_tokens=args.eval_tokens or 16384))
 
         started = time.time()
         evaluator = Evaluator(target, data)
