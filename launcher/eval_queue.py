@@ -172,7 +172,8 @@ JOB = {**ON_HEAD, "retry_exceptions": [ray.exceptions.RayActorError], "max_retri
 def evaluate_checkpoint_task(checkpoint: str, evaluation: Evaluation, gate, wait_s: float) -> dict | None:
     _after_training(gate)
     run = read_checkpoint(checkpoint).run
-    record = run_job(evaluation, wait_s, run.evaluation_log, Path(checkpoint).name, _checkpoint_job, checkpoint, evaluation)
+    record = run_job(evaluation, wait_s, run.evaluation_log, Path(checkpoint).name, _checkpoint_job, checkpoint,
+                     evaluation)
     sync_run(run.path)
     return record
 
@@ -189,8 +190,8 @@ def evaluate_run_task(run_dir: str, evaluation: Evaluation, gate, wait_s: float)
 def pareto_task(run_dir: str, evaluation: Evaluation, gate, wait_s: float) -> None:
     """The Pareto curves at the last checkpoint (one rank with the job's per-rank resources)."""
     _after_training(gate)
-    run_job(evaluation.model_copy(update={"tp": 1}), wait_s, RunDir(run_dir).evaluation_log, "pareto", _pareto_job, run_dir,
-            evaluation)
+    run_job(evaluation.model_copy(update={"tp": 1}), wait_s, RunDir(run_dir).evaluation_log, "pareto", _pareto_job,
+            run_dir, evaluation)
     sync_run(run_dir)
 
 

@@ -16,8 +16,8 @@
 
 Paths in a grid file (base, and data paths: data.tokenizer, data.blend[].prefix,
 train.decay_data[].prefix, ...) are relative to the grid file, so a grid and its corpora
-travel together. Run names come from the axis values, or an axis' `label` list (no timestamps), so
-resubmitting finds the same runs.
+travel together. Run names come from the axis values, or an axis' `label` list (no
+timestamps), so resubmitting finds the same runs.
 """
 
 from __future__ import annotations

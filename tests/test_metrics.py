@@ -424,6 +424,21 @@ def test_bad_series_are_refused_in_one_line(micro_run, tmp_path, args, message, 
     assert err.count("\n") == 1 and not out.exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--address", "local"], "--address runs the series as cluster jobs, whose result is a file: give --out too"),
+    (["--address", "local", "--out", "{tmp}/s.json", "--cpus", "0"], "--cpus 0.0: must be positive"),
+])
+def test_a_series_on_ray_is_refused_before_joining_ray(micro_run, tmp_path, args, message, capfd):
+    from sparsity_scaling.cli import main
+
+    paths = [str(c.path) for c in RunDir(micro_run).checkpoints()[:3]]
+    capfd.readouterr()
+    status = main(["evaluate-series", *paths, "--last", "2", *[a.format(tmp=tmp_path) for a in args]])
+    err = capfd.readouterr().err
+    assert status == 2 and message in err and err.count("\n") == 1, err[-2000:]
+    assert not list(tmp_path.iterdir())
+
+
 # --- critical sparsity: each rule against a brute-force scan of its parameter, at TP 1 and 2 ----
 
 CRITICAL_CASES = [  # (rule, site, power, tolerance in percent)

@@ -74,9 +74,10 @@ def _evaluate_series(args) -> None:
         from launcher.grid import Evaluation
         from launcher.series import evaluate_series_on_ray
 
-        if args.cpus <= 0 or args.gpus < 0:
-            raise SettingError("cpus" if args.cpus <= 0 else "gpus", args.cpus if args.cpus <= 0 else args.gpus,
-                               "a rank needs some CPU and no negative GPU")
+        if args.cpus <= 0:
+            raise SettingError("cpus", args.cpus, "must be positive")
+        if args.gpus < 0:
+            raise SettingError("gpus", args.gpus, "must be at least 0")
         ranks = Evaluation(tp=args.tp, cpus=args.cpus, gpus=args.gpus)
         record = evaluate_series_on_ray(members, metric, data, args.last, ranks, args.address, f"{args.out}.log")
         write_series(record, len(members), args.out, publish)
