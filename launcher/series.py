@@ -59,7 +59,7 @@ def evaluate_series_on_ray(members: list[SeriesMember], metric: MetricSettings, 
     unmeasurable = {e["checkpoint"] for e in search["excluded"]}
     pending = {submit(m.name, _member_job, m, search["cett"], metric, data, tp): m
                for m in members if m.name not in unmeasurable}
-    points, excluded = [], list(search["excluded"])
+    points, excluded, measuring = [], list(search["excluded"]), time.time()
     while pending:
         (done,), _ = ray.wait(list(pending), num_returns=1)
         member, result = pending.pop(done), ray.get(done)
@@ -70,5 +70,7 @@ def evaluate_series_on_ray(members: list[SeriesMember], metric: MetricSettings, 
             points.append(result)
             line = f"activation ratio {result['activation_ratio']:.4f}, PPL ratio {result['ppl_ratio']:.4f}"
         measured = len(points) + len(excluded) - len(search["excluded"])
+        if pending:
+            line += f"; ETA {duration((time.time() - measuring) / measured * len(pending))}"
         print(f"[{measured}/{measured + len(pending)}] {member.name}: {line}", flush=True)
     return trajectory_record(metric, search["cett"], search["converged"], search["last"], started, points, excluded)
