@@ -288,8 +288,7 @@ def _unmeasured(run: RunDir) -> list[dict]:
     """The run's checkpoints that could not be measured: alone (the grid's per-checkpoint
     jobs) or in the stabilised curve ({"checkpoint", "error"}, one per checkpoint)."""
     found = {r["checkpoint"]: r["error"] for r in run.evaluation_failures()}
-    record = run.sparsity_record() if run.sparsity.is_file() else None
-    for excluded in (record or {}).get("excluded", []):
+    for excluded in (run.sparsity_record() or {}).get("excluded", []):
         found.setdefault(excluded["checkpoint"], excluded["error"])
     return [{"checkpoint": name, "error": error} for name, error in sorted(found.items())]
 

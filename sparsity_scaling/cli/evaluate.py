@@ -64,6 +64,10 @@ def _evaluate_series(args) -> None:
         raise UserError("--mlflow-run logs the trajectory file: give --out too")
     if args.address and not args.out:
         raise UserError("--address runs the series as cluster jobs, whose result is a file: give --out too")
+    if args.cpus <= 0:
+        raise SettingError("cpus", args.cpus, "must be positive")
+    if args.gpus < 0:
+        raise SettingError("gpus", args.gpus, "must be at least 0")
     members = series_members(args.models, args.tokens, args.tokens_per_step, args.last)
     metric, data = metric_settings(args), data_settings(args, args.token_file)
     with mlflow_publisher(args, folder="series") as publish:
@@ -74,10 +78,6 @@ def _evaluate_series(args) -> None:
         from launcher.grid import Evaluation
         from launcher.series import evaluate_series_on_ray
 
-        if args.cpus <= 0:
-            raise SettingError("cpus", args.cpus, "must be positive")
-        if args.gpus < 0:
-            raise SettingError("gpus", args.gpus, "must be at least 0")
         ranks = Evaluation(tp=args.tp, cpus=args.cpus, gpus=args.gpus)
         record = evaluate_series_on_ray(members, metric, data, args.last, ranks, args.address, f"{args.out}.log")
         write_series(record, len(members), args.out, publish)
