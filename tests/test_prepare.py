@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -185,7 +186,9 @@ def test_interrupted_preparation_resumes_to_the_same_bytes(corpus, trained, tmp_
 
     result = run_cli("data", "prepare", *command[5:])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resuming: {done} of" in result.stdout
+    # the driver's death reaches its Ray task a moment later: it may have finished one more shard
+    resumed = re.search(r"resuming: (\d+) of (\d+) shards already done", result.stdout)
+    assert resumed and done <= int(resumed[1]) < int(resumed[2]), result.stdout
     for split in ("train", "valid"):
         for ext in (".bin", ".idx"):
             assert Path(f"{out}_{split}{ext}").read_bytes() == Path(f"{trained}_{split}{ext}").read_bytes()
