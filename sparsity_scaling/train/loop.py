@@ -31,6 +31,12 @@ from .health import Health, finite
 from .schedule import decay_start, wsd_factor
 
 
+# DeepSpeed compiles a shared-memory all-reduce for CPU ranks when it first initializes
+# (half a minute of C++, again whenever another ninja version finds the build) and uses it
+# only for its inference all-reduce, which training never calls: it is left out.
+deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 @dataclass(frozen=True)
 class Layout:
     """How the global batch maps onto ranks and micro-steps."""
