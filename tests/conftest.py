@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,10 +122,20 @@ def ray_address(ray_cluster) -> str:
 
 @pytest.fixture(scope="session")
 def grid_run(ray_address, tmp_path_factory):
-    """The cpu_test grid, submitted once to the local Ray instance: its workdir."""
+    """The cpu_test grid, submitted once to the local Ray instance: its workdir. Its MLflow
+    server is kept running for the session (a start costs seconds): the commands and
+    tests that read it find it running, as a user's would."""
+    from launcher.tracking import start_local_server, stop_local_server
+    from launcher.workdir import Workdir
+
     workdir = tmp_path_factory.mktemp("grid") / "work"
     result = run_cli("grid", "submit", str(GRID), "--address", ray_address, "--workdir", str(workdir), timeout=900)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
     (workdir / "submit.log").write_text(result.stdout)
     (workdir / "submit.err").write_text(result.stderr)
-    return workdir
+    outlived = any("mlflow" in " ".join(p.info["cmdline"] or []) and str(workdir) in " ".join(p.info["cmdline"] or [])
+                   for p in psutil.process_iter(["cmdline"]))  # the command stops the server it started
+    (workdir / "mlflow_after_submit").write_text("running" if outlived else "stopped")
+    start_local_server(Workdir(workdir))
+    yield workdir
+    stop_local_server(Workdir(workdir))
