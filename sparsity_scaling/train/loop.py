@@ -31,12 +31,6 @@ from .health import Health, finite
 from .schedule import decay_start, wsd_factor
 
 
-# DeepSpeed compiles a shared-memory all-reduce for CPU ranks when it first initializes
-# (half a minute of C++, again whenever another ninja version finds the build) and uses it
-# only for its inference all-reduce, which training never calls: it is left out.
-deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
 @dataclass(frozen=True)
 class Layout:
     """How the global batch maps onto ranks and micro-steps."""
@@ -145,6 +139,10 @@ class Trainer:
         # non-finite step themselves; its plain fp32 path keeps the norm to itself, so
         # there the loop clips (the same function, before the same update) and decides.
         self.clips_itself = not self.bf16 and config.train.zero_stage == 0
+        # DeepSpeed's initialize compiles a shared-memory all-reduce for CPU ranks (half a
+        # minute of C++, again whenever another ninja version finds the build) that only its
+        # inference all-reduce uses, which training never calls: it is left out.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=groups,
             config=_deepspeed_config(config, self.layout, self.bf16, self.clips_itself), mpu=DeepSpeedMPU(),
