@@ -133,8 +133,8 @@ def grid_run(ray_address, tmp_path_factory):
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
     (workdir / "submit.log").write_text(result.stdout)
     (workdir / "submit.err").write_text(result.stderr)
-    outlived = any("mlflow" in " ".join(p.info["cmdline"] or []) and str(workdir) in " ".join(p.info["cmdline"] or [])
-                   for p in psutil.process_iter(["cmdline"]))  # the command stops the server it started
+    commands = [" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])]
+    outlived = any("mlflow" in c and str(workdir) in c for c in commands)  # the command stops the server it started
     (workdir / "mlflow_after_submit").write_text("running" if outlived else "stopped")
     start_local_server(Workdir(workdir))
     yield workdir

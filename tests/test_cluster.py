@@ -35,7 +35,8 @@ def _grid(tmp_path: Path, name: str, node_wait_s: float = 600, tokens: int = 0) 
     text = GRID.read_text().replace("name: cpu_test", f"name: {name}").replace(
         "../models/micro.yaml", str(REPO / "configs/models/micro.yaml")).replace("[relu, silu]", "[relu]")
     text = re.sub(r"(?m)^resources: .*$", "resources: {tp: 1, dp: 1, cpus_per_worker: 1, "
-                  f"node_wait_s: {node_wait_s}}}", text).replace("calibration_tokens: 1024}", "calibration_tokens: 1024, pareto: false}")
+                  f"node_wait_s: {node_wait_s}}}", text)
+    text = text.replace("calibration_tokens: 1024}", "calibration_tokens: 1024, pareto: false}")
     if tokens:
         text = text.replace("train.tokens: 16384", f"train.tokens: {tokens}")
     grid.write_text(text)
