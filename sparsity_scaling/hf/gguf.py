@@ -3,8 +3,10 @@
 transformers reads a GGUF file's metadata into a config and tokenizer and its tensors,
 dequantized, into the model's own parameter names (for llama it also undoes llama.cpp's
 q/k row permutation). We build the model from that config and load those tensors into it,
-so that every projection is an ordinary fp32 `nn.Linear` the probe can hook. (Going through
-`from_pretrained(gguf_file=...)` would need `accelerate`, and may keep weights packed.)
+so that every projection is an ordinary fp32 `nn.Linear` the probe can hook, then tie the
+weights the config ties (a file with no `output.weight`, as most small models are written,
+shares the token embedding as its output layer). `from_pretrained(gguf_file=...)` gives the
+same weights (seen on SmolLM2-135M, Q4_1) but needs `accelerate`.
 """
 
 from __future__ import annotations
@@ -75,8 +77,10 @@ def gguf_model(path: Path):
         raise UserError(f"{path}: GGUF architecture {architecture(path)} ({config.model_type}) is not a causal LM "
                         "that transformers builds") from None
     tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    missing = model.load_state_dict(tensors, strict=False).missing_keys
+    model.tie_weights()  # from_config under no_init_weights leaves the config's tied weights apart
     tied = set(getattr(model, "all_tied_weights_keys", None) or ())  # shared with a loaded tensor
-    missing = [name for name in model.load_state_dict(tensors, strict=False).missing_keys if name not in tied]
+    missing = [name for name in missing if name not in tied]
     if missing:
         raise UserError(f"{path}: the GGUF file has no tensor for {missing[0]} "
                         f"({len(missing)} parameters of {type(model).__name__} missing)")
