@@ -30,14 +30,24 @@ def load_evaluator(model: ModelRef, data: DataSettings, metric: MetricSettings, 
     return measurable(Evaluator(model.load(tp), load_eval_data(model, data), metric.calibration_tokens), model)
 
 
+UNIFORM_LOSS_MARGIN = 1e-3  # nats: a dense loss this close to ln(vocabulary) is uniform prediction
+
+
 def measurable(evaluator: Evaluator, model: ModelRef) -> Evaluator:
     """Refuse a model whose dense perplexity is not finite: every ratio against it would
     be meaningless (a diverged model reads as perfectly sparse). Non-finite weights are
-    refused as they load (`hf.load.read_weights`)."""
+    refused as they load (`hf.load.read_weights`). Refuse one that predicts every token as
+    equally likely (its dense perplexity is the vocabulary size): nothing in its FFNs can
+    move its perplexity, and the search would blame the validation data."""
     ppl = evaluator.dense.ppl
     if not math.isfinite(ppl):
         raise NonFiniteError(f"{model.name}: dense perplexity {ppl} on the validation data is not finite; "
                              "the model cannot be measured")
+    vocab = evaluator.vocab_size
+    if abs(evaluator.dense.loss - math.log(vocab)) < UNIFORM_LOSS_MARGIN:
+        raise UserError(f"{model.name}: dense perplexity {ppl:.6g} is the vocabulary size {vocab}: the model "
+                        "predicts every token as equally likely (an output layer of zeros: weights not loaded?); "
+                        "it cannot be measured")
     return evaluator
 
 
@@ -48,6 +58,9 @@ def evaluate_model(model: ModelRef, metric: MetricSettings, data: DataSettings, 
     `json_out` as NAME.thresholds.json."""
     init_parallel(tp)
     evaluator = load_evaluator(model, data, metric, tp)
+    if dist.get_rank() == 0:  # first, so that a model file can be checked before the search
+        _warn(f"{model.name}: dense perplexity {evaluator.dense.ppl:.4f} over {evaluator.data.tokens} tokens "
+              f"(vocabulary {evaluator.vocab_size})")
     result, thresholds = measure(metric, evaluator, model.activation(evaluator.target))
     record = {"model": model.name, "data_hash": evaluator.data.digest(), **result.to_dict()}
     artifact = None

@@ -193,6 +193,7 @@ class HFCausalLM:
         except (OSError, ValueError, KeyError) as error:
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UserError(f"{path}: cannot load as a Hugging Face causal LM ({message})") from None
+        _check_output_layer(model, path)
         return cls(model.to(device=device, dtype=dtype), str(path))
 
     @property
@@ -228,3 +229,13 @@ class HFCausalLM:
             logits.flatten(0, 1), targets.to(logits.device).flatten(), reduction="none"
         )
         return losses.view(targets.shape)
+
+
+def _check_output_layer(model, path) -> None:
+    """Refuse a model whose output layer is all zeros: it predicts every token as equally
+    likely, so no FFN can move its perplexity (a tied output layer that loading left apart
+    from the embedding looks like this)."""
+    output = model.get_output_embeddings()
+    if output is not None and not output.weight.detach().any():
+        raise UserError(f"{path}: the output layer ({type(model).__name__}'s output embeddings, "
+                        f"{tuple(output.weight.shape)}) is all zeros: weights not loaded?")

@@ -33,6 +33,7 @@ class Evaluator:
         check_vocab(data, target)
         self.started = time.time()
         self.target, self.data = target, data
+        self.vocab_size = target.vocab_size  # kept when a ReloadingEvaluator parks its model
         self.dense = dense_pass(target, data, calibration_tokens)
         self.passes = 1
         self.cett = CETTSearch(target, self.dense.calibration)
@@ -158,6 +159,9 @@ class Solution:
         return None if self.converged else unconverged_warning(what, self.activation_gap)
 
 
+UNCHANGED_RATIO = 1e-6  # a PPL ratio within this of 1 with every neuron masked: the FFNs do nothing
+
+
 def solve_ppl_ratio(measure: Callable[[float], Point], target: float, act_tol: float = 1e-3,
                     ratio_tol: float = 1e-6, max_steps: int = 16, start: float = 0.1,
                     known: Sequence[Point] = (), on_step: Callable[[int, Point], None] | None = None) -> Solution:
@@ -192,6 +196,12 @@ def solve_ppl_ratio(measure: Callable[[float], Point], target: float, act_tol: f
             break
         if hi is None:
             if lo.x >= 1.0:
+                if abs(lo.ratio - 1) <= UNCHANGED_RATIO:
+                    raise UserError(
+                        f"masking every FFN neuron leaves the perplexity unchanged (PPL ratio {lo.ratio:.7f}): "
+                        "the model's output does not depend on its FFNs (an output layer of zeros, or FFN "
+                        "weights not loaded?)"
+                    )
                 raise UserError(
                     f"the PPL ratio stays at {lo.ratio:.5f} < {target:.5f} even with every "
                     f"neuron below threshold; the validation set is too small to move the perplexity"
