@@ -46,7 +46,11 @@ def _llama(sp, windows: torch.Tensor, snapshots: tuple[int, ...], d_ff: int = 48
     config = LlamaConfig(vocab_size=sp.vocab_size(), hidden_size=32, intermediate_size=d_ff, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          bos_token_id=sp.bos_id(), eos_token_id=sp.eos_id(), tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
+    return _trained(LlamaForCausalLM(config), windows, snapshots)
+
+
+def _trained(model, windows: torch.Tensor, snapshots: tuple[int, ...] = (20,)) -> list:
+    """The model trained on the validation windows, as it is after each number of steps."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
     taken = []
     for step in range(max(snapshots) + 1):
@@ -65,10 +69,26 @@ def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
         weight.shape)
 
 
-def write_gguf(model: LlamaForCausalLM, sp, path, architecture: str = "llama") -> None:
-    """The model and tokenizer as a GGUF file, as llama.cpp's converter writes them, in F32."""
+ARCHES = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "gemma2": gguf.MODEL_ARCH.GEMMA2}
+
+
+def _gguf_weight(name: str, weight: np.ndarray, config) -> np.ndarray:
+    """A Hugging Face tensor as llama.cpp's converter stores it: llama's q and k rows
+    permuted, gemma's norm weights w stored as 1 + w (its norms scale by 1 + w)."""
+    if config.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
+        return _permute(weight, heads)
+    if config.model_type == "gemma2" and name.endswith("norm.weight"):
+        return weight + 1
+    return weight
+
+
+def write_gguf(model, sp, path, quantize: gguf.GGMLQuantizationType | None = None) -> None:
+    """The model and tokenizer as a GGUF file, as llama.cpp's converter writes them: F32, or
+    its projection weights quantized to `quantize` by gguf.quants. A model that ties its
+    output layer to the embedding gets no output tensor, as such files have."""
     c = model.config
-    writer = gguf.GGUFWriter(str(path), architecture)
+    writer = gguf.GGUFWriter(str(path), c.model_type)
     writer.add_name("tiny")
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
@@ -76,10 +96,15 @@ def write_gguf(model: LlamaForCausalLM, sp, path, architecture: str = "llama") -
     writer.add_feed_forward_length(c.intermediate_size)
     writer.add_head_count(c.num_attention_heads)
     writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_vocab_size(c.vocab_size)
+    if c.model_type == "gemma2":
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_sliding_window(c.sliding_window)
     n = sp.vocab_size()
     writer.add_tokenizer_model("llama")
     writer.add_token_list([sp.id_to_piece(i) for i in range(n)])
@@ -90,15 +115,17 @@ def write_gguf(model: LlamaForCausalLM, sp, path, architecture: str = "llama") -
     writer.add_bos_token_id(sp.bos_id())
     writer.add_eos_token_id(sp.eos_id())
     writer.add_unk_token_id(sp.unk_id())
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+    names = gguf.get_tensor_name_map(ARCHES[c.model_type], c.num_hidden_layers)
     for name, tensor in model.state_dict().items():
+        if c.tie_word_embeddings and name == "lm_head.weight":
+            continue
         module, kind = name.rsplit(".", 1)
-        weight = tensor.float().numpy()
-        if module.endswith("q_proj"):
-            weight = _permute(weight, c.num_attention_heads)
-        elif module.endswith("k_proj"):
-            weight = _permute(weight, c.num_key_value_heads)
-        writer.add_tensor(f"{names.get_name(module)}.{kind}", np.ascontiguousarray(weight))
+        weight = np.ascontiguousarray(_gguf_weight(name, tensor.float().numpy(), c))
+        target = f"{names.get_name(module)}.{kind}"
+        if quantize is not None and module.endswith("_proj") and kind == "weight":
+            writer.add_tensor(target, gguf.quants.quantize(weight, quantize), raw_dtype=quantize)
+        else:
+            writer.add_tensor(target, weight)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -182,3 +209,124 @@ def test_gguf_refusals_are_one_line(files, tmp_path, capsys, monkeypatch):
     assert_one_error_line(capsys.readouterr().err,
                           f"sparsity-scaling: error: {root / 'model.gguf'}: reading GGUF files needs the gguf "
                           "package; install the extra: pip install 'sparsity-scaling[gguf]'")
+
+
+def _family(family: str, sp, windows: torch.Tensor, tied: bool):
+    """A tiny model of one family transformers' GGUF reader supports, trained on the
+    validation windows (so that its FFNs matter to its perplexity)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    shape = dict(vocab_size=sp.vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                 bos_token_id=sp.bos_id(), eos_token_id=sp.eos_id(), tie_word_embeddings=tied)
+    torch.manual_seed(1)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**shape))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**shape))
+    else:
+        # A GGUF file carries no query_pre_attn_scalar; transformers reads gemma2's default, 256.
+        model = Gemma2ForCausalLM(Gemma2Config(**shape, head_dim=8, query_pre_attn_scalar=256, sliding_window=32))
+    return _trained(model, windows)[0]
+
+
+def _both(model, sp, root, name, quantize=None) -> tuple:
+    """The model as a GGUF file and as the Hugging Face directory it must load as."""
+    write_gguf(model, sp, root / f"{name}.gguf", quantize)
+    model.save_pretrained(root / name)
+    return root / f"{name}.gguf", root / name
+
+
+def _measure(model, tokens, out) -> dict:
+    assert main(["evaluate", "--hf-model", str(model), "--tokens", str(tokens), "--metric", "ppl-p", "--p", "1",
+                 "--batch-size", "4", "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+FAMILIES = [("llama", True), ("llama", False), ("qwen2", True), ("qwen2", False), ("gemma2", True)]
+
+
+@pytest.mark.parametrize("family,tied", FAMILIES, ids=[f"{f}-{'tied' if t else 'untied'}" for f, t in FAMILIES])
+def test_each_family_loads_as_its_hugging_face_directory(files, tmp_path, family, tied):
+    """Tied files have no output tensor; gemma stores its norms as 1 + w; llama permutes q
+    and k: whatever the file's conventions, the logits and PPL-1% are the directory's."""
+    from sparsity_scaling.hf.causal_lm import HFCausalLM
+
+    root, sp, windows = files
+    model = _family(family, sp, windows, tied)
+    from_gguf, directory = (HFCausalLM.load(path) for path in _both(model, sp, tmp_path, family))
+    head, embedding = from_gguf.model.get_output_embeddings().weight, from_gguf.model.get_input_embeddings().weight
+    assert (head.data_ptr() == embedding.data_ptr()) == tied
+    with torch.no_grad():
+        expected = model(input_ids=windows[:4]).logits
+        assert torch.allclose(directory.logits(windows[:4]), expected, atol=1e-5)
+        assert torch.allclose(from_gguf.logits(windows[:4]), expected, atol=1e-5)
+    ours, theirs = (_measure(tmp_path / path, root / "valid.npy", tmp_path / f"{path}.json")
+                    for path in (f"{family}.gguf", family))
+    for key in ("dense_ppl", "sparse_ppl", "activation_ratio", "cett"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-5), key
+    assert 0 < ours["activation_ratio"] < 1 and ours["ppl_ratio"] == pytest.approx(1.01, abs=0.01)
+
+
+def test_a_quantized_file_reads_as_its_dequantized_weights(files, tmp_path):
+    """Q4_1 projections written by gguf.quants load as gguf.quants.dequantize gives them
+    (the reference directory holds the dequantized weights), not as the unquantized ones."""
+    from sparsity_scaling.hf.causal_lm import HFCausalLM
+
+    root, sp, windows = files
+    model = _family("llama", sp, windows, tied=True)
+    quantized = tmp_path / "q4_1.gguf"
+    write_gguf(model, sp, quantized, gguf.GGMLQuantizationType.Q4_1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("_proj.weight"):
+                blocks = gguf.quants.quantize(param.numpy(), gguf.GGMLQuantizationType.Q4_1)
+                param.copy_(torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_1)))
+    model.save_pretrained(tmp_path / "dequantized")
+    loaded = HFCausalLM.load(quantized)
+    reference = dict(model.named_parameters())
+    gate = reference["model.layers.0.mlp.gate_proj.weight"]
+    assert 0 < len(torch.unique(gate[0])) <= 16  # 4 bits per weight in each block of 32
+    for name, param in loaded.model.named_parameters():
+        assert param.dtype == torch.float32 and torch.equal(param, reference[name]), name
+    ours, theirs = (_measure(path, root / "valid.npy", tmp_path / f"{path.name}.json")
+                    for path in (quantized, tmp_path / "dequantized"))
+    for key in ("dense_ppl", "activation_ratio", "cett"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-5), key
+
+
+def _broken(model, where: str) -> None:
+    """Break a sound model the ways a bad load does."""
+    with torch.no_grad():
+        if where == "output layer":
+            model.lm_head.weight.zero_()
+        elif where == "final norm":  # every hidden state zero before the (sound) output layer
+            model.model.norm.weight.copy_(-torch.ones_like(model.model.norm.weight))  # gemma scales by 1 + w
+        else:  # every FFN's output scaled to zero after the FFN: masking its neurons changes nothing
+            for layer in model.model.layers:
+                layer.post_feedforward_layernorm.weight.copy_(-torch.ones_like(layer.post_feedforward_layernorm.weight))
+
+
+BROKEN = [
+    ("llama", False, "output layer", "is all zeros: weights not loaded?"),
+    ("gemma2", True, "final norm", "is the vocabulary size 70: the model predicts every token as equally likely"),
+    ("gemma2", True, "ffn outputs", "masking every FFN neuron leaves the perplexity unchanged"),
+]
+
+
+@pytest.mark.parametrize("family,tied,where,says", BROKEN, ids=[b[2].replace(" ", "-") for b in BROKEN])
+def test_a_model_that_cannot_be_right_is_refused(files, tmp_path, capsys, family, tied, where, says):
+    """Whatever its source (a GGUF file, a Hugging Face directory), a model whose output
+    cannot depend on its FFNs is refused in one line with the likely cause; no result file."""
+    root, sp, windows = files
+    model = _family(family, sp, windows, tied)
+    _broken(model, where)
+    for path in _both(model, sp, tmp_path, "broken"):
+        out = tmp_path / f"{path.name}.json"
+        capsys.readouterr()
+        assert main(["evaluate", "--hf-model", str(path), "--tokens", str(root / "valid.npy"), "--metric", "ppl-p",
+                     "--p", "1", "--batch-size", "4", "--json", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert_one_error_line(err, "sparsity-scaling: error: ")
+        assert says in err and "too small" not in err, err
+        assert not out.exists()
