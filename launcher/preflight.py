@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from sparsity_scaling.costs import GB, GPU_MEMORY_GB, BatchSplit, MemoryEstimate
+from sparsity_scaling.costs import DEFAULT_GPU_MEMORY_GB, GB, GPU_MEMORY_GB, BatchSplit, MemoryEstimate
 from sparsity_scaling.errors import UserError
 
 from .grid import Grid, RunSpec
@@ -57,6 +57,16 @@ class Node:
     gpus: float
     gpu_memory: int | None = None
 
+    @classmethod
+    def of_ray(cls, resources: dict[str, float], gpu_memory: float | None = None) -> "Node":
+        """A node from its Ray resources: each GPU's memory from its accelerator type
+        (`costs.GPU_MEMORY_GB`), else `gpu_memory` (bytes), else 80 GB."""
+        gpus = resources.get("GPU", 0)
+        kind = next((key.partition(":")[2] for key in resources if key.startswith("accelerator_type:")), None)
+        known = GPU_MEMORY_GB.get(kind) if kind else None
+        memory = known * GB if known else (gpu_memory or DEFAULT_GPU_MEMORY_GB * GB)
+        return cls(resources.get("CPU", 0), gpus, int(memory) if gpus else None)
+
 
 @dataclass(frozen=True)
 class PathNotShared:
@@ -86,21 +96,11 @@ class ClusterFacts:
 
     @classmethod
     def of_ray(cls, gpu_memory: float | None = None) -> "ClusterFacts":
-        """The live nodes of the Ray cluster joined. Each GPU's memory comes from the node's
-        accelerator type (costs.GPU_MEMORY_GB), else `gpu_memory` (bytes), else 80 GB."""
+        """The live nodes of the Ray cluster joined (`Node.of_ray`)."""
         import ray
 
-        nodes = []
-        for node in ray.nodes():
-            if not node.get("Alive"):
-                continue
-            resources = node["Resources"]
-            gpus = resources.get("GPU", 0)
-            kind = next((key.partition(":")[2] for key in resources if key.startswith("accelerator_type:")), None)
-            known = GPU_MEMORY_GB.get(kind) if kind else None
-            memory = known * GB if known else (gpu_memory or DEFAULT_GPU_MEMORY)
-            nodes.append(Node(resources.get("CPU", 0), gpus, int(memory) if gpus else None))
-        return cls(tuple(nodes), connected=True)
+        return cls(tuple(Node.of_ray(node["Resources"], gpu_memory) for node in ray.nodes() if node.get("Alive")),
+                   connected=True)
 
     @property
     def has_gpus(self) -> bool:
@@ -119,8 +119,6 @@ class ClusterFacts:
         shape = f"{'/'.join(f'{g:g}' for g in gpus)} GPUs{memory} per node"
         return f"{'the connected cluster' if self.connected else 'the target cluster'} ({count}, {shape})"
 
-
-DEFAULT_GPU_MEMORY = 80 * GB
 
 
 def _resources(grid: Grid, cluster: ClusterFacts) -> list[Problem]:

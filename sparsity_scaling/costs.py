@@ -138,6 +138,7 @@ RUNTIME_BYTES = int(2 * GB)
 
 # Memory of one GPU by Ray's accelerator type (node resource `accelerator_type:NAME`), nominal
 # GB as sold. Types whose memory varies (A100, V100) are left out: the flag gives it.
+DEFAULT_GPU_MEMORY_GB = 80  # an H100: what `grid plan` checks against, and a GPU of unknown type
 GPU_MEMORY_GB = {"H200": 141, "H100": 80, "H20": 96, "B200": 180, "A100-80G": 80, "A100-40G": 40,
                  "L40S": 48, "L4": 24, "A10G": 24, "T4": 16}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..costs import DEFAULT_MFU, GB, H100_BF16_PEAK_TFLOPS
+from ..costs import DEFAULT_GPU_MEMORY_GB, DEFAULT_MFU, GB, H100_BF16_PEAK_TFLOPS
 from .common import positive_int
 
 
@@ -86,8 +86,9 @@ def add_commands(commands) -> None:
                       help=f"peak TFLOP/s of one GPU (default {H100_BF16_PEAK_TFLOPS:g}: H100 SXM, dense bf16)")
     plan.add_argument("--nodes", type=positive_int, default=1, help="nodes of the cluster to check against (default 1)")
     plan.add_argument("--gpus-per-node", type=_non_negative_int, default=8, help="GPUs of each node (default 8)")
-    plan.add_argument("--gpu-memory", type=_positive_number, default=80,
-                      help="memory of one GPU, GB (default 80: H100); the runs' estimated peak must fit it")
+    plan.add_argument("--gpu-memory", type=_positive_number, default=DEFAULT_GPU_MEMORY_GB,
+                      help=f"memory of one GPU, GB (default {DEFAULT_GPU_MEMORY_GB}: an H100); a run's estimated "
+                           "peak per rank must fit it")
     plan.add_argument("--cpus-per-node", type=_positive_number, metavar="CPUS",
                       help="logical CPUs of each node (default: not checked)")
     plan.set_defaults(run=_plan)
@@ -96,7 +97,8 @@ def add_commands(commands) -> None:
     submit.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     submit.add_argument("--workdir", help="where runs, Ray storage and the local MLflow live (default: runs/GRID)")
     submit.add_argument("--gpu-memory", type=_positive_number,
-                        help="memory of one GPU, GB, where Ray's accelerator type does not tell it (default 80)")
+                        help=f"memory of one GPU, GB, where Ray's accelerator type does not tell it "
+                             f"(default {DEFAULT_GPU_MEMORY_GB})")
     submit.set_defaults(run=_submit)
     status = sub.add_parser("status", help="each run's state, tokens, loss and activation ratio")
     status.add_argument("grid")
