@@ -196,6 +196,8 @@ def _memory(grid: Grid, run: RunSpec, limit: int) -> Problem | None:
         options.append(("train.zero_stage: 1", {"zero_stage": 1}))
     fits = []
     for text, change in options:
+        if "micro_batch_size" in change and any(fit.startswith("micro_batch_size") for fit in fits):
+            continue  # the largest micro-batch that fits is the one to name
         changed = run.config.model_copy(update={"train": train.model_copy(update=change)})
         total = grid.memory(RunSpec(run.name, changed, run.base, run.overrides)).total * share
         if total <= limit:

@@ -78,7 +78,7 @@ def _report(args) -> None:
 def add_commands(commands) -> None:
     grid = commands.add_parser("grid", help="plan, submit and follow a grid of runs on Ray")
     sub = grid.add_subparsers(dest="grid_command", required=True)
-    plan = sub.add_parser("plan", help="print the expanded runs, their sizes, budgets, costs and corpora")
+    plan = sub.add_parser("plan", help="print the expanded runs, their sizes, budgets, costs, memory and corpora; refuse a grid the target cluster cannot run")
     plan.add_argument("grid")
     plan.add_argument("--mfu", type=_fraction, default=DEFAULT_MFU,
                       help=f"model FLOPs utilisation the GPU-hours assume (default {DEFAULT_MFU})")
