@@ -22,6 +22,7 @@ timestamps), so resubmitting finds the same runs.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from dataclasses import dataclass
@@ -187,6 +188,23 @@ class Grid:
     def name(self) -> str:
         return self.spec.name
 
+    @property
+    def on_gpus(self) -> bool:
+        """Whether the grid's runs train on GPUs (its workers ask for them)."""
+        return self.spec.resources.gpus_per_worker > 0
+
+    def bf16(self, run: RunSpec) -> bool:
+        from sparsity_scaling.costs import trains_in_bf16
+
+        return trains_in_bf16(run.config.train, self.on_gpus)
+
+    def memory(self, run: RunSpec):
+        """The estimated peak memory of one of the run's training ranks (`costs.MemoryEstimate`)."""
+        from sparsity_scaling.costs import MemoryEstimate
+
+        return MemoryEstimate.of(run.config, _vocab_size(run.config), self.spec.resources.dp, self.bf16(run),
+                                 self.on_gpus)
+
 
 def _block_points(block: dict[str, Any], where: str) -> list[dict[str, Any]]:
     if len(block) != 1:
@@ -293,22 +311,34 @@ def _amount(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.2g}"
 
 
+def _gigabytes(value: float) -> str:
+    """79.0 or 0.0051: one decimal from 1 GB on (a limit is near), two significant digits below."""
+    return f"{value:.1f}" if value >= 1 else f"{value:.2g}"
+
+
 def _vocab_size(config: RunConfig) -> int:
     """The tokenizer's vocabulary if it exists already, else data.vocab_size (to be trained)."""
+    return _vocabulary(config.data.tokenizer, config.data.vocab_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _vocabulary(tokenizer: str | None, vocab_size: int) -> int:
     from sparsity_scaling.data.tokenizer import load_tokenizer
 
-    if config.data.tokenizer:
+    if tokenizer:
         try:
-            return load_tokenizer(config.data.tokenizer).vocab_size
+            return load_tokenizer(tokenizer).vocab_size
         except UserError:
             pass
-    return config.data.vocab_size
+    return vocab_size
 
 
-def plan_table(grid: Grid, mfu: float, peak_tflops: float) -> str:
+def plan_table(grid: Grid, mfu: float, peak_tflops: float, problems=()) -> str:
     """What `grid plan` prints: per run its size, budget, cost (FLOPs, GPU-hours, checkpoint
-    storage; formulas in `sparsity_scaling.costs`) and corpus, then the totals."""
-    from sparsity_scaling.costs import RunCost
+    storage; formulas in `sparsity_scaling.costs`), estimated peak memory of a rank, the
+    fields the preflight finds a problem with (`launcher.preflight.Problem`) and its corpus,
+    then the totals."""
+    from sparsity_scaling.costs import GB, RunCost
     from sparsity_scaling.data.pipeline import corpus_tokens
     from sparsity_scaling.formatting import table
 
@@ -317,8 +347,7 @@ def plan_table(grid: Grid, mfu: float, peak_tflops: float) -> str:
     for run in grid.runs:
         config = run.config
         m, t = config.model, config.train
-        bf16 = t.dtype == "bf16" or (t.dtype == "auto" and res.gpus_per_worker > 0)
-        cost = RunCost.of(config, _vocab_size(config), bf16, mfu, peak_tflops)
+        cost = RunCost.of(config, _vocab_size(config), grid.bf16(run), mfu, peak_tflops)
         corpus = corpus_tokens(config.data)
         if corpus is None:
             corpus_text, epochs = f"not prepared ({config.data.source})", "-"
@@ -327,14 +356,16 @@ def plan_table(grid: Grid, mfu: float, peak_tflops: float) -> str:
             corpus_text = sci(sum(corpus))
             epochs = f"{max(cost.tokens * w / sum(weights) / max(n, 1) for n, w in zip(corpus, weights)):.2f}"
         params = m.non_embedding_params()
+        fields = sorted({p.field for p in problems if p.run == run.name})
         rows.append([run.name, m.activation, m.d_model, m.n_layers, f"{m.width_depth_ratio:.1f}", sci(params),
                      sci(t.tokens), f"{t.tokens / params:.0f}", sci(cost.flops), _amount(cost.gpu_hours),
-                     f"{cost.checkpoints}", _amount(cost.storage_bytes / 1e9), corpus_text, epochs])
+                     f"{cost.checkpoints}", _amount(cost.storage_bytes / 1e9), _gigabytes(grid.memory(run).total / GB),
+                     ", ".join(fields) or "ok", corpus_text, epochs])
         total["flops"] += cost.flops
         total["gpu_hours"] += cost.gpu_hours
         total["storage"] += cost.storage_bytes
     headers = ["run", "activation", "d_model", "layers", "w/d", "params", "tokens", "tok/param", "FLOPs",
-               "GPU-h", "ckpts", "storage GB", "corpus tokens", "epochs"]
+               "GPU-h", "ckpts", "storage GB", "peak GB/rank", "preflight", "corpus tokens", "epochs"]
     return "\n".join([
         f"grid {grid.name}: {len(grid.runs)} runs, each {res.workers} workers "
         f"(tp {res.tp} x dp {res.dp}; {res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU per worker); "

@@ -22,8 +22,9 @@ from sparsity_scaling.errors import UserError
 from sparsity_scaling.rundir import Checkpoint, RunDir
 from sparsity_scaling.train.callbacks import Callback, ConsoleProgress, TrainPoint
 
-from .cluster import HEAD, ON_HEAD, NodeWatch, connect_ray, node_can_hold, output_to, this_node
+from .cluster import HEAD, ON_HEAD, NodeWatch, connect_ray, output_to, this_node
 from .grid import Grid, GridFile, RunSpec
+from .preflight import ClusterFacts, enforce
 from .report import write_report
 from .status import ProgressPrinter
 from .tracking import (check_tracking_uri, child_run, mark_outcome, parent_run, sync_run, sync_until_delivered,
@@ -34,35 +35,6 @@ from .workdir import Workdir
 def is_trained(run: RunDir, spec: RunSpec) -> bool:
     done = run.checkpoints()
     return bool(done) and done[-1].tokens == checkpoint_tokens(spec.config)[-1]
-
-
-def check_resources(grid: Grid) -> None:
-    """Refuse a run that no node (or the whole cluster) could ever hold."""
-    res = grid.spec.resources
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    per_worker = res.worker_resources()
-    if not node_can_hold(per_worker):
-        raise UserError(
-            f"{grid.path}: resources: no node has {res.cpus_per_worker:g} CPUs and "
-            f"{res.gpus_per_worker:g} GPUs for one worker"
-        )
-    for key, need in per_worker.items():
-        total = sum(node.get(key, 0) for node in nodes)
-        if need * res.workers > total:
-            raise UserError(
-                f"{grid.path}: resources: a run needs {need * res.workers:g} {key} "
-                f"({res.workers} workers), the cluster has {total:g}"
-            )
-    evaluation = grid.spec.evaluation
-    for key, need in evaluation.rank_resources().items():
-        if not any(node.get(key, 0) >= need for node in nodes):
-            best = max((node.get(key, 0) for node in nodes), default=0)
-            raise UserError(f"{grid.path}: evaluation.{key.lower()}s {need:g}: no node has that many {key}s "
-                            f"(the most on one node: {best:g})")
-        total = sum(node.get(key, 0) for node in nodes)
-        if need * evaluation.tp > total:
-            raise UserError(f"{grid.path}: evaluation.tp {evaluation.tp}: a job needs {need * evaluation.tp:g} "
-                            f"{key}s, the cluster has {total:g}")
 
 
 class GridCallback(Callback):
@@ -207,8 +179,10 @@ def check_corpora(grid: Grid) -> None:
                 raise UserError(f"{grid.path}: run {spec.name}: {error}") from None
 
 
-def submit(grid: Grid, workdir: Workdir, address: str | None = None) -> None:
-    """Train and evaluate every run of the grid, then write its report into the workdir."""
+def submit(grid: Grid, workdir: Workdir, address: str | None = None, gpu_memory: float | None = None) -> None:
+    """Train and evaluate every run of the grid, then write its report into the workdir.
+    The preflight refuses a grid the cluster cannot run before anything starts (gpu_memory,
+    bytes: each GPU's, where Ray's accelerator type does not tell it)."""
     workdir = Workdir(workdir.path.resolve())
     check_corpora(grid)
     # Ray Train's print patch sends each print of a worker to its logger and, where Ray
@@ -220,7 +194,7 @@ def submit(grid: Grid, workdir: Workdir, address: str | None = None) -> None:
     # by Tune's traceback of the trial.
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     connect_ray(address)
-    check_resources(grid)
+    enforce(grid, ClusterFacts.of_ray(gpu_memory))
     with tracking(workdir) as uri:
         check_tracking_uri(uri)
         parent = parent_run(uri, grid)
