@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GRID, MICRO, REPO, mlflow_history
+from conftest import GRID, MICRO, REPO
+from launcher.tracking import client, tracking
+from launcher.workdir import Workdir
 from sparsity_scaling.errors import UserError
 from sparsity_scaling.files import LockHeld, OwnerLock, write_json_atomic
 from sparsity_scaling.rundir import RunDir
@@ -123,19 +125,24 @@ def test_a_second_trainer_of_a_run_is_refused_before_writing(tmp_path, world_of_
 # ---------------------------------------------------------------- grid submit
 
 
-def _parent_status(workdir: Path, experiment: str) -> str:
-    from launcher.tracking import client, tracking
-    from launcher.workdir import Workdir
-
-    with tracking(Workdir(workdir)) as uri:
-        mlflow = client(uri)
-        exp = mlflow.get_experiment_by_name(experiment)
-        (parent,) = mlflow.search_runs([exp.experiment_id], filter_string="tags.`sparsity_scaling.role` = 'parent'")
-        return parent.info.status
+def _parent(mlflow, experiment: str):
+    exp = mlflow.get_experiment_by_name(experiment)
+    (parent,) = mlflow.search_runs([exp.experiment_id], filter_string="tags.`sparsity_scaling.role` = 'parent'")
+    return parent
 
 
 def test_a_finished_grid_ends_its_parent_run_finished(grid_run):
-    assert _parent_status(grid_run, "cpu_test") == "FINISHED"
+    with tracking(Workdir(grid_run)) as uri:  # the session's server, running
+        assert _parent(client(uri), "cpu_test").info.status == "FINISHED"
+
+
+def _ends(pid: int, within: float = 60) -> bool:
+    from sparsity_scaling.files import _process_started
+
+    deadline = time.time() + within
+    while _process_started(pid) is not None and time.time() < deadline:
+        time.sleep(0.2)
+    return _process_started(pid) is None
 
 
 def _submit(grid: Path, address: str, workdir: Path) -> subprocess.Popen:
@@ -153,39 +160,42 @@ def test_a_second_submit_is_refused_and_an_interrupted_one_ends_at_once_killed(r
     grid.write_text(GRID.read_text().replace("name: cpu_test", "name: driver_test").replace(
         "../models/micro.yaml", str(MICRO)).replace("[relu, silu]", "[relu]"))
     workdir = tmp_path / "work"
-    first = _submit(grid, ray_address, workdir)
+    first, second = _submit(grid, ray_address, workdir), None
     relu = RunDir(workdir / "runs" / "relu")
     try:
-        deadline = time.time() + 300
-        while first.poll() is None and time.time() < deadline and not (workdir / "mlflow" / "server.json").is_file():
-            time.sleep(0.1)
-        server = (workdir / "mlflow" / "server.json").read_text()
-        second = subprocess.run(
-            [sys.executable, "-m", "sparsity_scaling.cli", "grid", "submit", str(grid), "--address", ray_address,
-             "--workdir", str(workdir)], cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2, (second.stdout[-2000:], second.stderr[-3000:])
-        assert second.stdout == "" and second.stderr.count("\n") == 1, second.stderr[-3000:]
-        assert re.fullmatch(rf"sparsity-scaling: error: workdir {re.escape(str(workdir.resolve()))}: in use by grid "
-                            rf"submit on host {re.escape(HOST)} \(pid {first.pid}, since [-\d: ]+\); one grid submit "
-                            r"per workdir: .*\n", second.stderr), second.stderr
-        assert (workdir / "mlflow" / "server.json").read_text() == server  # its own server was never started
-
-        while first.poll() is None and time.time() < deadline and len(relu.metric_points()) < 2:
-            time.sleep(0.1)
+        deadline = time.time() + 600
+        while first.poll() is None and time.time() < deadline and not (workdir / "driver.lock").is_file():
+            time.sleep(0.05)
+        second = _submit(grid, ray_address, workdir)  # while the first starts its Ray trials
+        while first.poll() is None and time.time() < deadline and not relu.trainer_lock.is_file():
+            time.sleep(0.05)  # its training rank 0 has taken the run
+        trainer = relu.trainer().holder()
         assert first.poll() is None, first.communicate()
         first.send_signal(signal.SIGINT)
         stdout, stderr = first.communicate(timeout=120)
+        refused = second.communicate(timeout=120)
     finally:
-        if first.poll() is None:
-            first.kill()
-            first.communicate()
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.communicate()
+    assert second.returncode == 2 and refused[0] == "" and refused[1].count("\n") == 1, refused
+    assert re.fullmatch(rf"sparsity-scaling: error: workdir {re.escape(str(workdir.resolve()))}: in use by grid "
+                        rf"submit on host {re.escape(HOST)} \(pid {first.pid}, since [-\d: ]+\); one grid submit "
+                        r"per workdir: .*\n", refused[1]), refused[1]
+
     assert first.returncode == 130, (stdout[-2000:], stderr[-3000:])
     assert stderr.splitlines()[-1] == "sparsity-scaling: interrupted; rerun the same command to resume", stderr[-3000:]
     assert "stabilised" not in stderr and "Traceback" not in stderr
     assert not (workdir / "driver.lock").exists()
-    assert _parent_status(workdir, "driver_test") == "KILLED"
-
+    assert trainer is None or _ends(trainer.pid), trainer  # the run's trainer ended with it
+    # read from its store (a server would take longer to start than the reading)
+    mlflow = client(f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}")
+    assert _parent(mlflow, "driver_test").info.status == "KILLED"
     steps = [(p["kind"], p["step"]) for p in relu.metric_points()]
     assert len(steps) == len(set(steps)), steps  # one trainer: each step once
-    for key, points in mlflow_history(workdir, "driver_test")["relu"]["metrics"].items():
-        assert len({s for s, _ in points}) == len(points), key
+    (child,) = mlflow.search_runs([mlflow.get_experiment_by_name("driver_test").experiment_id],
+                                  filter_string="tags.`sparsity_scaling.run` = 'relu'")
+    for key in child.data.metrics:
+        points = [m.step for m in mlflow.get_metric_history(child.info.run_id, key)]
+        assert len(set(points)) == len(points), key
