@@ -8,8 +8,10 @@ complete checkpoint, and logs into the same MLflow run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import threading
 import time
 import traceback
@@ -19,6 +21,7 @@ from ray import tune
 
 from sparsity_scaling.config import checkpoint_tokens
 from sparsity_scaling.errors import UserError
+from sparsity_scaling.files import LockHeld
 from sparsity_scaling.rundir import Checkpoint, RunDir
 from sparsity_scaling.train.callbacks import Callback, ConsoleProgress, TrainPoint
 
@@ -27,8 +30,8 @@ from .grid import Grid, GridFile, RunSpec
 from .preflight import ClusterFacts, enforce
 from .report import write_report
 from .status import ProgressPrinter
-from .tracking import (check_tracking_uri, child_run, mark_outcome, parent_run, sync_run, sync_until_delivered,
-                       tracking)
+from .tracking import (check_tracking_uri, child_run, mark_outcome, parent_run, set_parent_status, sync_run,
+                       sync_until_delivered, tracking)
 from .workdir import Workdir
 
 
@@ -179,17 +182,58 @@ def check_corpora(grid: Grid) -> None:
                 raise UserError(f"{grid.path}: run {spec.name}: {error}") from None
 
 
+@contextlib.contextmanager
+def _driving(workdir: Workdir):
+    """Hold the workdir's driver lock while the block runs: one `grid submit` per workdir
+    (two would train the same runs into the same directories). Refused in one line naming
+    the holder, before anything is written."""
+    lock = workdir.driver(on_lost=_lost_workdir)
+    try:
+        lock.acquire(waiting=lambda holder: print(
+            f"workdir {workdir.path}: held by {holder.describe()}; watching its heartbeat "
+            f"(up to {lock.stale_s:g} s) to see whether it is still there", flush=True))
+    except LockHeld as held:
+        raise UserError(f"workdir {workdir.path}: in use by {held.holder.describe()}; one grid submit per "
+                        f"workdir: wait for it or stop it (if it is gone with its host, delete "
+                        f"{workdir.driver_lock}, or resubmit {lock.stale_s:g} s after its heartbeat stopped)") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _lost_workdir(holder) -> None:
+    """The driver stalled so long that another took its workdir: stop as if interrupted."""
+    import _thread
+
+    who = holder.describe() if holder is not None else "nobody (its lock file is gone)"
+    print(f"error: the workdir's driver lock is now held by {who}; this grid submit stops", file=sys.stderr,
+          flush=True)
+    _thread.interrupt_main()
+
+
 def submit(grid: Grid, workdir: Workdir, address: str | None = None, gpu_memory: float | None = None) -> None:
     """Train and evaluate every run of the grid, then write its report into the workdir.
     The preflight refuses a grid the cluster cannot run before anything starts (gpu_memory,
-    bytes: each GPU's, where Ray's accelerator type does not tell it)."""
+    bytes: each GPU's, where Ray's accelerator type does not tell it). Ctrl-C (SIGINT) stops
+    it at once: its runs' trainers and evaluations end with it, the grid's parent MLflow run
+    is KILLED, and a resubmit resumes."""
     workdir = Workdir(workdir.path.resolve())
     check_corpora(grid)
+    with _driving(workdir):
+        _submit(grid, workdir, address, gpu_memory)
+
+
+def _submit(grid: Grid, workdir: Workdir, address: str | None, gpu_memory: float | None) -> None:
     # Ray Train's print patch sends each print of a worker to its logger and, where Ray
     # wraps stdout, to stdout as well: every progress line would reach the driver twice.
     # (Ray passes this variable from the driver to the trainers' workers.)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's old engine prints nothing at verbose 0
+    # Tune's own SIGINT handler would end fit() "gracefully" and return the interrupted trials
+    # as if they had ended: the driver would go on to the report. Python's KeyboardInterrupt
+    # stops it where it is instead.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     # A failed run is reported in one line naming its log (which holds the traceback), not
     # by Tune's traceback of the trial.
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
@@ -198,30 +242,47 @@ def submit(grid: Grid, workdir: Workdir, address: str | None = None, gpu_memory:
     with tracking(workdir) as uri:
         check_tracking_uri(uri)
         parent = parent_run(uri, grid)
-        for spec in grid.runs:
-            child_run(uri, grid, spec, parent, workdir.run(spec.name))
-        print(f"grid {grid.name}: {len(grid.runs)} runs, workdir {workdir.path}, MLflow {uri}", flush=True)
-        from .eval_queue import TrainingGate
+        set_parent_status(uri, parent, "RUNNING")
+        outcome = "FAILED"
+        try:
+            _drive(grid, workdir, uri, parent)
+            outcome = "FINISHED"
+        except KeyboardInterrupt:
+            outcome = "KILLED"
+            # the trials' actors (and with them the trainers and evaluations) end with the
+            # driver's Ray job: before the lock goes, so a resubmit meets none of them
+            ray.shutdown()
+            raise
+        finally:
+            set_parent_status(uri, parent, outcome)
 
-        gate = TrainingGate.options(**ON_HEAD).remote([s.name for s in grid.runs])
-        trial = tune.with_parameters(
-            _run_trial, specs={s.name: s for s in grid.runs}, grid_spec=grid.spec, workdir=str(workdir.path),
-            gate=gate,
-        )
-        tuner = tune.Tuner(
-            tune.with_resources(trial, {"CPU": 0, **HEAD}),  # trials run on the head node
-            param_space={"run": tune.grid_search([s.name for s in grid.runs])},
-            run_config=tune.RunConfig(name=grid.name, storage_path=str(workdir.ray), verbose=0),
-        )
-        with ProgressPrinter(grid, workdir):  # instead of Tune's periodic status table
-            results = tuner.fit()
-        failed = [workdir.run(r.config["run"]) for r in results if r.error]
-        if len(failed) < len(grid.runs):
-            write_report(grid, uri, workdir)  # the runs that finished; the failed ones named
-        if failed:
-            first = failed[0].failed() or {"error": "see its logs", "log": str(failed[0].logs_dir)}
-            more = f" ({len(failed) - 1} more runs failed: `grid status`)" if len(failed) > 1 else ""
-            finished = len(grid.runs) - len(failed)
-            raise UserError(f"grid {grid.name} stopped: run {failed[0].name}: {first['error']} "
-                            f"(log: {first['log']}){more}"
-                            + (f"; {finished} of {len(grid.runs)} runs finished, see the report" if finished else ""))
+
+def _drive(grid: Grid, workdir: Workdir, uri: str, parent: str) -> None:
+    """The grid's runs as Tune trials, then its report; a UserError naming the first failed run."""
+    for spec in grid.runs:
+        child_run(uri, grid, spec, parent, workdir.run(spec.name))
+    print(f"grid {grid.name}: {len(grid.runs)} runs, workdir {workdir.path}, MLflow {uri}", flush=True)
+    from .eval_queue import TrainingGate
+
+    gate = TrainingGate.options(**ON_HEAD).remote([s.name for s in grid.runs])
+    trial = tune.with_parameters(
+        _run_trial, specs={s.name: s for s in grid.runs}, grid_spec=grid.spec, workdir=str(workdir.path),
+        gate=gate,
+    )
+    tuner = tune.Tuner(
+        tune.with_resources(trial, {"CPU": 0, **HEAD}),  # trials run on the head node
+        param_space={"run": tune.grid_search([s.name for s in grid.runs])},
+        run_config=tune.RunConfig(name=grid.name, storage_path=str(workdir.ray), verbose=0),
+    )
+    with ProgressPrinter(grid, workdir):  # instead of Tune's periodic status table
+        results = tuner.fit()
+    failed = [workdir.run(r.config["run"]) for r in results if r.error]
+    if len(failed) < len(grid.runs):
+        write_report(grid, uri, workdir)  # the runs that finished; the failed ones named
+    if failed:
+        first = failed[0].failed() or {"error": "see its logs", "log": str(failed[0].logs_dir)}
+        more = f" ({len(failed) - 1} more runs failed: `grid status`)" if len(failed) > 1 else ""
+        finished = len(grid.runs) - len(failed)
+        raise UserError(f"grid {grid.name} stopped: run {failed[0].name}: {first['error']} "
+                        f"(log: {first['log']}){more}"
+                        + (f"; {finished} of {len(grid.runs)} runs finished, see the report" if finished else ""))

@@ -184,6 +184,22 @@ def parent_run(uri: str, grid) -> str:
     return run_id
 
 
+def set_parent_status(uri: str, run_id: str, status: str) -> None:
+    """The grid's parent run follows its driver: RUNNING while a `grid submit` drives it, then
+    FINISHED (every run finished), FAILED (some failed) or KILLED (interrupted). Best effort:
+    an unreachable server only costs the status."""
+    try:
+        if not _reachable(uri):
+            raise ConnectionError(f"no MLflow server answers at {uri}")
+        if status == "RUNNING":
+            client(uri).update_run(run_id, status="RUNNING")
+        else:
+            client(uri).set_terminated(run_id, status)
+    except Exception as problem:  # MLflow raises many types when its server is away
+        print(f"MLflow status of the grid's parent run not set: {str(problem).splitlines()[0][:160]}",
+              file=sys.stderr, flush=True)
+
+
 def child_run(uri: str, grid, spec, parent_id: str, run: RunDir) -> str:
     """The run's MLflow run: the id kept in its directory, so a resumed run logs into it."""
     id_file = run.mlflow_run

@@ -1,5 +1,6 @@
 """A grid's working directory: the one place that knows where its parts live.
 
+    WORKDIR/driver.lock      the `grid submit` that drives the grid now (one at a time)
     WORKDIR/runs/<run>/      each run's directory (layout: `sparsity_scaling.rundir`)
     WORKDIR/mlflow/          the local MLflow store: mlflow.db (SQLite), artifacts/,
                              server.json (the running server's URI and pid), server.log
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sparsity_scaling.files import OwnerLock
 from sparsity_scaling.rundir import RunDir
 
 REPORT = "report"
@@ -29,6 +31,14 @@ class Workdir:
     def of_run(cls, run: RunDir) -> "Workdir":
         """The grid workdir a run directory sits in (WORKDIR/runs/RUN)."""
         return cls(run.path.resolve().parent.parent)
+
+    @property
+    def driver_lock(self) -> Path:
+        return self.path / "driver.lock"
+
+    def driver(self, on_lost=None) -> OwnerLock:
+        """The lock of the one `grid submit` that drives this workdir's grid at a time."""
+        return OwnerLock(self.driver_lock, "grid submit", on_lost=on_lost)
 
     def run(self, name: str) -> RunDir:
         return RunDir(self.path / "runs" / name)

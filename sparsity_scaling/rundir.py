@@ -23,6 +23,8 @@ checkpoints lives. Every other module asks `RunDir` or `Checkpoint` for a path.
     RUN/nodes/<node id>.json         each cluster node that trained the run (a grid's runs)
     RUN/jobs/<job>.json              an evaluation job while it runs: its node, attempt, search step
     RUN/logs/                        a grid run's output: train-rank<R>.log, evaluation.log
+    RUN/trainer.lock                 the process (training rank 0) that trains the run now:
+                                     one trainer at a time, whoever started it
     RUN/failed.json                  why the run's last attempt failed (a diverged step; in a
                                      grid, any error), and its log
 
@@ -41,7 +43,7 @@ from pathlib import Path
 
 from .config import RunConfig, load_config
 from .errors import SettingError, UserError
-from .files import json_line, sha256_file, write_json_atomic, write_text_atomic
+from .files import OwnerLock, json_line, sha256_file, write_json_atomic, write_text_atomic
 
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
@@ -229,6 +231,14 @@ class RunDir:
     @property
     def failure(self) -> Path:
         return self.path / "failed.json"
+
+    @property
+    def trainer_lock(self) -> Path:
+        return self.path / "trainer.lock"
+
+    def trainer(self, on_lost=None) -> OwnerLock:
+        """The lock of the one process (training rank 0) that trains the run at a time."""
+        return OwnerLock(self.trainer_lock, "trainer", on_lost=on_lost)
 
     def train_log(self, rank: int) -> Path:
         return self.logs_dir / f"train-rank{rank}.log"

@@ -3,6 +3,9 @@ train` (in this process or spawned), torchrun, deepspeed or a Ray Train worker."
 
 from __future__ import annotations
 
+import os
+import sys
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -11,7 +14,8 @@ import torch.distributed as dist
 
 from ..config import RunConfig
 from ..data.pipeline import PreparedData, prepare_data, prepare_decay_data
-from ..errors import SettingError
+from ..errors import SettingError, UserError
+from ..files import LockHeld
 from ..parallel import init_parallel
 from ..ranks import launched_externally, on_ranks
 from ..rundir import Checkpoint, RunDir
@@ -39,11 +43,47 @@ def _prepared_on_rank_zero(config: RunConfig, run: RunDir) -> PreparedData:
     return box[0]
 
 
+# How long a new trainer waits for a live one on this machine to end (a Ray Train retry may
+# start while the rank it replaces is still being killed) before it refuses.
+TRAINER_WAIT_S = 30.0
+
+
+def _lost(holder) -> None:
+    """The trainer stalled so long that another one took the run over: stop before writing more."""
+    who = holder.describe() if holder is not None else "nobody (its lock file is gone)"
+    print(f"error: the run's trainer lock is now held by {who}; this trainer stops", file=sys.stderr, flush=True)
+    os._exit(3)
+
+
+@contextmanager
+def _only_trainer(run: RunDir):
+    """Rank 0 holds the run's trainer lock while the ranks train (every rank waits for it, and
+    every rank raises the refusal, so none waits for a rank 0 that gave up)."""
+    lock, box = None, [None]
+    if dist.get_rank() == 0:
+        lock = run.trainer(on_lost=_lost)
+        try:
+            lock.acquire(TRAINER_WAIT_S, waiting=lambda h: print(f"waiting for {h.describe()} to stop training "
+                                                                 f"{run.path}", file=sys.stderr, flush=True))
+        except LockHeld as held:
+            box[0] = UserError(f"{run.path}: trained now by {held.holder.describe()}; one trainer at a time")
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise box[0]
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def train_on_rank(config: RunConfig, run_dir: str | Path, callbacks: Sequence[Callback] = ()) -> Checkpoint:
-    """Join the run's process groups, get its data, and train it; on every rank."""
+    """Join the run's process groups, take the run (one trainer at a time), get its data,
+    and train it; on every rank."""
     init_parallel(config.parallel.tp)
     run = RunDir(run_dir)
-    return train(config, run, _prepared_on_rank_zero(config, run), callbacks)
+    with _only_trainer(run):
+        return train(config, run, _prepared_on_rank_zero(config, run), callbacks)
 
 
 def run_training(config: RunConfig, run_dir: str | Path, nproc: int = 1, report_error=None) -> None:
