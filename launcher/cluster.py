@@ -192,7 +192,8 @@ def _health_ok(uri: str) -> bool:
         return False
 
 
-def _look_from_node(shared: dict[str, str], read: dict[str, str | None], tracking_uri: str | None) -> list[tuple[str, str]]:
+def _look_from_node(shared: dict[str, str], read: dict[str, str | None],
+                    tracking_uri: str | None) -> list[tuple[str, str]]:
     """On one node: (subject, why) for each shared directory whose marker does not hold the
     driver's token or that this node cannot write, each read path missing or different
     here, and a tracking server that does not answer from here."""
@@ -204,8 +205,8 @@ def _look_from_node(shared: dict[str, str], read: dict[str, str | None], trackin
         except OSError:
             seen = None
         if seen != token:
-            problems.append((directory, "not the directory the driver sees (no marker the driver wrote there: "
-                                        "a node-local path of the same name?); it must be on storage every node shares"))
+            problems.append((directory, "not the directory the driver sees (no marker the driver wrote there: a "
+                                        "node-local path of the same name?); it must be on storage every node shares"))
             continue
         probe = Path(directory) / f"{MARKER}{token}-{uuid.uuid4().hex}"
         try:
@@ -254,7 +255,8 @@ def check_nodes(shared: list[Path], read: list[Path] = (), tracking_uri: str | N
                 found = ray.get(ref)
             except ray.exceptions.RayError as error:
                 found = [("(the check)", f"failed on this node: {str(error).strip().splitlines()[-1][:200]}")]
-            problems += [NodeProblem(node["NodeManagerAddress"], node["NodeID"], subject, why) for subject, why in found]
+            problems += [NodeProblem(node["NodeManagerAddress"], node["NodeID"], subject, why)
+                         for subject, why in found]
         for ref in late:
             ray.cancel(ref, force=True)
             node = pending[ref]

@@ -127,28 +127,20 @@ class HostCluster:
     def start_ray(self, timeout: float = 240) -> None:
         ray = str(Path(sys.executable).with_name("ray"))
         common = ["--disable-usage-stats", "--object-store-memory=100000000"]
-        def start(host: Host, node: list[str]) -> subprocess.Popen:
-            return self.popen(host, [ray, "start", *node, f"--node-ip-address={host.ip}", f"--temp-dir={host.temp}",
-                                     *common], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
-        def started(host: Host, process: subprocess.Popen) -> str | None:
-            output = process.communicate(timeout=180)[0]
-            return None if process.returncode == 0 else output[-3000:]
-
-        def start_again(host: Host, node: list[str], failure: str | None) -> None:
-            if failure is not None:  # a raylet must register within Ray's 30 s: a loaded machine may miss it once
+        def start(host: Host, node: list[str]) -> None:
+            # a raylet must register within Ray's 30 s: on a loaded machine it may miss that
+            for attempt in range(3):
+                started = self.run(host, [ray, "start", *node, f"--node-ip-address={host.ip}",
+                                          f"--temp-dir={host.temp}", *common], timeout=180)
+                if started.returncode == 0:
+                    return
                 self.stop(host)
-                failure = started(host, start(host, node))
-            if failure is not None:
-                raise RuntimeError(f"ray start on {host.name}: {failure}")
+            raise RuntimeError(f"ray start on {host.name}: {started.stdout[-3000:]} {started.stderr[-3000:]}")
 
-        # the head first, then every worker at once
-        head = ["--head", f"--port={RAY_PORT}", "--num-cpus=0", "--include-dashboard=false"]
-        start_again(self.head, head, started(self.head, start(self.head, head)))
-        worker = [f"--address={self.address}", f"--num-cpus={self.cpus}"]
-        processes = [start(host, worker) for host in self.hosts[1:]]
-        for host, failure in [(host, started(host, process)) for host, process in zip(self.hosts[1:], processes)]:
-            start_again(host, worker, failure)
+        start(self.head, ["--head", f"--port={RAY_PORT}", "--num-cpus=0", "--include-dashboard=false"])
+        for host in self.hosts[1:]:  # one at a time: at once, they overload the GCS of a loaded machine
+            start(host, [f"--address={self.address}", f"--num-cpus={self.cpus}"])
         wait = ("import ray, time; ray.init(address='%s', log_to_driver=False)\n"
                 "deadline = time.time() + %f\n"
                 "while sum(n['Alive'] for n in ray.nodes()) < %d and time.time() < deadline: time.sleep(0.5)\n"

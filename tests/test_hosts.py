@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -33,6 +33,54 @@ def hosts():
     if reason:
         pytest.skip(f"no cluster of distinct hosts: {reason}")
     yield from host_cluster(workers=3, cpus=1)
+
+
+def lose_training_then_evaluation(process: subprocess.Popen, relu: RunDir, remove) -> tuple:
+    """While the grid runs: once relu has two checkpoints, lose the node of its training;
+    later, a node running one of its evaluation jobs (`remove(record)`, a record naming the
+    node's node_id and ip). (lost training node id, lost job's record, stdout, stderr)."""
+    lost_training = lost_evaluation = None
+    deadline = time.time() + 900
+    while process.poll() is None and time.time() < deadline and lost_evaluation is None:
+        if lost_training is None and len(relu.checkpoints()) >= 2 and relu.nodes():
+            lost_training = relu.nodes()[0]["node_id"]
+            remove(relu.nodes()[0])
+        elif lost_training is not None:
+            trained_on = {n["node_id"] for n in relu.nodes()}
+            for job in relu.running_jobs():
+                # a job that has not begun its search yet: it is still running when its node goes
+                if job["node_id"] not in trained_on and "search_step" not in job:
+                    lost_evaluation = job
+                    remove(job)
+                    break
+        time.sleep(0.05)
+    stdout, stderr = process.communicate(timeout=900)
+    return lost_training, lost_evaluation, stdout, stderr
+
+
+def check_moved(relu: RunDir, shared: RunDir, lost_training: str, lost_evaluation: dict, logged: dict) -> None:
+    """relu moved on from the node it lost, from its newest complete checkpoint (the same
+    trajectory and checkpoints as the uninterrupted `shared` run); the evaluation whose
+    node went was retried on another node; MLflow (`logged`: relu's tags and metrics)
+    holds every point once."""
+    assert len(relu.nodes()) == 2 and relu.nodes()[0]["node_id"] == lost_training
+    assert trajectory(relu.path) == trajectory(shared.path)
+    assert [c.tokens for c in relu.checkpoints()] == [c.tokens for c in shared.checkpoints()]
+
+    # the evaluation whose node went was retried on another node, and its result is there once
+    if lost_evaluation["job"] == "stabilised":
+        assert relu.sparsity_record() is not None
+    else:
+        record = json.loads(relu.evaluation_of(relu.checkpoints_dir / lost_evaluation["job"]).read_text())
+        assert record["evaluated_on"]["node_id"] != lost_evaluation["node_id"]
+        assert record["evaluated_on"]["attempt"] == lost_evaluation["attempt"] + 1
+    assert not relu.running_jobs()
+
+    assert len(logged["tags"]["nodes"].split(", ")) == 2
+    steps = [s for s, _ in logged["metrics"]["activation_ratio_checkpoint"]]
+    assert steps == [c.tokens for c in relu.checkpoints()]  # every checkpoint's result exactly once
+    for key, points in logged["metrics"].items():
+        assert len({s for s, _ in points}) == len(points), key
 
 
 CHECK = """
@@ -78,6 +126,8 @@ def test_the_node_check_accepts_shared_paths_and_refuses_node_local_ones(hosts):
     (shared / "corpus").mkdir(parents=True)
     (shared / "corpus" / "shard0.bin").write_bytes(b"tokens" * 100)
     head, w1, w2, w3 = hosts.hosts
+    for host in hosts.hosts:  # a directory of the same name on every host, as a scratch disk's
+        (host.private / "work").mkdir()
     for host in (head, w1, w2):  # a corpus of the same name at LOCAL: w3 has none, w2's differs
         (host.private / "corpus").mkdir()
         (host.private / "corpus" / "shard0.bin").write_bytes(b"tokens" * (100 if host is not w2 else 99))
@@ -87,7 +137,8 @@ def test_the_node_check_accepts_shared_paths_and_refuses_node_local_ones(hosts):
 
     assert found["hosts"] == sorted(h.ip for h in hosts.hosts)
     assert found["shared"] == []
-    work, corpus, loopback = str((hosts.local / "work").resolve()), str((hosts.local / "corpus").resolve()), found["loopback"]
+    work, corpus = str((hosts.local / "work").resolve()), str((hosts.local / "corpus").resolve())
+    loopback = found["loopback"]
     problems = {(p["node_ip"], p["subject"], p["why"].split(" (")[0]) for p in found["local"]}
     assert problems == {
         *[(w.ip, work, "not the directory the driver sees") for w in (w1, w2, w3)],
@@ -99,3 +150,72 @@ def test_the_node_check_accepts_shared_paths_and_refuses_node_local_ones(hosts):
     on_loopback, on_cluster_address, localhost, store = found["uri"].values()
     assert "loopback" in on_loopback and "loopback" in localhost and on_cluster_address is None
     assert "SQLite" in store
+
+
+def test_a_grid_across_hosts_delivers_from_its_workers_and_survives_losing_hosts(hosts, grid_run, monkeypatch):
+    """relu trains on a worker host and delivers its points to the head's MLflow server
+    itself; its training host, and later the host of one of its evaluation jobs, is lost
+    (every process of the host ends, its raylet first among them), and the run moves on."""
+    workdir = hosts.base / "work"  # on storage every host shares
+    process = hosts.popen(hosts.head, submit_argv(_grid(hosts.base, "hosts_test"), hosts.address, workdir),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    relu = RunDir(workdir / "runs" / "relu")
+    on = {host.ip: host for host in hosts.hosts}
+    try:
+        lost_training, lost_evaluation, stdout, stderr = lose_training_then_evaluation(
+            process, relu, lambda record: hosts.stop(on[record["ip"]]))
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, (stdout[-3000:], stderr[-5000:])
+    assert lost_training is not None and lost_evaluation is not None
+
+    # the grid's server ran on the head's cluster address, the URI every run recorded
+    workers = {host.ip for host in hosts.hosts[1:]}
+    for run in ("relu",):
+        assert json.loads(RunDir(workdir / "runs" / run).mlflow_run.read_text())["tracking_uri"].startswith(
+            f"http://{hosts.head.ip}:")
+    # the training ranks on worker hosts delivered their points themselves
+    trained_on = [node["ip"] for node in relu.nodes()]
+    assert len(trained_on) == 2 and set(trained_on) <= workers
+    server_log = (workdir / "mlflow" / "server.log").read_text()
+    senders = set(re.findall(r"(\d+\.\d+\.\d+\.\d+):\d+ - \"POST /api/2\.0/mlflow/runs/log-batch", server_log))
+    assert senders & set(trained_on), senders
+
+    # read back from the store itself (the server has stopped with the grid; this process
+    # is outside the hosts' network)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}")
+    logged = mlflow_history(workdir, "hosts_test")["relu"]
+    assert {node.split("/")[0] for node in logged["tags"]["nodes"].split(", ")} == set(trained_on)
+    check_moved(relu, RunDir(grid_run / "runs" / "relu"), lost_training, lost_evaluation, logged)
+    # each training point exactly once
+    tokens = [p["tokens"] for p in relu.metric_points() if p["kind"] == "train" and p.get("loss") is not None]
+    assert [step for step, _ in logged["metrics"]["train_loss"]] == sorted(set(tokens))
+
+
+def test_a_single_host_grid_keeps_its_server_on_loopback(grid_run):
+    """The shared grid, on a local Ray instance: its server listened on 127.0.0.1 only,
+    the address its runs recorded."""
+    for run in ("relu", "silu"):
+        uri = json.loads(RunDir(grid_run / "runs" / run).mlflow_run.read_text())["tracking_uri"]
+        assert urllib.parse.urlsplit(uri).hostname == "127.0.0.1"
+
+
+def test_a_resubmit_points_the_runs_at_the_store_s_current_address(tmp_path):
+    """A run recorded with an address the store is no longer served at (an earlier submit's
+    loopback server) is pointed at the current one when that holds its MLflow run, and
+    left alone when it does not (a run of another store)."""
+    from conftest import mlflow_run_dir
+    from launcher.tracking import child_run
+
+    mlflow, run_id, run_dir = mlflow_run_dir(tmp_path)
+    uri = json.loads((run_dir / "mlflow_run.json").read_text())["tracking_uri"]
+    old = {"run_id": run_id, "tracking_uri": "http://127.0.0.1:9"}
+    (run_dir / "mlflow_run.json").write_text(json.dumps(old))
+    assert child_run(uri, None, None, "parent", RunDir(run_dir)) == run_id
+    assert json.loads((run_dir / "mlflow_run.json").read_text()) == {"run_id": run_id, "tracking_uri": uri}
+
+    stranger = {"run_id": "0" * 32, "tracking_uri": "http://127.0.0.1:9"}
+    (run_dir / "mlflow_run.json").write_text(json.dumps(stranger))
+    assert child_run(uri, None, None, "parent", RunDir(run_dir)) == stranger["run_id"]
+    assert json.loads((run_dir / "mlflow_run.json").read_text()) == stranger
