@@ -13,16 +13,14 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 import urllib.parse
-from pathlib import Path
 
 import pytest
 
-from conftest import mlflow_history, trajectory
+from conftest import mlflow_history
 from hosts import host_cluster, why_not
 from sparsity_scaling.rundir import RunDir
-from test_cluster import _grid, submit_argv
+from test_cluster import _grid, check_moved, lose_training_then_evaluation, submit_argv
 
 
 @pytest.fixture(scope="module")
@@ -35,58 +33,9 @@ def hosts():
     yield from host_cluster(workers=3, cpus=1)
 
 
-def lose_training_then_evaluation(process: subprocess.Popen, relu: RunDir, remove) -> tuple:
-    """While the grid runs: once relu has two checkpoints, lose the node of its training;
-    later, a node running one of its evaluation jobs (`remove(record)`, a record naming the
-    node's node_id and ip). (lost training node id, lost job's record, stdout, stderr)."""
-    lost_training = lost_evaluation = None
-    deadline = time.time() + 900
-    while process.poll() is None and time.time() < deadline and lost_evaluation is None:
-        if lost_training is None and len(relu.checkpoints()) >= 2 and relu.nodes():
-            lost_training = relu.nodes()[0]["node_id"]
-            remove(relu.nodes()[0])
-        elif lost_training is not None:
-            trained_on = {n["node_id"] for n in relu.nodes()}
-            for job in relu.running_jobs():
-                # a job that has not begun its search yet: it is still running when its node goes
-                if job["node_id"] not in trained_on and "search_step" not in job:
-                    lost_evaluation = job
-                    remove(job)
-                    break
-        time.sleep(0.05)
-    stdout, stderr = process.communicate(timeout=900)
-    return lost_training, lost_evaluation, stdout, stderr
-
-
-def check_moved(relu: RunDir, shared: RunDir, lost_training: str, lost_evaluation: dict, logged: dict) -> None:
-    """relu moved on from the node it lost, from its newest complete checkpoint (the same
-    trajectory and checkpoints as the uninterrupted `shared` run); the evaluation whose
-    node went was retried on another node; MLflow (`logged`: relu's tags and metrics)
-    holds every point once."""
-    assert len(relu.nodes()) == 2 and relu.nodes()[0]["node_id"] == lost_training
-    assert trajectory(relu.path) == trajectory(shared.path)
-    assert [c.tokens for c in relu.checkpoints()] == [c.tokens for c in shared.checkpoints()]
-
-    # the evaluation whose node went was retried on another node, and its result is there once
-    if lost_evaluation["job"] == "stabilised":
-        assert relu.sparsity_record() is not None
-    else:
-        record = json.loads(relu.evaluation_of(relu.checkpoints_dir / lost_evaluation["job"]).read_text())
-        assert record["evaluated_on"]["node_id"] != lost_evaluation["node_id"]
-        assert record["evaluated_on"]["attempt"] == lost_evaluation["attempt"] + 1
-    assert not relu.running_jobs()
-
-    assert len(logged["tags"]["nodes"].split(", ")) == 2
-    steps = [s for s, _ in logged["metrics"]["activation_ratio_checkpoint"]]
-    assert steps == [c.tokens for c in relu.checkpoints()]  # every checkpoint's result exactly once
-    for key, points in logged["metrics"].items():
-        assert len({s for s, _ in points}) == len(points), key
-
-
 CHECK = """
 import json, sys, threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
 
 import ray
 from launcher.cluster import check_nodes, cluster_hosts, tracking_uri_problem
