@@ -1,14 +1,21 @@
 """Joining a Ray cluster (or starting a local one), shared by `grid submit` and `data
-prepare`; where the grid's control runs, and noticing a cluster that lost every node a
-worker needs."""
+prepare`; where the grid's control runs, the address its servers bind, what every node
+must see (the workdir, the corpora, the tracking server), and noticing a cluster that lost
+every node a worker needs."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import ipaddress
 import os
 import socket
+import sys
 import time
 import traceback
+import urllib.parse
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -54,6 +61,16 @@ def this_node() -> tuple[str, str]:
     return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
 
 
+def server_host() -> str | None:
+    """The address a server the cluster's nodes talk to (the grid's MLflow server) binds:
+    this node's IP as Ray knows it, the address Ray's own services here listen on. On the
+    local instance `connect_ray` starts, that is loopback; on a cluster of several hosts it
+    is the head's cluster address, never 0.0.0.0. None when this process is not on Ray."""
+    if "ray" not in sys.modules or not ray.is_initialized():
+        return None
+    return ray.util.get_node_ip_address()
+
+
 def node_can_hold(need: dict[str, float]) -> bool:
     """Whether any live node has, in all, the resources of one worker (busy or not)."""
     return any(all(node["Resources"].get(key, 0) >= amount for key, amount in need.items() if amount)
@@ -93,3 +110,159 @@ def output_to(log: Path):
         except BaseException:
             traceback.print_exc()
             raise
+
+
+# ---------------------------------------------------------------- what every node must see
+
+
+def is_loopback_uri(uri: str) -> bool:
+    """Whether an http(s) URI names the loopback interface of whichever host opens it (a
+    server there is one the other nodes of a cluster cannot reach)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return False
+    host = parts.hostname.lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cluster_hosts() -> list[str]:
+    """The distinct IPs of the cluster's live nodes (several raylets on one host share one)."""
+    return sorted({node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")})
+
+
+def tracking_uri_problem(uri: str, hosts: list[str]) -> str | None:
+    """Why the training ranks of a cluster spanning `hosts` could not deliver to `uri`, or
+    None: with more than one host, a loopback server reaches only the processes of its own
+    host, and a store file (sqlite:, a path) would be opened by every node itself."""
+    if len(hosts) < 2:
+        return None
+    if is_loopback_uri(uri):
+        return (f"a loopback address, which the other {len(hosts) - 1} hosts of the cluster cannot reach "
+                f"(use a server on the head's cluster address or a shared one)")
+    if urllib.parse.urlsplit(uri).scheme not in ("http", "https"):
+        return (f"a store every node would open itself, on {len(hosts)} hosts "
+                f"(SQLite's locking is not safe on shared storage); use an MLflow server")
+    return None
+
+
+@dataclass(frozen=True)
+class NodeProblem:
+    """Something a node of the cluster does not see as the driver does."""
+
+    node_ip: str
+    node_id: str
+    subject: str  # the path or the tracking URI
+    why: str
+
+    def line(self) -> str:
+        return f"node {self.node_ip} ({self.node_id[:12]}): {self.subject}: {self.why}"
+
+
+MARKER = ".node-check-"  # + a token: the file the driver writes into each shared directory
+
+
+def fingerprint(path: Path, files: int = 16, head: int = 1 << 16) -> str | None:
+    """What identifies a corpus (a file or a directory of files) cheaply: every file's
+    relative name and size, and a digest of the first 64 KiB of the first `files` files.
+    None if it does not exist."""
+    if not path.exists():
+        return None
+    digest = hashlib.sha256()
+    found = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for i, file in enumerate(found):
+        digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}\0{file.stat().st_size}\0".encode())
+        if i < files:
+            with open(file, "rb") as data:
+                digest.update(data.read(head))
+    return digest.hexdigest()
+
+
+def _health_ok(uri: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _look_from_node(shared: dict[str, str], read: dict[str, str | None],
+                    tracking_uri: str | None) -> list[tuple[str, str]]:
+    """On one node: (subject, why) for each shared directory whose marker does not hold the
+    driver's token or that this node cannot write, each read path missing or different
+    here, and a tracking server that does not answer from here."""
+    problems = []
+    for directory, token in shared.items():
+        marker = Path(directory) / f"{MARKER}{token}"
+        try:
+            seen = marker.read_text()
+        except OSError:
+            seen = None
+        if seen != token:
+            problems.append((directory, "not the directory the driver sees (no marker the driver wrote there: a "
+                                        "node-local path of the same name?); it must be on storage every node shares"))
+            continue
+        probe = Path(directory) / f"{MARKER}{token}-{uuid.uuid4().hex}"
+        try:
+            probe.write_text(token)
+            probe.unlink()
+        except OSError as error:
+            problems.append((directory, f"not writable from this node ({error.strerror or error})"))
+    for path, expected in read.items():
+        seen = fingerprint(Path(path))
+        if seen is None:
+            problems.append((path, "does not exist on this node"))
+        elif seen != expected:
+            problems.append((path, "differs from the driver's (a node-local copy?); it must be on shared storage"))
+    if tracking_uri and tracking_uri.startswith(("http://", "https://")) and not _health_ok(tracking_uri):
+        problems.append((tracking_uri, "no MLflow server answers there from this node"))
+    return problems
+
+
+def check_nodes(shared: list[Path], read: list[Path] = (), tracking_uri: str | None = None,
+                timeout: float = 120) -> list[NodeProblem]:
+    """What each live node does not see as the driver does, by one task pinned to each node:
+    `shared` directories (the workdir: created if missing; the driver writes a unique token
+    into each and every node reads it back, so a node-local directory of the same name
+    fails), `read` paths (the corpora: each node compares their fingerprint), and the
+    tracking server (each node asks it for /health). Empty when every node sees them all.
+    A node that does not answer within `timeout` seconds is a problem too."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    tokens = {}
+    for directory in shared:
+        directory = Path(directory).resolve()
+        directory.mkdir(parents=True, exist_ok=True)
+        tokens[str(directory)] = uuid.uuid4().hex
+        (directory / f"{MARKER}{tokens[str(directory)]}").write_text(tokens[str(directory)])
+    expected = {str(Path(p).resolve()): fingerprint(Path(p).resolve()) for p in read}
+    look = ray.remote(num_cpus=0, max_retries=0)(_look_from_node)
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        pending = {look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            tokens, expected, tracking_uri): n for n in nodes}
+        ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
+        problems = []
+        for ref in ready:
+            node = pending[ref]
+            try:
+                found = ray.get(ref)
+            except ray.exceptions.RayError as error:
+                found = [("(the check)", f"failed on this node: {str(error).strip().splitlines()[-1][:200]}")]
+            problems += [NodeProblem(node["NodeManagerAddress"], node["NodeID"], subject, why)
+                         for subject, why in found]
+        for ref in late:
+            ray.cancel(ref, force=True)
+            node = pending[ref]
+            problems.append(NodeProblem(node["NodeManagerAddress"], node["NodeID"], "(the check)",
+                                        f"no answer within {timeout:g} s"))
+    finally:
+        for directory, token in tokens.items():
+            (Path(directory) / f"{MARKER}{token}").unlink(missing_ok=True)
+    return sorted(problems, key=lambda p: (p.node_ip, p.node_id, p.subject))

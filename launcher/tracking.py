@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,8 +36,11 @@ def _healthy(uri: str) -> bool:
         return False
 
 
-def start_local_server(workdir: Workdir, timeout: float = 120) -> str:
-    """Start (or reuse) an MLflow server on 127.0.0.1 backed by SQLite in the workdir.
+def start_local_server(workdir: Workdir, host: str | None = None, timeout: float = 120) -> str:
+    """Start (or reuse) the workdir's MLflow server, backed by SQLite in the workdir, bound
+    to `host`: the address the cluster's nodes reach it at (`cluster.server_host`; the
+    head's cluster address, loopback on a local instance). host=None: any running server
+    of the workdir will do (a command on this machine), else a new one on loopback.
 
     A restarted server takes its old port again when it is free, so the runs' recorded
     tracking URI stays valid and postponed points reach it.
@@ -47,19 +51,24 @@ def start_local_server(workdir: Workdir, timeout: float = 120) -> str:
     port = 0
     if record.is_file():
         uri = json.loads(record.read_text())["uri"]
-        if _healthy(uri):
-            return uri
-        port = int(uri.rsplit(":", 1)[1])
-    if not (port and _port_free(port)):
-        from sparsity_scaling.parallel import free_port  # (torch is imported only here)
-
-        port = free_port()
-    uri = f"http://127.0.0.1:{port}"
+        old_host, old_port = _host_port(uri)
+        if host is None or old_host == host:
+            if _healthy(uri):
+                return uri
+            port = old_port
+        elif _healthy(uri):  # serving its own command (`grid status`, a report) where the nodes cannot reach it
+            raise UserError(f"the MLflow server of {workdir.path} runs at {uri} (pid "
+                            f"{json.loads(record.read_text())['pid']}), which the cluster's nodes cannot reach "
+                            f"at {host}; let the command that started it finish, then submit again")
+    host = host or LOOPBACK
+    if not (port and _port_free(host, port)):
+        port = _free_port(host)
+    uri = f"http://{_url_host(host)}:{port}"
     mlflow = Path(sys.executable).with_name("mlflow")
     log = open(workdir.mlflow_log, "ab")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job runner
     process = subprocess.Popen(
-        [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        [str(mlflow), "server", "--host", host, "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{workdir.mlflow_db}",
          "--artifacts-destination", str(workdir.mlflow_artifacts)],
         stdout=log, stderr=log, start_new_session=True, env=env,
@@ -71,6 +80,18 @@ def start_local_server(workdir: Workdir, timeout: float = 120) -> str:
         time.sleep(0.5)
     write_json_atomic(record, {"uri": uri, "pid": process.pid})
     return uri
+
+
+LOOPBACK = "127.0.0.1"
+
+
+def _host_port(uri: str) -> tuple[str, int]:
+    parts = urllib.parse.urlsplit(uri)
+    return parts.hostname, parts.port
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host  # an IPv6 address
 
 
 def _reachable(uri: str) -> bool:
@@ -86,7 +107,7 @@ def stop_local_server(workdir: Workdir) -> None:
     if not record.is_file():
         return
     server = json.loads(record.read_text())
-    port = int(server["uri"].rsplit(":", 1)[1])
+    host, port = _host_port(server["uri"])
     # Wait until it has exited and its port is free: a server still answering while it shuts
     # down would be taken for a running one by the next command, and a new one needs the port.
     for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
@@ -96,7 +117,7 @@ def stop_local_server(workdir: Workdir) -> None:
             return
         deadline = time.time() + wait
         while time.time() < deadline:
-            if _exited(server["pid"]) and _port_free(port):
+            if _exited(server["pid"]) and _port_free(host, port):
                 return
             time.sleep(0.1)
 
@@ -114,22 +135,29 @@ def _exited(pid: int) -> bool:
     return False
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds it
         try:
-            sock.bind(("127.0.0.1", port))
+            sock.bind((host, port))
         except OSError:
             return False
     return True
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 @contextmanager
 def tracking(workdir: Workdir, uri: str | None = None, create: bool = True):
     """The tracking URI for a command: `uri`, else $MLFLOW_TRACKING_URI, else the workdir's
     local server, started for the command and stopped after it if it was not already
-    running. With create=False, a workdir without a local store is refused (nothing
-    to read there)."""
+    running: in a process on Ray (`grid submit`), bound where the cluster's nodes reach
+    it (`cluster.server_host`). With create=False, a workdir without a local store is
+    refused (nothing to read there)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         yield uri
@@ -138,7 +166,12 @@ def tracking(workdir: Workdir, uri: str | None = None, create: bool = True):
         raise SettingError("workdir", workdir.path, "no MLflow store there (give a tracking URI, or submit the grid first)")
     record = workdir.mlflow_server
     was_running = record.is_file() and _healthy(json.loads(record.read_text())["uri"])
-    uri = start_local_server(workdir)
+    host = None
+    if "ray" in sys.modules:  # perhaps a process on Ray, whose nodes deliver to the server
+        from .cluster import server_host
+
+        host = server_host()
+    uri = start_local_server(workdir, host)
     try:
         yield uri
     finally:
@@ -201,10 +234,16 @@ def set_parent_status(uri: str, run_id: str, status: str) -> None:
 
 
 def child_run(uri: str, grid, spec, parent_id: str, run: RunDir) -> str:
-    """The run's MLflow run: the id kept in its directory, so a resumed run logs into it."""
+    """The run's MLflow run: the id kept in its directory, so a resumed run logs into it
+    (at `uri`, when the run is found there)."""
     id_file = run.mlflow_run
     if id_file.is_file():
-        return json.loads(id_file.read_text())["run_id"]
+        identity = json.loads(id_file.read_text())
+        if identity["tracking_uri"] != uri and _holds_run(uri, identity["run_id"]):
+            # the same store, served at another address now (the grid's server on the head's
+            # cluster address, where an earlier submit had it on loopback): deliver there
+            write_json_atomic(id_file, {**identity, "tracking_uri": uri})
+        return identity["run_id"]
     mlflow = client(uri)
     experiment_id = mlflow.get_experiment_by_name(grid.name).experiment_id
     tags = {"sparsity_scaling.grid": grid.name, "sparsity_scaling.run": spec.name}
@@ -220,6 +259,14 @@ def child_run(uri: str, grid, spec, parent_id: str, run: RunDir) -> str:
     run.path.mkdir(parents=True, exist_ok=True)
     write_json_atomic(id_file, {"run_id": run_id, "tracking_uri": uri})
     return run_id
+
+
+def _holds_run(uri: str, run_id: str) -> bool:
+    try:
+        client(uri).get_run(run_id)
+    except Exception:  # MLflow raises several types for an unknown run
+        return False
+    return True
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -1,7 +1,8 @@
 """The grid on a simulated multi-node cluster (`ray.cluster_utils.Cluster`: a head node and
-worker nodes, each its own raylet with its own logical CPUs, all on this machine): a node lost
-mid-run, with its training workers or an evaluation job, is survived; a cluster that loses
-every node stops the grid with one line."""
+worker nodes, each its own raylet with its own logical CPUs, all on this machine and its
+loopback address): a cluster that loses every node stops the grid with one line. The
+helpers here also drive test_hosts.py, where a node lost mid-run, with its training workers
+or an evaluation job, is survived on a cluster of distinct hosts."""
 
 from __future__ import annotations
 
@@ -43,12 +44,14 @@ def _grid(tmp_path: Path, name: str, node_wait_s: float = 600, tokens: int = 0) 
     return grid
 
 
+def submit_argv(grid: Path, address: str, workdir: Path) -> list[str]:
+    return [sys.executable, "-m", "sparsity_scaling.cli", "grid", "submit", str(grid), "--address", address,
+            "--workdir", str(workdir)]
+
+
 def _submit(grid: Path, address: str, workdir: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "sparsity_scaling.cli", "grid", "submit", str(grid), "--address", address,
-         "--workdir", str(workdir)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    return subprocess.Popen(submit_argv(grid, address, workdir), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def _remove(cluster, nodes: list, node_id: str) -> None:
@@ -57,41 +60,35 @@ def _remove(cluster, nodes: list, node_id: str) -> None:
     nodes.remove(node)
 
 
-def test_a_run_survives_losing_the_node_of_its_training_and_of_an_evaluation(grid_run, tmp_path):
-    """Three one-CPU nodes: relu trains on one, evaluations run on the others. Once it has two
-    checkpoints its node goes (its training worker is killed with it, as Ray Train sees any
-    lost worker: the run restarts from its newest checkpoint); later, a node running an
-    evaluation job goes."""
-    cluster, nodes = _cluster(workers=3)
-    try:
-        workdir = tmp_path / "work"
-        process = _submit(_grid(tmp_path, "cluster_test"), cluster.address, workdir)
-        relu = RunDir(workdir / "runs" / "relu")
-        lost_training = lost_evaluation = None
-        deadline = time.time() + 900
-        while process.poll() is None and time.time() < deadline and lost_evaluation is None:
-            if lost_training is None and len(relu.checkpoints()) >= 2 and relu.nodes():
-                lost_training = relu.nodes()[0]["node_id"]
-                _remove(cluster, nodes, lost_training)
-            elif lost_training is not None:
-                trained_on = {n["node_id"] for n in relu.nodes()}
-                for job in relu.running_jobs():
-                    # a job that has not begun its search yet: it is still running when its node goes
-                    if job["node_id"] not in trained_on and "search_step" not in job:
-                        lost_evaluation = job
-                        _remove(cluster, nodes, job["node_id"])
-                        break
-            time.sleep(0.05)
-        stdout, stderr = process.communicate(timeout=900)
-    finally:
-        cluster.shutdown()
-    assert process.returncode == 0, (stdout[-3000:], stderr[-5000:])
-    assert lost_training is not None and lost_evaluation is not None
+def lose_training_then_evaluation(process: subprocess.Popen, relu: RunDir, remove) -> tuple:
+    """While the grid runs: once relu has two checkpoints, lose the node of its training;
+    later, a node running one of its evaluation jobs (`remove(record)`, a record naming the
+    node's node_id and ip). (lost training node id, lost job's record, stdout, stderr)."""
+    lost_training = lost_evaluation = None
+    deadline = time.time() + 900
+    while process.poll() is None and time.time() < deadline and lost_evaluation is None:
+        if lost_training is None and len(relu.checkpoints()) >= 2 and relu.nodes():
+            lost_training = relu.nodes()[0]["node_id"]
+            remove(relu.nodes()[0])
+        elif lost_training is not None:
+            trained_on = {n["node_id"] for n in relu.nodes()}
+            for job in relu.running_jobs():
+                # a job that has not begun its search yet: it is still running when its node goes
+                if job["node_id"] not in trained_on and "search_step" not in job:
+                    lost_evaluation = job
+                    remove(job)
+                    break
+        time.sleep(0.05)
+    stdout, stderr = process.communicate(timeout=900)
+    return lost_training, lost_evaluation, stdout, stderr
 
-    # relu moved on from the node it lost, from its newest complete checkpoint: the same
-    # trajectory and checkpoints as the uninterrupted grid's
+
+def check_moved(relu: RunDir, shared: RunDir, lost_training: str, lost_evaluation: dict, logged: dict) -> None:
+    """relu moved on from the node it lost, from its newest complete checkpoint (the same
+    trajectory and checkpoints as the uninterrupted `shared` run); the evaluation whose
+    node went was retried on another node; MLflow (`logged`: relu's tags and metrics)
+    holds every point once."""
     assert len(relu.nodes()) == 2 and relu.nodes()[0]["node_id"] == lost_training
-    shared = RunDir(grid_run / "runs" / "relu")
     assert trajectory(relu.path) == trajectory(shared.path)
     assert [c.tokens for c in relu.checkpoints()] == [c.tokens for c in shared.checkpoints()]
 
@@ -104,12 +101,31 @@ def test_a_run_survives_losing_the_node_of_its_training_and_of_an_evaluation(gri
         assert record["evaluated_on"]["attempt"] == lost_evaluation["attempt"] + 1
     assert not relu.running_jobs()
 
-    logged = mlflow_history(workdir, "cluster_test")["relu"]
     assert len(logged["tags"]["nodes"].split(", ")) == 2
     steps = [s for s, _ in logged["metrics"]["activation_ratio_checkpoint"]]
     assert steps == [c.tokens for c in relu.checkpoints()]  # every checkpoint's result exactly once
     for key, points in logged["metrics"].items():
         assert len({s for s, _ in points}) == len(points), key
+
+
+def test_a_run_survives_losing_the_node_of_its_training_and_of_an_evaluation(grid_run, tmp_path):
+    """Three one-CPU nodes: relu trains on one, evaluations run on the others. Once it has two
+    checkpoints its node goes (its training worker is killed with it, as Ray Train sees any
+    lost worker: the run restarts from its newest checkpoint); later, a node running an
+    evaluation job goes. (test_hosts.py runs the same on distinct hosts.)"""
+    cluster, nodes = _cluster(workers=3)
+    try:
+        workdir = tmp_path / "work"
+        process = _submit(_grid(tmp_path, "cluster_test"), cluster.address, workdir)
+        relu = RunDir(workdir / "runs" / "relu")
+        lost_training, lost_evaluation, stdout, stderr = lose_training_then_evaluation(
+            process, relu, lambda record: _remove(cluster, nodes, record["node_id"]))
+    finally:
+        cluster.shutdown()
+    assert process.returncode == 0, (stdout[-3000:], stderr[-5000:])
+    assert lost_training is not None and lost_evaluation is not None
+    check_moved(relu, RunDir(grid_run / "runs" / "relu"), lost_training, lost_evaluation,
+                mlflow_history(workdir, "cluster_test")["relu"])
 
 
 def test_a_cluster_that_loses_every_node_stops_the_grid_with_one_line(tmp_path):
