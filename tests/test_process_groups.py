@@ -1,0 +1,96 @@
+"""Process groups as a GPU cluster makes them: CPU sums whoever created the default group."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from distributed import run_ranks
+
+
+VOCAB, SEQ = 97, 8
+
+
+class _LanguageModel(torch.nn.Module):
+    """Stands in for MiniCPM on a GPU: its own collectives would run there on CUDA tensors
+    (NCCL), which a CPU-only test cannot do; this one has none, so only the sums under test
+    meet the group."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(VOCAB, 16)
+        self.head = torch.nn.Linear(16, VOCAB)
+
+    def token_losses(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.embed(inputs))
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+
+
+def _validation():
+    from sparsity_scaling.data.sampler import WindowSampler
+
+    tokens = np.random.default_rng(0).integers(0, VOCAB, size=SEQ * 6 + 1).astype(np.int32)
+    return WindowSampler(tokens, SEQ, seed=0, shuffle=False)
+
+
+def _cpu_sums_under_a_group_made_like_ray_trains() -> dict:
+    """The default group created first, as Ray Train does on GPUs ("nccl" is "cuda:nccl": no
+    CPU backend); here "cuda:gloo", which has no CPU backend either and runs on a CPU-only
+    torch. Then the code under test joins it and reduces CPU tensors as training and the
+    evaluator do."""
+    import torch.distributed as dist
+
+    from sparsity_scaling.metrics import comm
+    from sparsity_scaling.parallel import broadcast_from_rank_zero, init_parallel
+    from sparsity_scaling.train.checkpoint import _everyone_ok
+    from sparsity_scaling.train.loop import validation_loss
+
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("cuda:gloo")
+    assert dist.get_backend_config() == "cuda:gloo"
+    out = {}
+    init_parallel(1)  # two data-parallel ranks
+    out["val_loss"] = validation_loss(_LanguageModel(), _validation(), 6, micro=2)
+    out["sum_dp"] = comm.sum_dp(torch.tensor([rank + 1.0], dtype=torch.float64)).item()
+    out["max_all"] = comm.max_all(torch.tensor([10.0 * rank])).item()
+    out["everyone_ok"] = _everyone_ok(rank == 0)
+    out["broadcast"] = broadcast_from_rank_zero(f"from {rank}")
+    init_parallel(2)  # one tensor-parallel pair
+    out["sum_tp"] = comm.sum_tp(torch.tensor([[rank + 1.0, 2.0]], dtype=torch.float64)).tolist()
+    out["gather"] = comm.gather_neurons(torch.tensor([[float(rank)]])).tolist()
+    return out
+
+
+def test_cpu_sums_do_not_depend_on_who_created_the_default_group():
+    """Ray Train creates an NCCL-only default group on GPUs; the validation loss, the
+    evaluator's sums and the checkpoint's agreement are CPU tensors and must still reduce
+    (on today's code: "No backend type associated with device type cpu")."""
+    results = run_ranks(2, _cpu_sums_under_a_group_made_like_ray_trains)
+    model, sampler = _LanguageModel(), _validation()
+    with torch.no_grad():
+        batch = sampler.samples(0, 6)
+        expected_loss = model.token_losses(batch[:, :-1], batch[:, 1:]).double().mean().item()
+    for out in results:
+        assert out["val_loss"] == pytest.approx(expected_loss, rel=1e-6)
+        assert out["sum_dp"] == 3.0
+        assert out["max_all"] == 10.0
+        assert out["everyone_ok"] is False  # rank 1 said no
+        assert out["broadcast"] == "from 0"
+        assert out["sum_tp"] == [[3.0, 4.0]]
+        assert out["gather"] == [[0.0, 1.0]]
+
+
+@pytest.mark.parametrize("backends, has_cpu", [
+    ("cuda:nccl", False),  # Ray Train's default with GPUs ("nccl")
+    ("cpu:gloo,cuda:nccl", True),  # what init_parallel creates, and grid submit asks Ray for
+    ("cpu:gloo,cuda:gloo", True),  # "gloo"
+    ("gloo", True),
+    ("cuda:gloo", False),
+])
+def test_a_default_group_without_a_cpu_backend_is_recognised(backends, has_cpu):
+    from sparsity_scaling.parallel import reduces_cpu
+
+    assert reduces_cpu(backends) is has_cpu
