@@ -1,4 +1,5 @@
-"""Process groups as a GPU cluster makes them: CPU sums whoever created the default group."""
+"""Process groups as a GPU cluster makes them: CPU sums whoever created the default group,
+and the device of a rank that Ray gave no GPU."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from distributed import run_ranks
 
+from sparsity_scaling.errors import UserError
 
 VOCAB, SEQ = 97, 8
 
@@ -94,3 +96,18 @@ def test_a_default_group_without_a_cpu_backend_is_recognised(backends, has_cpu):
     from sparsity_scaling.parallel import reduces_cpu
 
     assert reduces_cpu(backends) is has_cpu
+
+
+def test_a_rank_given_no_gpu_hides_cuda_and_runs_on_the_cpu():
+    """Ray leaves every GPU of the node visible to an evaluation rank given none: it must
+    not take GPU 0 (a training rank's); a rank given GPUs sees only its own."""
+    from launcher.eval_queue import gpu_environment
+    from sparsity_scaling.parallel import rank_device
+
+    assert gpu_environment([]) == {"CUDA_VISIBLE_DEVICES": ""}
+    assert gpu_environment([5]) == {}  # Ray set CUDA_VISIBLE_DEVICES=5: visible device 0
+    assert rank_device(0, 0) == torch.device("cpu")
+    assert rank_device(1, 0) == torch.device("cuda", 0)
+    assert rank_device(8, 3) == torch.device("cuda", 3)
+    with pytest.raises(UserError, match="LOCAL_RANK 2 names no GPU"):
+        rank_device(1, 2)
