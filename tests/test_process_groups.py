@@ -1,5 +1,5 @@
 """Process groups as a GPU cluster makes them: CPU sums whoever created the default group,
-and the device of a rank that Ray gave no GPU."""
+the device of a rank that Ray gave no GPU, and DeepSpeed's precision under bf16."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import MICRO
 from distributed import run_ranks
 
+from sparsity_scaling.config import TrainConfig
 from sparsity_scaling.errors import UserError
 
 VOCAB, SEQ = 97, 8
@@ -111,3 +113,42 @@ def test_a_rank_given_no_gpu_hides_cuda_and_runs_on_the_cpu():
     assert rank_device(8, 3) == torch.device("cuda", 3)
     with pytest.raises(UserError, match="LOCAL_RANK 2 names no GPU"):
         rank_device(1, 2)
+
+
+def _deepspeed(train: TrainConfig, bf16: bool) -> dict:
+    from sparsity_scaling.config import load_config
+    from sparsity_scaling.train.loop import Layout, _deepspeed_config
+
+    config = load_config(MICRO).model_copy(update={"train": train})
+    return _deepspeed_config(config, Layout(8, 2, 2, 2, 0), bf16=bf16, clips_itself=False)
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2])
+def test_bf16_accumulates_gradients_in_fp32(zero):
+    """DeepSpeed 0.19.8 accumulates bf16 gradients in fp32 only with
+    data_types.grad_accum_dtype fp32 under ZeRO >= 1 (at 0 it picks FP16_UnfusedOptimizer
+    over bf16 gradients, and refuses fp32 accumulation)."""
+    train = TrainConfig(tokens=1024, batch_tokens=64, zero_stage=zero)
+    bf16 = _deepspeed(train, bf16=True)
+    assert bf16["zero_optimization"]["stage"] == max(zero, 1)
+    assert bf16["data_types"] == {"grad_accum_dtype": "fp32"}
+    fp32 = _deepspeed(train, bf16=False)
+    assert fp32["zero_optimization"]["stage"] == zero
+    assert "data_types" not in fp32
+
+
+def test_deepspeed_trains_bf16_with_its_fp32_accumulating_optimizer(world_of_one):
+    """The config the loop builds for bf16 at the default ZeRO 0 makes DeepSpeed choose its
+    BF16_Optimizer with fp32 gradients, not FP16_UnfusedOptimizer over bf16 ones."""
+    import deepspeed
+
+    from sparsity_scaling.parallel import DeepSpeedMPU
+
+    config = _deepspeed(TrainConfig(tokens=1024, batch_tokens=64), bf16=True)
+    config.update(train_batch_size=2, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=2)
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # as the loop does
+    model = torch.nn.Linear(4, 4)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config,
+                                      mpu=DeepSpeedMPU())
+    assert type(engine.optimizer).__name__ == "BF16_Optimizer"
+    assert engine.optimizer.grad_acc_dtype == torch.float32

@@ -86,8 +86,10 @@ def _deepspeed_config(config: RunConfig, layout: Layout, bf16: bool, clips_itsel
         "train_micro_batch_size_per_gpu": layout.micro,
         "gradient_accumulation_steps": layout.accumulation,
         "gradient_clipping": 0.0 if clips_itself else cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": cfg.zero_stage_for(bf16)},
         "bf16": {"enabled": bf16},
+        # bf16 weights, fp32 gradient accumulation (DeepSpeed's BF16_Optimizer at ZeRO 1)
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if bf16 else {}),
         "optimizer": {
             "type": "AdamW",
             "params": {
