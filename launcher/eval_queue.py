@@ -45,9 +45,20 @@ def _after_training(gate) -> None:
         time.sleep(2)
 
 
+def gpu_environment(gpu_ids: list) -> dict[str, str]:
+    """What an evaluation rank that Ray gave `gpu_ids` changes in its environment. Ray shows
+    a rank given GPUs only its own (CUDA_VISIBLE_DEVICES), so its device is the first one it
+    sees (LOCAL_RANK 0); a rank given none sees every GPU of its node, training's included
+    (Ray 2.60 leaves the variable as it is), so CUDA is hidden from it: it runs on its CPUs."""
+    return {} if gpu_ids else {"CUDA_VISIBLE_DEVICES": ""}
+
+
 @ray.remote(num_cpus=0)
 class _Rank:
     """One rank of an evaluation job: a Ray worker with the job's CPUs and GPUs per rank."""
+
+    def __init__(self):
+        os.environ.update(gpu_environment(ray.get_gpu_ids()))  # before anything here starts CUDA
 
     def address(self) -> tuple[str, int]:
         from sparsity_scaling.parallel import free_port
@@ -57,7 +68,6 @@ class _Rank:
     def run(self, rank: int, world: int, master: tuple[str, int], log: str, fn, *args):
         from sparsity_scaling.parallel import shutdown_parallel
 
-        # Ray shows each rank only its own GPUs, so its device is always the first one.
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0",
                           MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
         with output_to(Path(log)):

@@ -121,7 +121,7 @@ def _run_trial(params: dict, specs: dict, grid_spec: GridFile, workdir: str, gat
     """A Tune trial: train one run (if not trained), then wait for its evaluations. A failure
     is recorded in the run's failed.json with its log, for `grid status` and the driver."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from .eval_queue import EvaluationQueue
 
@@ -141,6 +141,8 @@ def _run_trial(params: dict, specs: dict, grid_spec: GridFile, workdir: str, gat
                 train_loop_config={"spec": spec, "run_dir": str(run.path), "queue": queue, "gate": gate},
                 scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
                                              resources_per_worker=res.worker_resources()),
+                # Ray's default on GPUs is NCCL alone; the CPU sums need gloo (parallel.group_for)
+                torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if res.gpus_per_worker > 0 else "gloo"),
                 run_config=RunConfig(name=spec.name, storage_path=str(work.ray.resolve()),
                                      failure_config=FailureConfig(max_failures=grid_spec.max_failures)),
             )

@@ -157,7 +157,7 @@ class TrainConfig(_Section):
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     mup_lr_scaling: bool = True
-    zero_stage: Literal[0, 1, 2] = 0
+    zero_stage: Literal[0, 1, 2] = 0  # bf16 trains with at least 1 (`zero_stage_for`)
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     decay_data: Optional[list[BlendPart]] = None  # the decay stage's data: `data prepare` outputs (data.tokenizer's)
@@ -180,6 +180,12 @@ class TrainConfig(_Section):
         if self.decay_data is not None and not (self.decay_data and self.decay_fraction > 0):
             raise ValueError("decay_data needs at least one corpus and a decay_fraction above 0")
         return self
+
+    def zero_stage_for(self, bf16: bool) -> int:
+        """The ZeRO stage DeepSpeed trains with. bf16 accumulates gradients in fp32, which
+        DeepSpeed 0.19 does only under ZeRO >= 1 (`data_types.grad_accum_dtype`; at stage 0
+        it would all-reduce and accumulate bf16 gradients), so stage 0 becomes 1 there."""
+        return max(self.zero_stage, 1) if bf16 else self.zero_stage
 
 
 class CheckpointConfig(_Section):

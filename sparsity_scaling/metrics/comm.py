@@ -2,7 +2,8 @@
 
 Under tensor parallelism each rank holds a slice of every layer's neurons; under data
 parallelism each rank holds a share of the validation batches. Every reduction here makes
-all ranks hold the same value, so every rank takes the same search decisions.
+all ranks hold the same value, so every rank takes the same search decisions. A tensor is
+reduced on its own device: a CPU sum through a group with a CPU backend (`parallel.group_for`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+
+from ..parallel import all_reduce, group_for
 
 
 def tp_size() -> int:
@@ -19,20 +22,20 @@ def tp_size() -> int:
 def sum_tp(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over tensor-parallel ranks (partial d_h-sized outputs, neuron counts)."""
     if tp_size() > 1:
-        dist.all_reduce(tensor, group=ps.get_tensor_model_parallel_group())
+        all_reduce(tensor, "tp")
     return tensor
 
 
 def max_tp(tensor: torch.Tensor) -> torch.Tensor:
     if tp_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
+        all_reduce(tensor, "tp", op=dist.ReduceOp.MAX)
     return tensor
 
 
 def sum_dp(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over data-parallel ranks (loss sums, token counts, CETT sums)."""
     if ps.get_data_parallel_world_size() > 1:
-        dist.all_reduce(tensor, group=ps.get_data_parallel_group())
+        all_reduce(tensor, "dp")
     return tensor
 
 
@@ -41,7 +44,7 @@ def gather_neurons(tensor: torch.Tensor) -> torch.Tensor:
     if tp_size() == 1:
         return tensor
     parts = [torch.empty_like(tensor) for _ in range(tp_size())]
-    dist.all_gather(parts, tensor.contiguous(), group=ps.get_tensor_model_parallel_group())
+    dist.all_gather(parts, tensor.contiguous(), group=group_for("tp", tensor))
     return torch.cat(parts, dim=-1)
 
 
@@ -55,5 +58,5 @@ def local_slice(tensor: torch.Tensor) -> torch.Tensor:
 def max_all(tensor: torch.Tensor) -> torch.Tensor:
     """Maximum over every rank (tensor and data parallel)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        all_reduce(tensor, "world", op=dist.ReduceOp.MAX)
     return tensor

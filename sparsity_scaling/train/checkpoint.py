@@ -19,7 +19,7 @@ import torch.distributed as dist
 from ..config import RunConfig
 from ..costs import engine_bytes_per_param
 from ..errors import UserError, WriteFailed
-from ..parallel import device, full_state_dict
+from ..parallel import all_reduce, full_state_dict
 from ..rundir import Checkpoint, RunDir, read_checkpoint
 
 FORMAT = 1
@@ -88,8 +88,7 @@ def _write_failure(error: BaseException, where: Path) -> UserError | None:
 
 def _everyone_ok(ok: bool) -> bool:
     """Whether every rank succeeded (a collective, in place of a barrier)."""
-    flag = torch.tensor([1 if ok else 0], device=device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    flag = all_reduce(torch.tensor([1 if ok else 0]), "world", op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
 

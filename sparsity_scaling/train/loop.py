@@ -23,8 +23,8 @@ from ..data.pipeline import PreparedData
 from ..data.sampler import BlendedSampler, WindowSampler
 from ..errors import NonFiniteError, UserError
 from ..model import MiniCPM
-from ..parallel import DeepSpeedMPU, device
-from ..rundir import Checkpoint, RunDir
+from ..parallel import DeepSpeedMPU, all_reduce, broadcast_from_rank_zero, device
+from ..rundir import Checkpoint, RunDir, read_checkpoint
 from .callbacks import Callback, TrainPlan, TrainPoint
 from .checkpoint import CheckpointState, save_checkpoint
 from .health import Health, finite
@@ -86,8 +86,10 @@ def _deepspeed_config(config: RunConfig, layout: Layout, bf16: bool, clips_itsel
         "train_micro_batch_size_per_gpu": layout.micro,
         "gradient_accumulation_steps": layout.accumulation,
         "gradient_clipping": 0.0 if clips_itself else cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": cfg.zero_stage_for(bf16)},
         "bf16": {"enabled": bf16},
+        # bf16 weights, fp32 gradient accumulation (DeepSpeed's BF16_Optimizer at ZeRO 1)
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if bf16 else {}),
         "optimizer": {
             "type": "AdamW",
             "params": {
@@ -117,7 +119,7 @@ def validation_loss(model: MiniCPM, sampler: WindowSampler | BlendedSampler, num
         batch = torch.cat([sampler.samples(s, 1) for s in chunk]).to(dev)
         losses = model.token_losses(batch[:, :-1], batch[:, 1:])
         total += torch.tensor([losses.double().sum().item(), losses.numel()], dtype=torch.float64)
-    dist.all_reduce(total, group=ps.get_data_parallel_group())
+    all_reduce(total, "dp")  # on the CPU, whoever created the default group
     model.train()
     return (total[0] / total[1]).item()
 
@@ -160,8 +162,8 @@ class Trainer:
         self.valid_sampler = data.sampler("valid", seq_len, 0, val_samples)
         self.val_samples = min(self.valid_sampler.num_windows, val_samples)
 
-    def resume(self) -> Checkpoint | None:
-        """Load the newest complete checkpoint, if any, and forget metrics logged after it."""
+    def _resume_point(self) -> Checkpoint | None:
+        """The newest complete checkpoint, if any; UserError if it cannot be resumed from."""
         done = self.run.checkpoints()
         if not done:
             return None
@@ -173,6 +175,25 @@ class Trainer:
             if latest.manifest.get(key) != expected:
                 raise UserError(f"{latest.path}: written with {key}={latest.manifest.get(key)}, cannot resume "
                                 f"with {key}={expected}")
+        return latest
+
+    def resume(self) -> Checkpoint | None:
+        """Load the newest complete checkpoint, if any, and forget metrics logged after it.
+        Rank 0 chooses it for every rank: ranks listing a shared directory themselves can
+        disagree (a file system's caches after a node was lost)."""
+        choice: tuple[str | None, str | None] = (None, None)  # (checkpoint, error)
+        if self.is_main:
+            try:
+                point = self._resume_point()
+                choice = (None if point is None else str(point.path), None)
+            except UserError as error:
+                choice = (None, str(error))
+        path, error = broadcast_from_rank_zero(choice)
+        if error is not None:
+            raise UserError(error)
+        if path is None:
+            return None
+        latest = read_checkpoint(path)
         self.engine.load_checkpoint(str(latest.path), tag=Checkpoint.ENGINE_TAG)
         if self.is_main:
             self.run.truncate_metrics_after(latest.tokens)
@@ -231,7 +252,7 @@ class Trainer:
     def _global(self, loss_sum: torch.Tensor, norm: torch.Tensor) -> tuple[float, float]:
         """(mean loss of the global batch, gradient norm) in one collective and one read."""
         both = torch.stack([loss_sum, norm.double().reshape(())])
-        dist.all_reduce(both, group=ps.get_data_parallel_group())
+        all_reduce(both, "dp")
         loss_total, norm_total = both.tolist()
         return loss_total / (self.layout.accumulation * self.layout.dp), norm_total / self.layout.dp
 

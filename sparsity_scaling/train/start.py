@@ -16,18 +16,26 @@ from ..config import RunConfig
 from ..data.pipeline import PreparedData, prepare_data, prepare_decay_data
 from ..errors import SettingError, UserError
 from ..files import LockHeld
-from ..parallel import init_parallel
+from ..parallel import broadcast_from_rank_zero, gather_to_all, init_parallel
 from ..ranks import launched_externally, on_ranks
 from ..rundir import Checkpoint, RunDir
 from .callbacks import Callback, ConsoleProgress
 from .loop import train
 
 
+def _not_seen_here(data: PreparedData) -> str | None:
+    """A path of rank 0's prepared data that this rank cannot see, if any."""
+    parts = [data] + ([data.decay] if data.decay else [])
+    paths = [Path(p.tokenizer) for p in parts] + [Path(f).parent for p in parts for f in p.train + p.valid]
+    return next((str(path) for path in paths if not path.exists()), None)
+
+
 def _prepared_on_rank_zero(config: RunConfig, run: RunDir) -> PreparedData:
     """Rank 0 prepares the data (tokenizer, indexed datasets; cached), refuses a budget of
     more than data.max_epochs, and claims the run directory; every rank receives the
-    prepared data's paths (so none starts before)."""
-    box: list[PreparedData | None] = [None]
+    prepared data's paths (so none starts before) and checks that it sees them: a cache on
+    one node's own disk (data.cache_dir's default) is not there on another node."""
+    data = None
     if dist.get_rank() == 0:
         data = prepare_data(config.data, budget=config.train.tokens)
         record = data.record
@@ -38,9 +46,14 @@ def _prepared_on_rank_zero(config: RunConfig, run: RunDir) -> PreparedData:
         run.claim(config)
         run.remove_partial_checkpoints()
         run.record_data(data.tokenizer, record)
-        box[0] = data
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    data = broadcast_from_rank_zero(data)
+    unseen = [(rank, path) for rank, path in enumerate(gather_to_all(_not_seen_here(data))) if path]
+    if unseen:
+        rank, path = unseen[0]
+        raise UserError(f"data.cache_dir: rank {rank} cannot see {path}, which rank 0 prepared; put data.cache_dir "
+                        "(default: each node's own ~/.cache/sparsity-scaling or $SPARSITY_SCALING_CACHE) and the "
+                        "corpora on storage every node sees")
+    return data
 
 
 # How long a new trainer waits for a live one on this machine to end (a Ray Train retry may
@@ -59,17 +72,17 @@ def _lost(holder) -> None:
 def _only_trainer(run: RunDir):
     """Rank 0 holds the run's trainer lock while the ranks train (every rank waits for it, and
     every rank raises the refusal, so none waits for a rank 0 that gave up)."""
-    lock, box = None, [None]
+    lock, refusal = None, None
     if dist.get_rank() == 0:
         lock = run.trainer(on_lost=_lost)
         try:
             lock.acquire(TRAINER_WAIT_S, waiting=lambda h: print(f"waiting for {h.describe()} to stop training "
                                                                  f"{run.path}", file=sys.stderr, flush=True))
         except LockHeld as held:
-            box[0] = UserError(f"{run.path}: trained now by {held.holder.describe()}; one trainer at a time")
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise box[0]
+            refusal = UserError(f"{run.path}: trained now by {held.holder.describe()}; one trainer at a time")
+    refusal = broadcast_from_rank_zero(refusal)
+    if refusal is not None:
+        raise refusal
     try:
         yield
     finally:
