@@ -7,20 +7,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import ipaddress
 import os
 import socket
 import sys
 import time
 import traceback
-import urllib.parse
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 
 from sparsity_scaling.errors import SettingError, UserError
+
+from .preflight import NodeProblem
 
 
 def connect_ray(address: str | None) -> None:
@@ -115,52 +114,9 @@ def output_to(log: Path):
 # ---------------------------------------------------------------- what every node must see
 
 
-def is_loopback_uri(uri: str) -> bool:
-    """Whether an http(s) URI names the loopback interface of whichever host opens it (a
-    server there is one the other nodes of a cluster cannot reach)."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return False
-    host = parts.hostname.lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def cluster_hosts() -> list[str]:
     """The distinct IPs of the cluster's live nodes (several raylets on one host share one)."""
     return sorted({node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")})
-
-
-def tracking_uri_problem(uri: str, hosts: list[str]) -> str | None:
-    """Why the training ranks of a cluster spanning `hosts` could not deliver to `uri`, or
-    None: with more than one host, a loopback server reaches only the processes of its own
-    host, and a store file (sqlite:, a path) would be opened by every node itself."""
-    if len(hosts) < 2:
-        return None
-    if is_loopback_uri(uri):
-        return (f"a loopback address, which the other {len(hosts) - 1} hosts of the cluster cannot reach "
-                f"(use a server on the head's cluster address or a shared one)")
-    if urllib.parse.urlsplit(uri).scheme not in ("http", "https"):
-        return (f"a store every node would open itself, on {len(hosts)} hosts "
-                f"(SQLite's locking is not safe on shared storage); use an MLflow server")
-    return None
-
-
-@dataclass(frozen=True)
-class NodeProblem:
-    """Something a node of the cluster does not see as the driver does."""
-
-    node_ip: str
-    node_id: str
-    subject: str  # the path or the tracking URI
-    why: str
-
-    def line(self) -> str:
-        return f"node {self.node_ip} ({self.node_id[:12]}): {self.subject}: {self.why}"
 
 
 MARKER = ".node-check-"  # + a token: the file the driver writes into each shared directory

@@ -10,8 +10,8 @@ line per problem, each naming the run, the field, its value and a fix:
   where every run config is, in `RunConfig`);
 - memory: the estimated peak of a training rank (`costs.MemoryEstimate`) fits its GPU;
 - evaluation on GPUs: a grid that trains on GPUs evaluates on GPUs too;
-- a tracking server every node reaches, and paths every node sees (facts that checks on each
-  node supply).
+- a tracking server every node reaches, and paths every node sees (`NodeProblem`s, found by
+  a task on each node: `cluster.check_nodes`).
 
 CPU grids (no GPU per worker) train in host memory beside everything else on the machine:
 their memory is shown, not checked.
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from sparsity_scaling.costs import DEFAULT_GPU_MEMORY_GB, GB, GPU_MEMORY_GB, BatchSplit, MemoryEstimate
+from sparsity_scaling.costs import DEFAULT_GPU_MEMORY_GB, GB, GPU_MEMORY_GB, BatchSplit
 from sparsity_scaling.errors import UserError
 
 from .grid import Grid, RunSpec
@@ -69,12 +69,19 @@ class Node:
 
 
 @dataclass(frozen=True)
-class PathNotShared:
-    """A path (the workdir, a corpus) that some nodes do not see, found by a task on each node."""
+class NodeProblem:
+    """Something a node of the cluster does not see as the driver does, found by a task on
+    that node (`cluster.check_nodes`): a shared directory, a corpus, the tracking server."""
 
-    field: str
-    path: str
-    nodes: tuple[str, ...]
+    node_ip: str
+    node_id: str
+    subject: str  # the path or the tracking URI
+    why: str
+
+    def problem(self) -> Problem:
+        return Problem(None, f"node {self.node_ip} ({self.node_id[:12]})", self.subject, self.why,
+                       "put the workdir and corpora on storage every node mounts at the same path, and serve "
+                       "MLflow where every node reaches it")
 
 
 @dataclass(frozen=True)
@@ -85,8 +92,9 @@ class ClusterFacts:
 
     nodes: tuple[Node, ...]
     connected: bool
+    hosts: int | None = None  # distinct hosts (raylets of one machine share its IP); None: one per node
     tracking_uri: str | None = None
-    paths_not_shared: tuple[PathNotShared, ...] = ()
+    node_problems: tuple[NodeProblem, ...] = ()
 
     @classmethod
     def target(cls, nodes: int, gpus_per_node: int, gpu_memory: float, cpus_per_node: float | None = None) -> "ClusterFacts":
@@ -99,8 +107,13 @@ class ClusterFacts:
         """The live nodes of the Ray cluster joined (`Node.of_ray`)."""
         import ray
 
-        return cls(tuple(Node.of_ray(node["Resources"], gpu_memory) for node in ray.nodes() if node.get("Alive")),
-                   connected=True)
+        alive = [node for node in ray.nodes() if node.get("Alive")]
+        return cls(tuple(Node.of_ray(node["Resources"], gpu_memory) for node in alive), connected=True,
+                   hosts=len({node["NodeManagerAddress"] for node in alive}))
+
+    @property
+    def host_count(self) -> int:
+        return len(self.nodes) if self.hosts is None else self.hosts
 
     @property
     def has_gpus(self) -> bool:
@@ -210,16 +223,35 @@ def _memory(grid: Grid, run: RunSpec, limit: int) -> Problem | None:
                    f"the {limit / GB:g} GB of a GPU", fix)
 
 
-def _is_loopback(uri: str) -> bool:
-    host = urlparse(uri).hostname
-    if host is None:
+def is_loopback_uri(uri: str) -> bool:
+    """Whether an http(s) URI names the loopback interface of whichever host opens it (a
+    server there is one the other nodes of a cluster cannot reach)."""
+    parts = urlparse(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         return False
-    if host == "localhost":
+    host = parts.hostname.lower()
+    if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def tracking_problem(uri: str, hosts: int) -> Problem | None:
+    """Why the training ranks of a cluster of `hosts` hosts could not deliver to `uri`: with
+    more than one host, a loopback server reaches only the processes of its own host, and a
+    store file (sqlite:, a path) would be opened by every node itself."""
+    if hosts < 2:
+        return None
+    fix = "serve MLflow on the head's cluster address, or set MLFLOW_TRACKING_URI to a server every node reaches"
+    if is_loopback_uri(uri):
+        return Problem(None, "tracking URI", uri, f"a loopback address, which the other {hosts - 1} hosts of the "
+                       "cluster cannot reach", fix)
+    if urlparse(uri).scheme not in ("http", "https"):
+        return Problem(None, "tracking URI", uri, f"a store every node would open itself, on {hosts} hosts "
+                       "(SQLite's locking is not safe on shared storage)", fix)
+    return None
 
 
 def check_grid(grid: Grid, cluster: ClusterFacts) -> list[Problem]:
@@ -231,15 +263,10 @@ def check_grid(grid: Grid, cluster: ClusterFacts) -> list[Problem]:
         problems.append(Problem(None, "evaluation.gpus", 0, "a grid that trains on GPUs would evaluate its "
                                 "checkpoints on CPUs (hours per pass at these sizes)",
                                 "set evaluation.gpus: 1 (a fraction shares a GPU between jobs)"))
-    if len(cluster.nodes) > 1 and cluster.tracking_uri and _is_loopback(cluster.tracking_uri):
-        problems.append(Problem(None, "tracking URI", cluster.tracking_uri,
-                                f"a loopback address, which ranks on the other {len(cluster.nodes) - 1} nodes cannot reach",
-                                "serve MLflow on the head's cluster address, or set MLFLOW_TRACKING_URI to a server "
-                                "every node reaches"))
-    for unshared in cluster.paths_not_shared:
-        problems.append(Problem(None, unshared.field, unshared.path,
-                                f"not visible from {len(unshared.nodes)} node(s) ({', '.join(unshared.nodes)})",
-                                "put it on storage every node mounts at the same path"))
+    tracking = cluster.tracking_uri and tracking_problem(cluster.tracking_uri, cluster.host_count)
+    if tracking:
+        problems.append(tracking)
+    problems += [node.problem() for node in cluster.node_problems]
     limit = cluster.gpu_memory
     for run in grid.runs:
         problem = _batch_split(run, res.dp)

@@ -9,12 +9,14 @@ complete checkpoint, and logs into the same MLflow run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 
 import ray
 from ray import tune
@@ -25,7 +27,7 @@ from sparsity_scaling.files import LockHeld
 from sparsity_scaling.rundir import Checkpoint, RunDir
 from sparsity_scaling.train.callbacks import Callback, ConsoleProgress, TrainPoint
 
-from .cluster import HEAD, ON_HEAD, NodeWatch, connect_ray, output_to, this_node
+from .cluster import HEAD, ON_HEAD, NodeWatch, check_nodes, connect_ray, output_to, this_node
 from .grid import Grid, GridFile, RunSpec
 from .preflight import ClusterFacts, enforce
 from .report import write_report
@@ -214,6 +216,34 @@ def _lost_workdir(holder) -> None:
     _thread.interrupt_main()
 
 
+def _data_paths(grid: Grid) -> tuple[list[Path], list[Path]]:
+    """What the runs' ranks open wherever they run: directories they write (the data cache a
+    corpus is tokenized into) and paths they read (tokenizers, corpora, prepared data: a
+    prefix by its directory)."""
+    from sparsity_scaling.data.pipeline import cache_root
+
+    written, read = set(), set()
+    for spec in grid.runs:
+        data = spec.config.data
+        prefixes = [data.train_prefix, data.valid_prefix, *(part.prefix for part in data.blend or ())]
+        read.update(Path(prefix).parent for prefix in prefixes if prefix)
+        read.update(Path(path) for path in (data.tokenizer, data.corpus) if path and Path(path).exists())
+        if not (data.train_prefix or data.blend):
+            written.add(cache_root(data))
+    return sorted(written), sorted(read)
+
+
+def _seen_by_every_node(grid: Grid, workdir: Workdir, cluster: ClusterFacts, uri: str) -> ClusterFacts:
+    """The cluster with the tracking URI its ranks will use and what its nodes do not see: on
+    several hosts a task on each node looks for the workdir, the data and the tracking server
+    (on one host they are the driver's own)."""
+    cluster = dataclasses.replace(cluster, tracking_uri=uri)
+    if cluster.host_count < 2:
+        return cluster
+    written, read = _data_paths(grid)
+    return dataclasses.replace(cluster, node_problems=tuple(check_nodes([workdir.path, *written], read, uri)))
+
+
 def submit(grid: Grid, workdir: Workdir, address: str | None = None, gpu_memory: float | None = None) -> None:
     """Train and evaluate every run of the grid, then write its report into the workdir.
     The preflight refuses a grid the cluster cannot run before anything starts (gpu_memory,
@@ -240,9 +270,11 @@ def _submit(grid: Grid, workdir: Workdir, address: str | None, gpu_memory: float
     # by Tune's traceback of the trial.
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     connect_ray(address)
-    enforce(grid, ClusterFacts.of_ray(gpu_memory))
+    cluster = ClusterFacts.of_ray(gpu_memory)
+    enforce(grid, cluster)  # before a server starts
     with tracking(workdir) as uri:
         check_tracking_uri(uri)
+        enforce(grid, _seen_by_every_node(grid, workdir, cluster, uri))
         parent = parent_run(uri, grid)
         set_parent_status(uri, parent, "RUNNING")
         outcome = "FAILED"

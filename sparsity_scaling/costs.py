@@ -201,7 +201,7 @@ class MemoryEstimate:
         under ZeRO, split over dp under ZeRO 1 and 2. Activations: micro x seq tokens times
         the blocks' bytes per token (`activation_bytes_per_token`): every block's, or with
         activation checkpointing every block's input plus the one block recomputed."""
-        t, zero = config.parallel.tp, config.train.zero_stage
+        t, zero = config.parallel.tp, config.train.zero_stage_for(bf16)
         params = total_params(config, vocab_size) / t
         a = 2 if bf16 else 4
         gradients = (2 + 4 if bf16 else 4) / (dp if zero >= 2 else 1)

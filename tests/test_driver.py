@@ -3,7 +3,6 @@ parent MLflow run ends with its driver."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal

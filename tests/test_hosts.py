@@ -38,7 +38,8 @@ import json, sys, threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import ray
-from launcher.cluster import check_nodes, cluster_hosts, tracking_uri_problem
+from launcher.cluster import check_nodes, cluster_hosts
+from launcher.preflight import tracking_problem
 
 class Health(BaseHTTPRequestHandler):
     def do_GET(self):
@@ -59,8 +60,8 @@ found = {
     "shared": check_nodes([shared / "work"], [shared / "corpus"], uri[head_ip]),
     "local": check_nodes([local / "work"], [local / "corpus"], uri["127.0.0.1"]),
     "loopback": uri["127.0.0.1"],
-    "uri": {u: tracking_uri_problem(u, hosts) for u in (uri["127.0.0.1"], uri[head_ip], "http://localhost:5000",
-                                                          "sqlite:///x/mlflow.db")},
+    "uri": {u: getattr(tracking_problem(u, len(hosts)), "reason", None)
+            for u in (uri["127.0.0.1"], uri[head_ip], "http://localhost:5000", "sqlite:///x/mlflow.db")},
 }
 print(json.dumps(found, default=vars))
 """

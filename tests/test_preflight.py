@@ -7,7 +7,7 @@ import pytest
 
 from conftest import REPO, run_cli
 from launcher.grid import load_grid
-from launcher.preflight import ClusterFacts, Node, PathNotShared, check_grid
+from launcher.preflight import ClusterFacts, Node, NodeProblem, check_grid
 from sparsity_scaling.config import load_config
 from sparsity_scaling.costs import MemoryEstimate
 
@@ -152,12 +152,23 @@ def test_a_loopback_tracking_uri_is_refused_when_the_cluster_has_more_than_one_n
     assert check_grid(grid, ClusterFacts(nodes, connected=True, tracking_uri="http://10.1.2.3:5000")) == []
 
 
-def test_paths_some_nodes_do_not_see_are_refused():
-    unshared = PathNotShared("workdir", "/home/me/runs/g", ("10.0.0.2",))
-    cluster = ClusterFacts((Node(128, 8, 80_000_000_000),) * 2, connected=True, paths_not_shared=(unshared,))
+def test_what_some_nodes_do_not_see_is_refused():
+    unseen = NodeProblem("10.0.0.2", "f00dfeed" * 7, "/home/me/runs/g", "not the directory the driver sees")
+    cluster = ClusterFacts((Node(128, 8, 80_000_000_000),) * 2, connected=True, node_problems=(unseen,))
     (problem,) = check_grid(load_grid(GRIDS / "sparsing_law.yaml"), cluster)
-    assert problem.line() == ("workdir /home/me/runs/g: not visible from 1 node(s) (10.0.0.2); "
-                              "put it on storage every node mounts at the same path")
+    assert problem.line() == ("node 10.0.0.2 (f00dfeedf00d) /home/me/runs/g: not the directory the driver sees; "
+                              "put the workdir and corpora on storage every node mounts at the same path, and serve "
+                              "MLflow where every node reaches it")
+
+
+def test_nodes_of_one_host_share_its_loopback():
+    """Raylets of one machine (ray.cluster_utils, or several per host) share its IP: a loopback
+    server reaches all of them."""
+    nodes = (Node(128, 8, 80_000_000_000),) * 2
+    grid = load_grid(GRIDS / "sparsing_law.yaml")
+    assert check_grid(grid, ClusterFacts(nodes, connected=True, hosts=1, tracking_uri="http://127.0.0.1:5000")) == []
+    (problem,) = check_grid(grid, ClusterFacts(nodes, connected=True, hosts=2, tracking_uri="sqlite:///w/mlflow.db"))
+    assert "SQLite" in problem.line()
 
 
 def test_resources_no_node_has_are_refused():

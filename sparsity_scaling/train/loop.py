@@ -19,6 +19,7 @@ from deepspeed.runtime.utils import clip_grad_norm_
 from megatron.core import parallel_state as ps
 
 from ..config import RunConfig, checkpoint_tokens
+from ..costs import BatchSplit
 from ..data.pipeline import PreparedData
 from ..data.sampler import BlendedSampler, WindowSampler
 from ..errors import NonFiniteError, UserError
@@ -43,16 +44,10 @@ class Layout:
 
     @classmethod
     def of(cls, config: RunConfig) -> "Layout":
-        dp = ps.get_data_parallel_world_size()
-        global_samples = config.train.batch_tokens // config.data.seq_len
-        micro = config.train.micro_batch_size
-        if global_samples % (dp * micro):
-            raise UserError(
-                f"train.batch_tokens {config.train.batch_tokens} gives {global_samples} "
-                f"sequences per batch, not divisible by data-parallel size {dp} x "
-                f"train.micro_batch_size {micro}"
-            )
-        return cls(global_samples, micro, global_samples // (dp * micro), dp, ps.get_data_parallel_rank())
+        split = BatchSplit.of(config, ps.get_data_parallel_world_size())
+        if not split.divides:
+            raise UserError(split.refusal())
+        return cls(split.sequences, split.micro, split.accumulation, split.dp, ps.get_data_parallel_rank())
 
     def micro_batches(self, consumed: int) -> list[tuple[int, int]]:
         """(first sample, count) of this rank's micro-batches in the batch at `consumed`."""
