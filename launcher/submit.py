@@ -187,7 +187,7 @@ def check_corpora(grid: Grid) -> None:
 
 
 @contextlib.contextmanager
-def _driving(workdir: Workdir):
+def holding_workdir(workdir: Workdir):
     """Hold the workdir's driver lock while the block runs: one `grid submit` per workdir
     (two would train the same runs into the same directories). Refused in one line naming
     the holder, before anything is written."""
@@ -244,19 +244,21 @@ def _seen_by_every_node(grid: Grid, workdir: Workdir, cluster: ClusterFacts, uri
     return dataclasses.replace(cluster, node_problems=tuple(check_nodes([workdir.path, *written], read, uri)))
 
 
-def submit(grid: Grid, workdir: Workdir, address: str | None = None, gpu_memory: float | None = None) -> None:
+def submit(grid: Grid, workdir: Workdir, address: str | None = None, gpu_memory: float | None = None,
+           report: bool = True) -> None:
     """Train and evaluate every run of the grid, then write its report into the workdir.
     The preflight refuses a grid the cluster cannot run before anything starts (gpu_memory,
     bytes: each GPU's, where Ray's accelerator type does not tell it). Ctrl-C (SIGINT) stops
     it at once: its runs' trainers and evaluations end with it, the grid's parent MLflow run
-    is KILLED, and a resubmit resumes."""
+    is KILLED, and a resubmit resumes. report=False: no report (a rehearsal's runs are too
+    short for the laws)."""
     workdir = Workdir(workdir.path.resolve())
     check_corpora(grid)
-    with _driving(workdir):
-        _submit(grid, workdir, address, gpu_memory)
+    with holding_workdir(workdir):
+        _submit(grid, workdir, address, gpu_memory, report)
 
 
-def _submit(grid: Grid, workdir: Workdir, address: str | None, gpu_memory: float | None) -> None:
+def _submit(grid: Grid, workdir: Workdir, address: str | None, gpu_memory: float | None, report: bool) -> None:
     # Ray Train's print patch sends each print of a worker to its logger and, where Ray
     # wraps stdout, to stdout as well: every progress line would reach the driver twice.
     # (Ray passes this variable from the driver to the trainers' workers.)
@@ -279,7 +281,7 @@ def _submit(grid: Grid, workdir: Workdir, address: str | None, gpu_memory: float
         set_parent_status(uri, parent, "RUNNING")
         outcome = "FAILED"
         try:
-            _drive(grid, workdir, uri, parent)
+            _drive(grid, workdir, uri, parent, report)
             outcome = "FINISHED"
         except KeyboardInterrupt:
             outcome = "KILLED"
@@ -291,8 +293,8 @@ def _submit(grid: Grid, workdir: Workdir, address: str | None, gpu_memory: float
             set_parent_status(uri, parent, outcome)
 
 
-def _drive(grid: Grid, workdir: Workdir, uri: str, parent: str) -> None:
-    """The grid's runs as Tune trials, then its report; a UserError naming the first failed run."""
+def _drive(grid: Grid, workdir: Workdir, uri: str, parent: str, report: bool) -> None:
+    """The grid's runs as Tune trials, then (if `report`) its report; a UserError naming the first failed run."""
     for spec in grid.runs:
         child_run(uri, grid, spec, parent, workdir.run(spec.name))
     print(f"grid {grid.name}: {len(grid.runs)} runs, workdir {workdir.path}, MLflow {uri}", flush=True)
@@ -311,7 +313,7 @@ def _drive(grid: Grid, workdir: Workdir, uri: str, parent: str) -> None:
     with ProgressPrinter(grid, workdir):  # instead of Tune's periodic status table
         results = tuner.fit()
     failed = [workdir.run(r.config["run"]) for r in results if r.error]
-    if len(failed) < len(grid.runs):
+    if report and len(failed) < len(grid.runs):
         write_report(grid, uri, workdir)  # the runs that finished; the failed ones named
     if failed:
         first = failed[0].failed() or {"error": "see its logs", "log": str(failed[0].logs_dir)}

@@ -391,8 +391,24 @@ def sync_run(run_dir: str | Path, wait: bool = False) -> bool:
             print(f"MLflow delivery for {run.name} postponed: {str(error).splitlines()[0][:160]}",
                   file=sys.stderr, flush=True)
             return False
+        new["from"] = sorted(set(cursor.get("from", [])) | {_this_host()})
         write_json_atomic(cursor_file, {"delivered": new, "in_flight": False})
         return True
+
+
+def _this_host() -> str:
+    """The address of the host this process delivers from: its Ray node's IP, else its name."""
+    from .cluster import server_host
+
+    return server_host() or socket.gethostname()
+
+
+def delivered_from(run: RunDir) -> list[str]:
+    """The hosts whose processes have delivered the run's points to MLflow (a training rank's
+    node among them once it delivered itself)."""
+    if not run.mlflow_cursor.is_file():
+        return []
+    return json.loads(run.mlflow_cursor.read_text())["delivered"].get("from", [])
 
 
 def mark_outcome(run_dir: str | Path, error: str | None) -> None:

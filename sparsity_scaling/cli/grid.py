@@ -60,6 +60,13 @@ def _submit(args) -> None:
     print(status_table(grid, workdir))
 
 
+def _rehearse(args) -> None:
+    from launcher.rehearsal import rehearse
+
+    grid, workdir = _grid_and_workdir(args)
+    rehearse(grid, workdir, args.address, None if args.gpu_memory is None else args.gpu_memory * GB, args.steps)
+
+
 def _status(args) -> None:
     from launcher.status import status_table
 
@@ -100,6 +107,15 @@ def add_commands(commands) -> None:
                         help=f"memory of one GPU, GB, where Ray's accelerator type does not tell it "
                              f"(default {DEFAULT_GPU_MEMORY_GB})")
     submit.set_defaults(run=_submit)
+    rehearse = sub.add_parser("rehearse", help="every run for a few steps on the cluster, through a checkpoint, "
+                              "an evaluation job and an MLflow delivery; one line per run, then removed")
+    rehearse.add_argument("grid")
+    rehearse.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    rehearse.add_argument("--workdir", help="the grid's workdir; the rehearsal runs in WORKDIR/rehearsal (default: "
+                                            "runs/GRID)")
+    rehearse.add_argument("--gpu-memory", type=_positive_number, help="as for submit")
+    rehearse.add_argument("--steps", type=positive_int, default=4, help="optimizer steps of each run (default 4)")
+    rehearse.set_defaults(run=_rehearse)
     status = sub.add_parser("status", help="each run's state, tokens, loss and activation ratio")
     status.add_argument("grid")
     status.add_argument("--workdir")
