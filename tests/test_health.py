@@ -227,10 +227,10 @@ def test_a_model_whose_dense_perplexity_is_not_finite_is_refused():
     from sparsity_scaling.evaluation.jobs import measurable
 
     model = ModelRef(hf_model="some/model")
-    finite = SimpleNamespace(dense=SimpleNamespace(ppl=12.5))
+    finite = SimpleNamespace(dense=SimpleNamespace(ppl=12.5, loss=math.log(12.5)), vocab_size=512)
     assert measurable(finite, model) is finite
     with pytest.raises(NonFiniteError, match="some/model: dense perplexity inf on the validation data is not finite"):
-        measurable(SimpleNamespace(dense=SimpleNamespace(ppl=math.inf)), model)
+        measurable(SimpleNamespace(dense=SimpleNamespace(ppl=math.inf, loss=math.inf), vocab_size=512), model)
 
 
 def test_a_result_write_on_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
