@@ -254,11 +254,16 @@ def submit(grid: Grid, workdir: Workdir, address: str | None = None, gpu_memory:
     short for the laws)."""
     workdir = Workdir(workdir.path.resolve())
     check_corpora(grid)
+    _quiet_ray()
+    connect_ray(address)
+    cluster = ClusterFacts.of_ray(gpu_memory)
+    enforce(grid, cluster)  # before anything is written
     with holding_workdir(workdir):
-        _submit(grid, workdir, address, gpu_memory, report)
+        _submit(grid, workdir, cluster, report)
 
 
-def _submit(grid: Grid, workdir: Workdir, address: str | None, gpu_memory: float | None, report: bool) -> None:
+def _quiet_ray() -> None:
+    """What Ray and Tune print, and how they take Ctrl-C, as a grid's driver wants it."""
     # Ray Train's print patch sends each print of a worker to its logger and, where Ray
     # wraps stdout, to stdout as well: every progress line would reach the driver twice.
     # (Ray passes this variable from the driver to the trainers' workers.)
@@ -271,9 +276,9 @@ def _submit(grid: Grid, workdir: Workdir, address: str | None, gpu_memory: float
     # A failed run is reported in one line naming its log (which holds the traceback), not
     # by Tune's traceback of the trial.
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
-    connect_ray(address)
-    cluster = ClusterFacts.of_ray(gpu_memory)
-    enforce(grid, cluster)  # before a server starts
+
+
+def _submit(grid: Grid, workdir: Workdir, cluster: ClusterFacts, report: bool) -> None:
     with tracking(workdir) as uri:
         check_tracking_uri(uri)
         enforce(grid, _seen_by_every_node(grid, workdir, cluster, uri))
