@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 
-from conftest import GRID, REPO, mlflow_history, trajectory
+from conftest import GRID, REPO, trajectory
 from sparsity_scaling.rundir import RunDir
 
 
@@ -106,26 +106,6 @@ def check_moved(relu: RunDir, shared: RunDir, lost_training: str, lost_evaluatio
     assert steps == [c.tokens for c in relu.checkpoints()]  # every checkpoint's result exactly once
     for key, points in logged["metrics"].items():
         assert len({s for s, _ in points}) == len(points), key
-
-
-def test_a_run_survives_losing_the_node_of_its_training_and_of_an_evaluation(grid_run, tmp_path):
-    """Three one-CPU nodes: relu trains on one, evaluations run on the others. Once it has two
-    checkpoints its node goes (its training worker is killed with it, as Ray Train sees any
-    lost worker: the run restarts from its newest checkpoint); later, a node running an
-    evaluation job goes. (test_hosts.py runs the same on distinct hosts.)"""
-    cluster, nodes = _cluster(workers=3)
-    try:
-        workdir = tmp_path / "work"
-        process = _submit(_grid(tmp_path, "cluster_test"), cluster.address, workdir)
-        relu = RunDir(workdir / "runs" / "relu")
-        lost_training, lost_evaluation, stdout, stderr = lose_training_then_evaluation(
-            process, relu, lambda record: _remove(cluster, nodes, record["node_id"]))
-    finally:
-        cluster.shutdown()
-    assert process.returncode == 0, (stdout[-3000:], stderr[-5000:])
-    assert lost_training is not None and lost_evaluation is not None
-    check_moved(relu, RunDir(grid_run / "runs" / "relu"), lost_training, lost_evaluation,
-                mlflow_history(workdir, "cluster_test")["relu"])
 
 
 def test_a_cluster_that_loses_every_node_stops_the_grid_with_one_line(tmp_path):

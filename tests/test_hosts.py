@@ -36,6 +36,7 @@ def hosts():
 CHECK = """
 import json, sys, threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import ray
 from launcher.cluster import check_nodes, cluster_hosts

@@ -69,8 +69,9 @@ def test_parallel_layouts_match_one_process(gentle_reference, tmp_path, nproc, t
     assert result.returncode == 0, result.stderr[-3000:]
     ours, reference = _points(out, "train"), _points(gentle_reference, "train")
     assert ours.keys() == reference.keys()
-    first = min(reference)
-    assert ours[first] == pytest.approx(reference[first], abs=1e-5)
+    first = min(reference)  # step 4 (log_every): three updates in, fp32 sums in another order at tp 2 (the
+    # vocabulary-parallel loss) differ by ~1e-6 relative (seen: 9.1683888 against 9.1683755); a wrong split by ~1e-2
+    assert ours[first] == pytest.approx(reference[first], rel=5e-6)
     for step in reference:
         assert ours[step] == pytest.approx(reference[step], rel=5e-4), step
     final = torch.load(RunDir(out).checkpoints()[-1].path / "model.pt")

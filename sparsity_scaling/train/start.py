@@ -72,7 +72,7 @@ def _lost(holder) -> None:
 def _only_trainer(run: RunDir):
     """Rank 0 holds the run's trainer lock while the ranks train (every rank waits for it, and
     every rank raises the refusal, so none waits for a rank 0 that gave up)."""
-    lock, refusal = None, None
+    lock, refusal, created = None, None, not run.path.exists()
     if dist.get_rank() == 0:
         lock = run.trainer(on_lost=_lost)
         try:
@@ -88,6 +88,8 @@ def _only_trainer(run: RunDir):
     finally:
         if lock is not None:
             lock.release()
+            if created and not any(run.path.iterdir()):  # refused before writing: no directory left either
+                run.path.rmdir()
 
 
 def train_on_rank(config: RunConfig, run_dir: str | Path, callbacks: Sequence[Callback] = ()) -> Checkpoint:
