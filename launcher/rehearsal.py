@@ -71,8 +71,8 @@ def outcome(run: RunDir, steps: int) -> Rehearsed:
         return Rehearsed(run.name, False, f"no {', no '.join(missing)} (logs: {run.logs_dir})")
     measured = evaluations[-1]
     return Rehearsed(run.name, True, f"{steps} steps on {', '.join(trained_on)}, checkpoint at "
-                     f"{checkpoints[-1].tokens:,} tokens, PPL-p% measured (activation ratio "
-                     f"{measured['activation_ratio']:.3f}), MLflow points delivered from "
+                     f"{checkpoints[-1].tokens:,} tokens, PPL-p% measured on {measured['evaluated_on']['ip']} "
+                     f"(activation ratio {measured['activation_ratio']:.3f}), MLflow points delivered from "
                      f"{', '.join(delivered)}")
 
 

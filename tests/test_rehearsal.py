@@ -38,7 +38,7 @@ evaluation: {{p: 1.0, eval_tokens: 65536, last: 5, calibration_tokens: 512}}
     (checkpoint,) = sound.checkpoints()  # one, at the end of the 4 steps
     assert checkpoint.tokens == 4 * 1024
     (measured,) = sound.evaluations()
-    assert measured["tokens"] == 4 * 64  # a few sequences of the run's own validation split, not 65536 tokens
+    assert measured["eval_tokens"] == 4 * 64  # a few sequences of the run's own validation split, not 65536 tokens
     trained_on = {node["ip"] for node in sound.nodes()}
     cursor = json.loads(sound.mlflow_cursor.read_text())["delivered"]
     assert trained_on <= set(cursor["from"]) and cursor["train"] == 4 * 1024  # every training point delivered
