@@ -190,7 +190,9 @@ def check_corpora(grid: Grid) -> None:
 def holding_workdir(workdir: Workdir):
     """Hold the workdir's driver lock while the block runs: one `grid submit` per workdir
     (two would train the same runs into the same directories). Refused in one line naming
-    the holder, before anything is written."""
+    the holder, before anything is written; a workdir the lock created and nothing filled
+    (a grid the preflight refused) is removed with it."""
+    created = not workdir.path.exists()
     lock = workdir.driver(on_lost=_lost_workdir)
     try:
         lock.acquire(waiting=lambda holder: print(
@@ -204,6 +206,8 @@ def holding_workdir(workdir: Workdir):
         yield
     finally:
         lock.release()
+        if created and not any(workdir.path.iterdir()):
+            workdir.path.rmdir()
 
 
 def _lost_workdir(holder) -> None:
@@ -254,11 +258,11 @@ def submit(grid: Grid, workdir: Workdir, address: str | None = None, gpu_memory:
     short for the laws)."""
     workdir = Workdir(workdir.path.resolve())
     check_corpora(grid)
-    _quiet_ray()
-    connect_ray(address)
-    cluster = ClusterFacts.of_ray(gpu_memory)
-    enforce(grid, cluster)  # before anything is written
-    with holding_workdir(workdir):
+    with holding_workdir(workdir):  # first: a second submit is refused before it joins Ray
+        _quiet_ray()
+        connect_ray(address)
+        cluster = ClusterFacts.of_ray(gpu_memory)
+        enforce(grid, cluster)  # before anything is written
         _submit(grid, workdir, cluster, report)
 
 
