@@ -1,7 +1,6 @@
 """Joining a Ray cluster (or starting a local one), shared by `grid submit` and `data
-prepare`; where the grid's control runs, the address its servers bind, what every node
-must see (the workdir, the corpora, the tracking server), and noticing a cluster that lost
-every node a worker needs."""
+prepare`; where the grid's control runs, what every node must see (the workdir, the
+corpora, the tracking server), and noticing a cluster that lost every node a worker needs."""
 
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ import contextlib
 import hashlib
 import os
 import socket
-import sys
 import time
 import traceback
 import uuid
@@ -58,16 +56,6 @@ ON_HEAD = {"num_cpus": 0, "resources": HEAD, "scheduling_strategy": "DEFAULT"}
 def this_node() -> tuple[str, str]:
     """(node id, IP) of the node this process runs on."""
     return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
-
-
-def server_host() -> str | None:
-    """The address a server the cluster's nodes talk to (the grid's MLflow server) binds:
-    this node's IP as Ray knows it, the address Ray's own services here listen on. On the
-    local instance `connect_ray` starts, that is loopback; on a cluster of several hosts it
-    is the head's cluster address, never 0.0.0.0. None when this process is not on Ray."""
-    if "ray" not in sys.modules or not ray.is_initialized():
-        return None
-    return ray.util.get_node_ip_address()
 
 
 def node_can_hold(need: dict[str, float]) -> bool:
@@ -138,21 +126,13 @@ def fingerprint(path: Path, files: int = 16, head: int = 1 << 16) -> str | None:
     return digest.hexdigest()
 
 
-def _health_ok(uri: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def _look_from_node(shared: dict[str, str], read: dict[str, str | None],
                     tracking_uri: str | None) -> list[tuple[str, str]]:
     """On one node: (subject, why) for each shared directory whose marker does not hold the
     driver's token or that this node cannot write, each read path missing or different
     here, and a tracking server that does not answer from here."""
+    from .tracking import server_answers
+
     problems = []
     for directory, token in shared.items():
         marker = Path(directory) / f"{MARKER}{token}"
@@ -176,7 +156,8 @@ def _look_from_node(shared: dict[str, str], read: dict[str, str | None],
             problems.append((path, "does not exist on this node"))
         elif seen != expected:
             problems.append((path, "differs from the driver's (a node-local copy?); it must be on shared storage"))
-    if tracking_uri and tracking_uri.startswith(("http://", "https://")) and not _health_ok(tracking_uri):
+    web = tracking_uri and tracking_uri.startswith(("http://", "https://"))
+    if web and not server_answers(tracking_uri, timeout=5):
         problems.append((tracking_uri, "no MLflow server answers there from this node"))
     return problems
 

@@ -28,17 +28,30 @@ from sparsity_scaling.rundir import RunDir
 from .workdir import Workdir
 
 
-def _healthy(uri: str) -> bool:
+def server_answers(uri: str, timeout: float = 2) -> bool:
+    """Whether an MLflow server answers its /health at `uri` (from this process's host)."""
     try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
             return response.status == 200
     except OSError:
         return False
 
 
+def server_host() -> str | None:
+    """The address the grid's MLflow server binds, where the cluster's nodes reach it: this
+    node's IP as Ray knows it, the address Ray's own services here listen on. On the local
+    instance `cluster.connect_ray` starts, that is loopback; on a cluster of several hosts it
+    is the head's cluster address, never 0.0.0.0. None when this process is not on Ray."""
+    if "ray" not in sys.modules:
+        return None
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else None
+
+
 def start_local_server(workdir: Workdir, host: str | None = None, timeout: float = 120) -> str:
     """Start (or reuse) the workdir's MLflow server, backed by SQLite in the workdir, bound
-    to `host`: the address the cluster's nodes reach it at (`cluster.server_host`; the
+    to `host`: the address the cluster's nodes reach it at (`server_host`; the
     head's cluster address, loopback on a local instance). host=None: any running server
     of the workdir will do (a command on this machine), else a new one on loopback.
 
@@ -53,10 +66,10 @@ def start_local_server(workdir: Workdir, host: str | None = None, timeout: float
         uri = json.loads(record.read_text())["uri"]
         old_host, old_port = _host_port(uri)
         if host is None or old_host == host:
-            if _healthy(uri):
+            if server_answers(uri):
                 return uri
             port = old_port
-        elif _healthy(uri):  # serving its own command (`grid status`, a report) where the nodes cannot reach it
+        elif server_answers(uri):  # serving its own command (`grid status`, a report) where the nodes cannot reach it
             raise UserError(f"the MLflow server of {workdir.path} runs at {uri} (pid "
                             f"{json.loads(record.read_text())['pid']}), which the cluster's nodes cannot reach "
                             f"at {host}; let the command that started it finish, then submit again")
@@ -74,7 +87,7 @@ def start_local_server(workdir: Workdir, host: str | None = None, timeout: float
         stdout=log, stderr=log, start_new_session=True, env=env,
     )
     deadline = time.time() + timeout
-    while not _healthy(uri):
+    while not server_answers(uri):
         if process.poll() is not None or time.time() > deadline:
             raise UserError(f"the local MLflow server did not start; see {workdir.mlflow_log}")
         time.sleep(0.5)
@@ -96,7 +109,7 @@ def _url_host(host: str) -> str:
 
 def _reachable(uri: str) -> bool:
     """A quick look before MLflow's own client, which retries for minutes when a server is away."""
-    return not uri.startswith(("http://", "https://")) or _healthy(uri)
+    return not uri.startswith(("http://", "https://")) or server_answers(uri)
 
 
 def stop_local_server(workdir: Workdir) -> None:
@@ -156,7 +169,7 @@ def tracking(workdir: Workdir, uri: str | None = None, create: bool = True):
     """The tracking URI for a command: `uri`, else $MLFLOW_TRACKING_URI, else the workdir's
     local server, started for the command and stopped after it if it was not already
     running: in a process on Ray (`grid submit`), bound where the cluster's nodes reach
-    it (`cluster.server_host`). With create=False, a workdir without a local store is
+    it (`server_host`). With create=False, a workdir without a local store is
     refused (nothing to read there)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
@@ -165,13 +178,8 @@ def tracking(workdir: Workdir, uri: str | None = None, create: bool = True):
     if not create and not workdir.has_mlflow_store():
         raise SettingError("workdir", workdir.path, "no MLflow store there (give a tracking URI, or submit the grid first)")
     record = workdir.mlflow_server
-    was_running = record.is_file() and _healthy(json.loads(record.read_text())["uri"])
-    host = None
-    if "ray" in sys.modules:  # perhaps a process on Ray, whose nodes deliver to the server
-        from .cluster import server_host
-
-        host = server_host()
-    uri = start_local_server(workdir, host)
+    was_running = record.is_file() and server_answers(json.loads(record.read_text())["uri"])
+    uri = start_local_server(workdir, server_host())  # on Ray: where the nodes deliver to it
     try:
         yield uri
     finally:
@@ -398,8 +406,6 @@ def sync_run(run_dir: str | Path, wait: bool = False) -> bool:
 
 def _this_host() -> str:
     """The address of the host this process delivers from: its Ray node's IP, else its name."""
-    from .cluster import server_host
-
     return server_host() or socket.gethostname()
 
 
