@@ -39,14 +39,19 @@ def server_answers(uri: str, timeout: float = 2) -> bool:
 
 def server_host() -> str | None:
     """The address the grid's MLflow server binds, where the cluster's nodes reach it: this
-    node's IP as Ray knows it, the address Ray's own services here listen on. On the local
-    instance `cluster.connect_ray` starts, that is loopback; on a cluster of several hosts it
-    is the head's cluster address, never 0.0.0.0. None when this process is not on Ray."""
+    node's IP as Ray knows it, the address Ray's own services here listen on, on a cluster of
+    several hosts (never 0.0.0.0); loopback on a cluster of one host (the local instance
+    `cluster.connect_ray` starts, or one `ray start` made), which nothing else need reach.
+    None when this process is not on Ray."""
     if "ray" not in sys.modules:
         return None
     import ray
 
-    return ray.util.get_node_ip_address() if ray.is_initialized() else None
+    if not ray.is_initialized():
+        return None
+    here = ray.util.get_node_ip_address()
+    hosts = {node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")}
+    return LOOPBACK if hosts <= {here} else here
 
 
 def start_local_server(workdir: Workdir, host: str | None = None, timeout: float = 120) -> str:
@@ -79,7 +84,12 @@ def start_local_server(workdir: Workdir, host: str | None = None, timeout: float
     uri = f"http://{_url_host(host)}:{port}"
     mlflow = Path(sys.executable).with_name("mlflow")
     log = open(workdir.mlflow_log, "ab")
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job runner
+    # MLflow answers 403 to a Host header outside loopback and the private ranges unless told:
+    # the nodes address it by the host it binds, which may be any address of the head.
+    allowed = [a for a in os.environ.get("MLFLOW_SERVER_ALLOWED_HOSTS", "").split(",") if a.strip()] or [
+        "localhost:*", "127.0.0.1:*", "[[]::1]:*"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no background job runner
+           "MLFLOW_SERVER_ALLOWED_HOSTS": ",".join([*allowed, f"{_url_host(host)}:{port}"])}
     process = subprocess.Popen(
         [str(mlflow), "server", "--host", host, "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{workdir.mlflow_db}",

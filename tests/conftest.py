@@ -112,7 +112,27 @@ def ray_cluster(tmp_path_factory) -> dict:
                     f"--dashboard-port={dashboard}", "--disable-usage-stats", f"--temp-dir={temp}"],
                    check=True, capture_output=True, timeout=180, env=env)
     yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}"}
-    subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+    stop_own_ray(temp, port)
+
+
+def stop_own_ray(temp: Path, port: int) -> None:
+    """End the Ray instance started with `temp` and GCS `port`, and every process under it:
+    its own processes name the one or the other on their command line. (`ray stop` would end
+    every Ray instance of the machine, another session's too.)"""
+    own = [p for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid()
+           and any(str(temp) in arg or arg.endswith(f":{port}") for arg in p.info["cmdline"] or [])]
+    processes = {p.pid: p for p in own}
+    for process in own:
+        try:
+            processes.update({child.pid: child for child in process.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    for process in processes.values():
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(list(processes.values()), timeout=30)
 
 
 @pytest.fixture(scope="session")

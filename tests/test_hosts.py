@@ -170,3 +170,23 @@ def test_a_resubmit_points_the_runs_at_the_store_s_current_address(tmp_path):
     (run_dir / "mlflow_run.json").write_text(json.dumps(stranger))
     assert child_run(uri, None, None, "parent", RunDir(run_dir)) == stranger["run_id"]
     assert json.loads((run_dir / "mlflow_run.json").read_text()) == stranger
+
+
+def test_the_server_takes_requests_addressed_to_the_host_it_binds(tmp_path):
+    """A head whose cluster address is neither loopback nor a private range (here 127.0.0.2,
+    which MLflow's own host check does not know): the nodes' requests, addressed to it, are
+    served, not refused with 403."""
+    from mlflow import MlflowClient
+
+    from launcher.tracking import start_local_server, stop_local_server
+    from launcher.workdir import Workdir
+
+    workdir = Workdir(tmp_path / "work")
+    uri = start_local_server(workdir, "127.0.0.2")
+    try:
+        assert urllib.parse.urlsplit(uri).hostname == "127.0.0.2"
+        client = MlflowClient(uri)
+        experiment = client.create_experiment("addressed")
+        assert client.get_experiment(experiment).name == "addressed"
+    finally:
+        stop_local_server(workdir)
