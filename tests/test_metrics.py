@@ -303,7 +303,8 @@ def _stabilising_checks(paths: list[str], tokens_path) -> dict:
 
     from sparsity_scaling.hf import load_target
     from sparsity_scaling.metrics.measure import EvalData
-    from sparsity_scaling.metrics.search import Evaluator, ReloadingEvaluator, stabilised_cett
+    from sparsity_scaling.metrics.search import (Evaluator, ModelRoom, ReloadingEvaluator, model_bytes,
+                                                 stabilised_cett)
     from sparsity_scaling.parallel import init_parallel
 
     init_parallel(1)
@@ -323,21 +324,48 @@ def _stabilising_checks(paths: list[str], tokens_path) -> dict:
     gc.collect()
     between = len(alive)
     bounded = stabilised_cett(reloading, 1.0).point.x
+    bounded_peak = peak[0]
     parked = all(ev.target is None and all(layer.w_out is None for layer in ev.cett.layers.values())
                  for ev in reloading)
     every_model_kept = stabilised_cett([Evaluator(load_target(checkpoint=p), data) for p in paths], 1.0).point.x
-    return {"between": between, "peak": peak[0], "parked": parked, "bounded": bounded, "kept": every_model_kept}
+
+    # with room for every model: each is read once for the whole search, and the same CETT
+    loads = {p: 0 for p in paths}
+
+    def counted(path):
+        def load():
+            loads[path] += 1
+            return load_target(checkpoint=path)
+        return load
+
+    roomy = stabilised_cett([ReloadingEvaluator(counted(p), data, room=ModelRoom()) for p in paths], 1.0).point.x
+    # room for one and a half models: the first is kept, the others come and go, one at a time
+    room = ModelRoom()
+    room.left = int(model_bytes(load_target(checkpoint=paths[0])) * 1.5)
+    alive.clear()
+    gc.collect()
+    peak[0] = 0
+    some = [ReloadingEvaluator(loader(p), data, room=room) for p in paths]
+    partly = stabilised_cett(some, 1.0).point.x
+    return {"between": between, "peak": bounded_peak, "parked": parked, "bounded": bounded, "kept": every_model_kept,
+            "loads": list(loads.values()), "roomy": roomy, "kept_flags": [ev.kept for ev in some],
+            "partly_peak": peak[0], "partly": partly}
 
 
 def test_stabilising_strategy_holds_one_model_at_a_time_and_gives_the_same_cett(micro_run, tokens_file):
-    """The last checkpoints keep their calibration, not their models: the search loads each
-    model for a measurement and frees it, and finds the same CETT as with every model kept."""
+    """Without room, the last checkpoints keep their calibration, not their models: the search
+    loads each model for a measurement and frees it. With room, the models that fit stay
+    loaded, each read once. Every way finds the same CETT as with every model kept."""
     paths = [str(c.path) for c in RunDir(micro_run).checkpoints()]
     out = run_ranks(1, _stabilising_checks, paths, tokens_file)[0]
     assert out["between"] == 0  # between measurements no model stays in memory
     assert out["peak"] == 1  # while measuring, one
     assert out["parked"]  # a parked evaluator keeps its calibration, no weights
     assert out["bounded"] == out["kept"]  # the same search, the same arithmetic: exactly equal
+    # models the memory holds are read from disk once for the whole search, not at every step
+    assert out["loads"] == [1] * len(paths) and out["roomy"] == out["kept"]
+    assert out["kept_flags"] == [True] + [False] * (len(paths) - 1)
+    assert out["partly_peak"] == 2 and out["partly"] == out["kept"]  # the kept one, and one at a time
 
 
 def test_exported_llama_gives_the_same_ppl_p_as_our_checkpoint(micro_run, tokens_file, tmp_path):

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from ..errors import NonFiniteError, SettingError, UserError
 from ..files import json_text, write_json_atomic
 from ..metrics.result import thresholds_artifact
-from ..metrics.search import Evaluator, Point, ReloadingEvaluator, ppl_p, stabilised_cett
+from ..metrics.search import Evaluator, Point, ReloadingEvaluator, ModelRoom, ppl_p, stabilised_cett
 from ..parallel import init_parallel
 from ..rundir import Checkpoint, RunDir, read_checkpoint
 from .inputs import ModelRef, load_eval_data
@@ -145,21 +145,22 @@ class SeriesSearch:
 def search_series(members: list[SeriesMember], metric: MetricSettings, data: DataSettings, last: int = 5,
                   tp: int = 1, on_step: Callable[[int, Point], None] | None = None) -> SeriesSearch:
     """The paper's stabilising strategy (members oldest first): one CETT whose mean PPL ratio
-    over the `last` newest measurable models is 1 + p/100. One model in memory at a time:
-    the others keep only their calibration. `on_step` hears each search step."""
+    over the `last` newest measurable models is 1 + p/100. The models that fit half the free
+    memory stay loaded; beyond that, one model in memory at a time, the others keeping only
+    their calibration. `on_step` hears each search step."""
     if last < 1:
         raise SettingError("last", last, "must be at least 1")
     init_parallel(tp)
     if members[-1].model.checkpoint:
         check_fits(members[-1].model.read_checkpoint(), tp)
-    final, excluded = {}, {}
+    final, excluded, room = {}, {}, ModelRoom()
     for member in reversed(members):
         if len(final) == last:
             break
         try:
             final[member.name] = measurable(ReloadingEvaluator(lambda m=member: m.model.load(tp),
                                                                load_eval_data(member.model, data),
-                                                               metric.calibration_tokens), member.model)
+                                                               metric.calibration_tokens, room), member.model)
         except NonFiniteError as error:
             excluded[member.name] = left_out(member, error)
     if not final:

@@ -60,3 +60,10 @@ def max_all(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         all_reduce(tensor, "world", op=dist.ReduceOp.MAX)
     return tensor
+
+
+def min_all(tensor: torch.Tensor) -> torch.Tensor:
+    """Minimum over every rank (tensor and data parallel)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        all_reduce(tensor, "world", op=dist.ReduceOp.MIN)
+    return tensor

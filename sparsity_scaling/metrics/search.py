@@ -19,7 +19,7 @@ import torch
 from ..errors import UserError
 from . import check_p
 from .cett import CETTSearch
-from .comm import max_all, tp_size
+from .comm import max_all, min_all, tp_size
 from .measure import EvalData, SparsePass, check_vocab, dense_pass, loss_pass, matmul_params, sparse_pass
 from .result import SparsityResult, unconverged_warning
 from .rules import PerNeuronThreshold, Rule, SitePeak
@@ -109,28 +109,65 @@ def expert_ratios(target: SparsityTarget, sparse: SparsePass) -> list[dict]:
             for ffn in target.ffns if getattr(ffn, "expert", None) is not None]
 
 
-class ReloadingEvaluator(Evaluator):
-    """An evaluator that keeps its dense pass and calibration but not its model between
-    measurements: `loaded()` loads the model for a measurement and frees it after. The
-    stabilising strategy compares several checkpoints at every step of its search; with
-    these, memory holds one model at a time plus each checkpoint's calibration."""
+class ModelRoom:
+    """The memory a search may fill with models it keeps loaded between its steps: `share`
+    of what was free where the first model lives (its GPU's, else the host's)."""
 
-    def __init__(self, load: Callable[[], SparsityTarget], data: EvalData, calibration_tokens: int = 8192):
+    def __init__(self, share: float = 0.5):
+        self.share, self.left = share, None
+
+    def take(self, target: SparsityTarget) -> bool:
+        """Whether `target` stays loaded (then its bytes are taken), decided on every rank alike."""
+        if self.left is None:
+            self.left = int(free_memory(next(iter(target.parameters())).device) * self.share)
+        size = model_bytes(target)
+        fits = bool(min_all(torch.tensor(float(size <= self.left), dtype=torch.float64)))
+        if fits:
+            self.left -= size
+        return fits
+
+
+def free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def model_bytes(target: SparsityTarget) -> int:
+    return sum(p.numel() * p.element_size() for p in target.parameters())
+
+
+class ReloadingEvaluator(Evaluator):
+    """An evaluator that keeps its dense pass and calibration but, unless `room` holds it,
+    not its model between measurements: `loaded()` loads the model for a measurement and
+    frees it after. The stabilising strategy compares several checkpoints at every step of
+    its search; with these, memory holds the models that fit plus one at a time, and each
+    checkpoint's calibration; a model kept is read from disk once, not at every step."""
+
+    def __init__(self, load: Callable[[], SparsityTarget], data: EvalData, calibration_tokens: int = 8192,
+                 room: ModelRoom | None = None):
         super().__init__(load(), data, calibration_tokens)
         self.load = load
-        self._park()
+        self.large = model_bytes(self.target) >= self.COLLECT_BYTES
+        self.kept = room is not None and room.take(self.target)
+        if not self.kept:
+            self._park()
 
     COLLECT_BYTES = 256 << 20  # a parked model this large is collected at once, before the next loads
 
     def _park(self) -> None:
-        large = sum(p.numel() * p.element_size() for p in self.target.parameters()) >= self.COLLECT_BYTES
         self.target = None
         self.cett.release_weights()
-        if large:  # a full collection costs ~0.2-0.5 s; worth it only where the memory matters
+        if self.large:  # a full collection costs ~0.2-0.5 s; worth it only where the memory matters
             gc.collect()
 
     @contextmanager
     def loaded(self) -> Iterator[Evaluator]:
+        if self.kept:
+            yield self
+            return
         self.target = self.load()
         self.cett.attach(self.target)
         try:
