@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 from conftest import MICRO, run_cli
 from sparsity_scaling.rundir import RunDir
 
 
-def test_a_rehearsal_trains_checkpoints_measures_and_delivers_each_run_then_is_removed(ray_address, tmp_path):
+def test_a_rehearsal_trains_checkpoints_measures_and_delivers_each_run_then_is_removed(ray_address, tmp_path,
+                                                                                         monkeypatch):
     """A sound run and a diverging one (non-finite at step 3 of the 4 rehearsed): the sound
     one is ok (4 steps, its one checkpoint, an evaluation, MLflow points delivered from the
     node it trained on), the diverging one FAILED with its reason and log; what they left is
@@ -45,11 +47,26 @@ evaluation: {{p: 1.0, eval_tokens: 65536, last: 5, calibration_tokens: 512}}
     assert "step 3" in RunDir(place / "runs" / "diverging").failed()["error"]
     assert not (workdir / "runs").exists()  # the grid itself: nothing trained
 
+    # A second rehearsal starts afresh, and one that passed leaves nothing. Its submit is the
+    # one thing replaced (a passing rehearsal of the sound run is the one above, rerun costs
+    # a minute): it finds the leftovers gone and fills the place with that passing run.
+    from launcher import rehearsal
+    from launcher.grid import load_grid
+    from launcher.workdir import Workdir
+
+    kept = tmp_path / "sound-kept"
+    shutil.copytree(sound.path, kept)
     sound_only = tmp_path / "sound.yaml"
     sound_only.write_text(grid.read_text().replace("[sound, diverging], train.lr: [0.01, 1.0e6]",
                                                    "[sound], train.lr: [0.01]"))
-    again = run_cli("grid", "rehearse", str(sound_only), "--address", ray_address, "--workdir", str(workdir),
-                    timeout=900)
-    assert again.returncode == 0, (again.stdout[-3000:], again.stderr[-3000:])
-    assert any(line.startswith("sound") and " ok " in line for line in again.stdout.splitlines())
+    seen = []
+
+    def passing_submit(grid, place, *args, **kwargs):
+        seen.append(place.path.exists() and any(place.path.iterdir()))
+        shutil.copytree(kept, place.run("sound").path)
+
+    monkeypatch.setattr("launcher.submit.submit", passing_submit)
+    (result,) = rehearsal.rehearse(load_grid(sound_only), Workdir(workdir))
+    assert seen == [False]  # the failed rehearsal's leftovers were gone before it started
+    assert result.ok and result.detail.startswith("4 steps on ")
     assert not place.exists()  # a rehearsal that passed leaves nothing
