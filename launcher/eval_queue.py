@@ -121,8 +121,9 @@ class JobStatus:
         write_json_atomic(self.path, self.record)
 
     def where(self) -> dict:
-        """What the job's result records of how it was computed."""
-        return {key: self.record[key] for key in ("node_id", "ip", "attempt")}
+        """What the job's result records of how it was computed: where, which attempt, and
+        when its rank 0 started (`evaluated_on`)."""
+        return {key: self.record[key] for key in ("node_id", "ip", "attempt", "started")}
 
     def done(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -161,7 +162,7 @@ def _stabilised_job(run_dir: str, evaluation: Evaluation) -> None:
 
     status = _status(RunDir(run_dir), "stabilised")
     evaluate_run(run_dir, evaluation.metric(), evaluation.data(), evaluation.last, evaluation.tp,
-                 on_step=status.search_step if status else None)
+                 on_step=status.search_step if status else None, extra={"evaluated_on": status.where()} if status else None)
     if status:
         status.done()
 

@@ -8,20 +8,24 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
 
-from sparsity_scaling.evaluation.jobs import SeriesMember, left_out, measure_member, search_series, trajectory_record
 from sparsity_scaling.evaluation.settings import DataSettings, MetricSettings
-from sparsity_scaling.errors import NonFiniteError
 from sparsity_scaling.formatting import duration
 
 from .cluster import connect_ray
 from .eval_queue import JOB, run_job
 from .grid import Evaluation
 
+if TYPE_CHECKING:
+    from sparsity_scaling.evaluation.jobs import SeriesMember
+
 
 def _search_job(members: list[SeriesMember], metric: MetricSettings, data: DataSettings, last: int, tp: int) -> dict:
+    from sparsity_scaling.evaluation.jobs import search_series  # torch: in the job, not at import (see submit)
+
     search = search_series(members, metric, data, last, tp)
     return {"cett": search.cett, "converged": search.converged, "last": len(search.final),
             "excluded": list(search.excluded.values())}
@@ -29,6 +33,9 @@ def _search_job(members: list[SeriesMember], metric: MetricSettings, data: DataS
 
 def _member_job(member: SeriesMember, cett: float, metric: MetricSettings, data: DataSettings, tp: int) -> dict:
     """A point of the trajectory, or {"excluded": why} for a model that cannot be measured."""
+    from sparsity_scaling.errors import NonFiniteError
+    from sparsity_scaling.evaluation.jobs import left_out, measure_member
+
     try:
         return measure_member(member, cett, metric, data, tp)
     except NonFiniteError as error:
@@ -73,4 +80,6 @@ def evaluate_series_on_ray(members: list[SeriesMember], metric: MetricSettings, 
         if pending:
             line += f"; ETA {duration((time.time() - measuring) / measured * len(pending))}"
         print(f"[{measured}/{measured + len(pending)}] {member.name}: {line}", flush=True)
+    from sparsity_scaling.evaluation.jobs import trajectory_record
+
     return trajectory_record(metric, search["cett"], search["converged"], search["last"], started, points, excluded)

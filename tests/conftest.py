@@ -140,6 +140,27 @@ def ray_address(ray_cluster) -> str:
     return ray_cluster["address"]
 
 
+def server_outlived(workdir) -> bool:
+    """Whether any process of the workdir's last MLflow server (its process group: the
+    server, its uvicorn workers, which name no workdir on their command line) still runs,
+    or anything still listens on its port."""
+    import socket
+    import urllib.parse
+
+    server = json.loads(workdir.mlflow_server.read_text())
+    group = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == server["pid"]:
+                group.append(process)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    uri = urllib.parse.urlsplit(server["uri"])
+    with socket.socket() as probe:
+        listening = probe.connect_ex((uri.hostname, uri.port)) == 0
+    return bool(group) or listening
+
+
 @pytest.fixture(scope="session")
 def grid_run(ray_address, tmp_path_factory):
     """The cpu_test grid, submitted once to the local Ray instance: its workdir. Its MLflow
@@ -153,9 +174,7 @@ def grid_run(ray_address, tmp_path_factory):
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
     (workdir / "submit.log").write_text(result.stdout)
     (workdir / "submit.err").write_text(result.stderr)
-    commands = [" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])]
-    outlived = any("mlflow" in c and str(workdir) in c for c in commands)  # the command stops the server it started
-    (workdir / "mlflow_after_submit").write_text("running" if outlived else "stopped")
+    (workdir / "mlflow_after_submit").write_text("running" if server_outlived(Workdir(workdir)) else "stopped")
     start_local_server(Workdir(workdir))
     yield workdir
     stop_local_server(Workdir(workdir))

@@ -94,11 +94,12 @@ def check_moved(relu: RunDir, shared: RunDir, lost_training: str, lost_evaluatio
 
     # the evaluation whose node went was retried on another node, and its result is there once
     if lost_evaluation["job"] == "stabilised":
-        assert relu.sparsity_record() is not None
+        record = relu.sparsity_record()
+        assert [p["tokens"] for p in record["checkpoints"]] == [c.tokens for c in relu.checkpoints()]
     else:
         record = json.loads(relu.evaluation_of(relu.checkpoints_dir / lost_evaluation["job"]).read_text())
-        assert record["evaluated_on"]["node_id"] != lost_evaluation["node_id"]
-        assert record["evaluated_on"]["attempt"] == lost_evaluation["attempt"] + 1
+    assert record["evaluated_on"]["node_id"] != lost_evaluation["node_id"]
+    assert record["evaluated_on"]["attempt"] == lost_evaluation["attempt"] + 1
     assert not relu.running_jobs()
 
     assert len(logged["tags"]["nodes"].split(", ")) == 2

@@ -60,9 +60,10 @@ def test_training_keeps_priority_over_evaluation(grid_run):
     """The cluster holds one training at a time (1.5 CPUs of 2 each): no evaluation job
     starts before the last run has its training resources, so none delays a training."""
     runs = [RunDir(grid_run / "runs" / name) for name in ("relu", "silu")]
-    last_claimed = max(run.identity.stat().st_mtime for run in runs)
-    first_evaluated = min(f.stat().st_mtime for run in runs for f in run.evaluations_dir.glob("*.json"))
-    assert first_evaluated > last_claimed
+    last_training_began = max(run.nodes()[0]["since"] for run in runs)  # its first worker, on its node
+    jobs = [record["evaluated_on"] for run in runs for record in [*run.evaluations(), run.sparsity_record()]]
+    assert len(jobs) == 2 * 5 and all(job["attempt"] == 1 for job in jobs)  # 4 checkpoints and the stabilising
+    assert min(job["started"] for job in jobs) > last_training_began
 
 
 def test_grid_trains_evaluates_and_mirrors_everything_in_mlflow(grid_run):
@@ -84,6 +85,14 @@ def test_grid_trains_evaluates_and_mirrors_everything_in_mlflow(grid_run):
         _same_points(run["metrics"]["converged"], [(t, float(stabilised["converged"])) for t, _ in expected])
         train = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
         _same_points(run["metrics"]["train_loss"], [(p["tokens"], p["loss"]) for p in train])
+        for key in ("lr", "tokens_per_s", "grad_norm"):
+            _same_points(run["metrics"][key], [(p["tokens"], p[key]) for p in train])
+        _same_points(run["metrics"]["cett"], [(t, stabilised["cett"]) for t, _ in expected])
+        layers = len(stabilised["checkpoints"][0]["layer_activation_ratios"])
+        assert layers == 2 and f"layer_activation_ratio/{layers}" not in run["metrics"]  # the micro model's
+        for i in range(layers):
+            _same_points(run["metrics"][f"layer_activation_ratio/{i}"],
+                         [(p["tokens"], p["layer_activation_ratios"][i]) for p in stabilised["checkpoints"]])
     status = run_cli("grid", "status", str(GRID), "--workdir", str(grid_run))
     assert status.returncode == 0 and status.stdout.count(" done ") == 2
     assert (grid_run / "mlflow_after_submit").read_text() == "stopped"  # see grid_run
@@ -140,6 +149,10 @@ def test_fit_laws_and_predict_tokens_read_curves_from_mlflow(grid_run, tmp_path,
         predicted = capsys.readouterr().out
         unknown_code = predict_main([*source, "--target", "0.06", "--model", "gelu"])
         unknown_err = capsys.readouterr().err
+        # a shared server by its URI, the runs chosen by an MLflow filter
+        filtered_code = predict_main(["--experiment", "laws_test", "--tracking-uri", uri, "--filter",
+                                      "tags.activation = 'relu'", "--target", "0.06", "--json"])
+        filtered = capsys.readouterr().out
     assert fitted_code == 0 and predicted_code == 0, fit_err
     expected = fit_curves(curves, DEFAULT_WINDOW, n_bootstrap=8)
     fitted = json.loads(fit.read_text())["models"]
@@ -150,6 +163,7 @@ def test_fit_laws_and_predict_tokens_read_curves_from_mlflow(grid_run, tmp_path,
             assert fitted[name][coefficient] == pytest.approx(result.fitted.coefficient(coefficient), rel=1e-6)
     predicted = json.loads(predicted)["models"]
     assert set(predicted) == {"relu", "silu"}
+    assert filtered_code == 0 and json.loads(filtered)["models"] == {"relu": predicted["relu"]}
     for name, law in read_fit_file(fit).items():
         expected = predict_tokens(law, 0.06)
         assert predicted[name]["reachable"] == expected.reachable
@@ -165,11 +179,8 @@ def test_the_shortened_demo_reports_what_mlflow_holds(grid_run):
     findings follow from them, and it is logged on the grid's parent run."""
     from mlflow.tracking import MlflowClient
 
-    from launcher.queries import law_curve
     from launcher.tracking import tracking
     from launcher.workdir import Workdir
-    from sparsity_scaling.laws.curvefit import fit_curve
-    from sparsity_scaling.laws.errors import LawError
 
     runs = mlflow_history(grid_run, "cpu_test")
     parent = runs.pop("cpu_test")
@@ -194,11 +205,12 @@ def test_the_shortened_demo_reports_what_mlflow_holds(grid_run):
         assert methods == ({"ppl-p", "topk", "fat", "top-p", "relu"} - ({"relu"} if name == "silu" else set()))
         for row in pareto[name]["points"]:
             assert f"| {row['activation_ratio']:.4f} | {row['ppl_ratio']:.4f} |" in markdown
-        try:
-            refit = fit_curve(law_curve(name, *zip(*run["metrics"]["activation_ratio"]), run["tags"]))
-            assert reported["fit"]["A0"] == pytest.approx(refit.fitted.coefficient("A0"))
-        except LawError as error:  # a few thousand tokens rarely identify a law: said, not hidden
-            assert reported["fit"]["error"] == str(error) and f"No law fitted: {error}" in markdown
+        # 4 checkpoints: fewer than either law needs (two more than its coefficients: ReLU's
+        # exp(-c D^alpha + b) + A0 has 4, SiLU's -c / D^alpha + A0 has 3), said, not hidden. The
+        # fitted branch is test_report's, on curves long enough with known coefficients.
+        assert len(run["metrics"]["activation_ratio"]) == 4
+        error = reported["fit"]["error"]
+        assert f"needs at least {6 if name == 'relu' else 5}" in error and f"No law fitted: {error}" in markdown
     relu, silu = (runs[n]["metrics"]["activation_ratio"][-1][1] for n in ("relu", "silu"))
     verdict = "reproduced" if relu < silu else "not reproduced"
     assert data["findings"][0]["verdict"] == verdict

@@ -118,11 +118,16 @@ def test_only_rundir_names_the_files_of_a_run():
     assert [n for n in named if n not in NOT_RUN_FILES] == []
 
 
-def test_the_launcher_does_not_import_torch_at_import_time():
+def test_the_launcher_and_the_settings_do_not_import_torch_at_import_time():
     """A Ray worker imports the launcher's modules (to unpickle its function) before Ray sets
     its thread count in OMP_NUM_THREADS, which torch reads once, when it is first imported:
-    torch brought in with them would use every core in every worker and evaluation task."""
-    code = ("import sys, launcher.submit, launcher.eval_queue, launcher.status; "
+    torch brought in with them would use every core in every worker and evaluation task.
+    Settings and their checks (ARCHITECTURE.md) import none either: the command line starts fast."""
+    launcher = sorted(f"launcher.{f.stem}" for f in (REPO / "launcher").glob("*.py") if f.stem != "__init__")
+    settings = ["sparsity_scaling.config", "sparsity_scaling.evaluation.settings", "sparsity_scaling.analysis.settings",
+                "sparsity_scaling.metrics"]
+    assert len(launcher) >= 14
+    code = (f"import sys, {', '.join(launcher + settings)}; "
             "print(sorted(m for m in sys.modules if m == 'torch'))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -214,15 +214,16 @@ def stabilised_trajectory(members: list[SeriesMember], metric: MetricSettings, d
 
 
 def evaluate_run(run_dir: str | Path, metric: MetricSettings, data: DataSettings, last: int = 5, tp: int = 1,
-                 json_out: str | None = None, on_step: Callable[[int, Point], None] | None = None) -> None:
+                 json_out: str | None = None, on_step: Callable[[int, Point], None] | None = None,
+                 extra: dict | None = None) -> None:
     """The stabilising strategy over every checkpoint of one of our runs. Writes
-    RUN/sparsity.json (or `json_out`)."""
+    RUN/sparsity.json (or `json_out`), with `extra`'s fields (the grid's `evaluated_on`)."""
     run = RunDir(run_dir)
     checkpoints = run.checkpoints()
     if not checkpoints:
         raise UserError(f"{run.path}: no complete checkpoints")
     members = [SeriesMember(ModelRef(checkpoint=str(ck.path)), ck.name, ck.tokens, ck.step) for ck in checkpoints]
-    record = stabilised_trajectory(members, metric, data, last, tp, on_step)
+    record = {**stabilised_trajectory(members, metric, data, last, tp, on_step), **(extra or {})}
     if dist.get_rank() == 0:
         out = Path(json_out) if json_out else run.sparsity
         write_json_atomic(out, record)
