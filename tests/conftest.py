@@ -54,7 +54,8 @@ def mlflow_history(workdir: Path, experiment: str) -> dict:
                 key: [(m.step, m.value) for m in sorted(mlflow.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
                 for key in run.data.metrics
             }
-            out[run.info.run_name] = {"tags": run.data.tags, "metrics": metrics, "id": run.info.run_id}
+            out[run.info.run_name] = {"tags": run.data.tags, "metrics": metrics, "id": run.info.run_id,
+                                      "status": run.info.status}
     return out
 
 

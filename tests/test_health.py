@@ -188,7 +188,8 @@ max_failures: 2
     status = run_cli("grid", "status", str(grid), "--workdir", str(workdir))
     assert "diverging: failed: training diverged at step 3" in status.stdout
     history = mlflow_history(workdir, "health_test")
-    assert "step 3" in history["diverging"]["tags"]["failure"]
+    assert "step 3" in history["diverging"]["tags"]["failure"] and history["diverging"]["status"] == "FAILED"
+    assert history["health_test"]["status"] == "FAILED"  # the grid's parent run: a run failed
     assert [s for s, _ in history["diverging"]["metrics"]["grad_norm"]] == [1024, 2048]  # logged up to the failure
     assert_strict_json(workdir)
 

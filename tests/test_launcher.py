@@ -218,12 +218,17 @@ def test_the_shortened_demo_reports_what_mlflow_holds(grid_run):
     html = (grid_run / "report.html").read_text()
     assert html.count('src="data:image/png;base64,') == 3
 
-    again = run_cli("grid", "report", str(GRID), "--workdir", str(grid_run), "--target", "0.5", "--target", "0.2")
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert json.loads((grid_run / "report.json").read_text())["targets"] == [0.5, 0.2]
-    bad = run_cli("grid", "report", str(GRID), "--workdir", str(grid_run), "--target", "1.5")
-    assert bad.returncode == 2 and "--target 1.5" in bad.stderr and bad.stderr.count("\n") == 1
-    assert json.loads((grid_run / "report.json").read_text())["targets"] == [0.5, 0.2]  # nothing lost
+    written = {name: (grid_run / name).read_bytes() for name in ("report.json", "report.md", "report.html")}
+    try:
+        again = run_cli("grid", "report", str(GRID), "--workdir", str(grid_run), "--target", "0.5", "--target", "0.2")
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert json.loads((grid_run / "report.json").read_text())["targets"] == [0.5, 0.2]
+        bad = run_cli("grid", "report", str(GRID), "--workdir", str(grid_run), "--target", "1.5")
+        assert bad.returncode == 2 and "--target 1.5" in bad.stderr and bad.stderr.count("\n") == 1
+        assert json.loads((grid_run / "report.json").read_text())["targets"] == [0.5, 0.2]  # nothing lost
+    finally:  # the shared grid's report as the submit wrote it, for the tests after this one
+        for name, content in written.items():
+            (grid_run / name).write_bytes(content)
 
 
 def test_resubmitting_as_a_ray_job_is_a_no_op(grid_run, ray_cluster):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -285,12 +286,14 @@ def test_evaluate_cli_refuses_incomplete_checkpoint_and_foreign_tokens(micro_run
     assert result.stderr.count("\n") == 1
 
 
-def test_evaluate_run_applies_one_stabilised_cett(micro_run):
-    result = run_cli("evaluate-run", str(micro_run), "--eval-tokens", "4096")
+def test_evaluate_run_applies_one_stabilised_cett(micro_run, tmp_path):
+    run = tmp_path / "run"  # it writes RUN/sparsity.json: not into the shared run, which `analyze` reads
+    shutil.copytree(micro_run, run)
+    result = run_cli("evaluate-run", str(run), "--eval-tokens", "4096")
     assert result.returncode == 0, result.stderr[-3000:]
-    record = json.loads((micro_run / "sparsity.json").read_text())
+    record = json.loads((run / "sparsity.json").read_text())
     points = record["checkpoints"]
-    assert [p["tokens"] for p in points] == [c.tokens for c in RunDir(micro_run).checkpoints()]
+    assert [p["tokens"] for p in points] == [c.tokens for c in RunDir(run).checkpoints()]
     assert {p["cett"] for p in points} == {record["cett"]}
     last = points[-record["last"]:]
     mean_ratio = sum(p["ppl_ratio"] for p in last) / len(last)
