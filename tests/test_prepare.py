@@ -212,8 +212,8 @@ def _bad_jsonl(root: Path) -> None:
     (lambda r: (r / "sub").mkdir(), ["{root}/sub"], [], "sub: holds no .jsonl.gz, .jsonl, .parquet, .txt files"),
     (_bad_jsonl, [], ["--tokenizer", "{root}/bad.jsonl"], "--tokenizer {root}/bad.jsonl: not a sentencepiece model"),
     (_bad_jsonl, [], ["--tokenizer", "train:12"], "--tokenizer train:12: train:VOCAB needs a vocabulary of at least 64"),
-    (_bad_jsonl, [], ["--out", "{root}/missing/corpus"],
-     "--out {root}/missing/corpus: directory {root}/missing does not exist"),
+    (_bad_jsonl, [], ["--out", "{root}/bad.jsonl/sub/corpus"],  # a directory to make inside a file
+     "--out {root}/bad.jsonl/sub/corpus: {root}/bad.jsonl is not a directory"),
 ], ids=["bad-json", "no-text", "bad-parquet", "no-column", "empty", "empty-dir", "bad-tokenizer", "bad-vocab", "bad-out"])
 def test_bad_input_is_one_line_and_leaves_nothing_finished(tmp_path, trained, ray_address, setup, inputs, options,
                                                            message):
@@ -241,6 +241,33 @@ def test_skip_bad_lines_counts_what_it_skipped(tmp_path, trained, ray_address):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipped 1 bad records (the first: " in result.stdout and "bad.jsonl:2: not valid JSON" in result.stdout
     assert json.loads((tmp_path / "out.json").read_text())["skipped_records"] == 1
+
+
+def test_empty_records_are_counted_and_the_out_directory_is_made(tmp_path, trained, ray_address):
+    """A record whose text is empty or whitespace only is no document, and is counted and
+    reported (not as a bad line); --out in directories that do not exist yet makes them."""
+    texts = _texts()[:30]
+    root = tmp_path / "in"
+    (root / "texts").mkdir(parents=True)
+    # 3 empty JSON-lines records among the documents, and a blank line (no record)
+    records = texts[:5] + ["", "   "] + texts[5:12] + ["\n\t"]
+    (root / "a.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in records) + "\n\n")
+    pq.write_table(pa.table({"text": texts[12:20] + ["", ""]}), root / "b.parquet", row_group_size=3)  # 2 empty rows
+    for i, text in enumerate(texts[20:] + [" \n"]):  # 1 empty file
+        (root / "texts" / f"{i:02d}.txt").write_text(text)
+    planted = 3 + 2 + 1
+    out = tmp_path / "new" / "deeper" / "out"
+    result = _prepare(root, "--out", out, "--tokenizer", f"{trained}.model", "--val-fraction", "0.3",
+                      address=ray_address)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads(out.with_name("out.json").read_text())
+    assert manifest["empty_records"] == planted and manifest["skipped_records"] == 0
+    final = result.stdout.strip().splitlines()[-1]
+    assert final.startswith("data prepare: done: ") and f"; {planted} empty records (no text) dropped;" in final
+    expected = _reference(root, load_tokenizer(f"{trained}.model"), 0.3)  # the non-empty documents, in order
+    assert sum(map(len, expected.values())) == len(texts)
+    assert _read_back(out) == expected
+    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["valid"]["documents"] == len(texts)
 
 
 def _stream(prefix: Path, value: int, tokens: int) -> str:
