@@ -335,9 +335,8 @@ def test_tokenizing_a_shard_holds_one_batch_of_documents_not_the_shard(tmp_path)
         root = tmp_path / f"x{scale}"
         root.mkdir()
         documents = 2048 * scale  # 1024 documents a batch: 2 batches, then 8
-        with open(root / "c.jsonl", "w") as f:
-            for n in range(documents):
-                f.write(json.dumps({"text": " ".join(f"w{(7 * n + j) % 999 + 1}" for j in range(20))}) + "\n")
+        words = (" ".join(f"w{(7 * n + j) % 999 + 1}" for j in range(20)) for n in range(documents))
+        (root / "c.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in words))
         settings = PrepareSettings(inputs=(str(root / "c.jsonl"),), out=str(root / "out"),
                                    tokenizer=str(tokenizer.path))
         corpus = PreparedCorpus(settings.out)
