@@ -144,15 +144,17 @@ def prepare_corpus(settings: PrepareSettings, address: str | None = None) -> dic
             return manifest
         raise SettingError("out", settings.out, f"already holds a preparation of other inputs or settings "
                            f"({corpus.manifest_file.name}); choose another --out or remove it")
-    if not corpus.prefix.parent.is_dir():
-        raise SettingError("out", settings.out, f"directory {corpus.prefix.parent} does not exist")
+    _check_out_directory(corpus, settings)
     shard_bytes = settings.shard_bytes or auto_shard_bytes(sum(f.size for f in inputs))
     shards = plan_shards(inputs, shard_bytes, settings.text_field)
     plan = plan_record(settings, inputs, shards)
     if corpus.plan_file.is_file() and corpus.plan_file.read_text() != json_text(plan):
         say(f"{corpus.parts} holds an unfinished preparation of other inputs or settings; starting over")
         shutil.rmtree(corpus.parts)
-    corpus.parts.mkdir(parents=True, exist_ok=True)
+    try:
+        corpus.parts.mkdir(parents=True, exist_ok=True)  # and --out's directories, as `mkdir -p`
+    except OSError as error:
+        raise SettingError("out", settings.out, f"cannot make directory {corpus.parts}: {error.strerror}") from None
     for leftover in corpus.parts.glob(".tmp-*"):  # pieces of shards an interrupted run did not finish
         shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
     write_json_atomic(corpus.plan_file, plan)
@@ -185,14 +187,32 @@ def prepare_corpus(settings: PrepareSettings, address: str | None = None) -> dic
     for split in ("train", "valid"):
         if not sum(r["documents"][split] for r in ordered):
             raise UserError(f"{', '.join(settings.inputs)}: no documents in the {split} split "
-                            f"({sum(sum(r['documents'].values()) for r in ordered)} documents in all)")
+                            f"({sum(sum(r['documents'].values()) for r in ordered)} documents in all, "
+                            f"{sum(r['empty'] for r in ordered)} empty records)")
     say("merging shards")
     merge_shards(corpus, shards, tokenizer.vocab_size)
     manifest = write_manifest(corpus, settings, inputs, input_hashes, tokenizer, ordered)
     train, valid = manifest["splits"]["train"], manifest["splits"]["valid"]
+    empty = manifest["empty_records"]
+    dropped = f"; {empty} empty records (no text) dropped" if empty else ""
     say(f"done: {corpus.prefix}_train {short_count(train['tokens'])} tokens ({train['documents']} documents), "
-        f"_valid {short_count(valid['tokens'])} tokens ({valid['documents']} documents); {corpus.manifest_file}")
+        f"_valid {short_count(valid['tokens'])} tokens ({valid['documents']} documents){dropped}; "
+        f"{corpus.manifest_file}")
     return manifest
+
+
+def _check_out_directory(corpus: PreparedCorpus, settings: PrepareSettings) -> None:
+    """Refuse, before any work, an --out whose directory cannot be made: the nearest part of
+    it that exists is a file, or (for directories still to make) not writable. The missing
+    directories themselves are made with the output's parts, once the inputs are checked."""
+    existing = corpus.prefix.parent
+    while not existing.exists() and not existing.is_symlink():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SettingError("out", settings.out, f"{existing} is not a directory")
+    if existing != corpus.prefix.parent and not os.access(existing, os.W_OK | os.X_OK):
+        raise SettingError("out", settings.out, f"cannot make directory {corpus.prefix.parent}: "
+                           f"{existing} is not writable")
 
 
 def _read_record(corpus: PreparedCorpus, shard: Shard) -> dict:

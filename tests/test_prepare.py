@@ -15,6 +15,7 @@ import sysconfig
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -25,7 +26,14 @@ from sparsity_scaling.config import DataConfig, load_config
 from sparsity_scaling.data.corpus import in_validation
 from sparsity_scaling.data.indexed import write_indexed
 from sparsity_scaling.data.pipeline import PreparedData, prepare_data
-from sparsity_scaling.data.prepared import PreparedCorpus
+from sparsity_scaling.data.prepared import (
+    PreparedCorpus,
+    PrepareSettings,
+    merge_shards,
+    tokenize_shard,
+    write_manifest,
+)
+from sparsity_scaling.data.sources import find_inputs, plan_shards
 from sparsity_scaling.data.tokenizer import load_tokenizer
 from sparsity_scaling.errors import UserError
 from sparsity_scaling.formatting import sci
@@ -72,11 +80,15 @@ def _reference(corpus: Path, tokenizer, val_fraction: float = 0.05) -> dict[str,
             texts += pq.read_table(path).column("text").to_pylist()
         elif path.suffix == ".txt":
             texts.append(path.read_text())
+    return _split_tokens([text for text in texts if text.strip()], tokenizer, val_fraction)
+
+
+def _split_tokens(texts: list[str], tokenizer, val_fraction: float) -> dict[str, list[list[int]]]:
+    """Each text tokenized alone, with its end-of-document token, in the split its hash names."""
     splits = {"train": [], "valid": []}
     for text in texts:
-        if text.strip():
-            split = "valid" if in_validation(hashlib.sha256(text.encode()).hexdigest(), val_fraction) else "train"
-            splits[split].append(tokenizer.encode([text])[0] + [tokenizer.eos_id])
+        split = "valid" if in_validation(hashlib.sha256(text.encode()).hexdigest(), val_fraction) else "train"
+        splits[split].append(tokenizer.encode([text])[0] + [tokenizer.eos_id])
     return splits
 
 
@@ -147,6 +159,7 @@ def test_trained_tokenizer_output_equals_a_direct_tokenization(corpus, trained):
         assert manifest["splits"][split]["documents"] == len(expected[split])
         assert manifest["splits"][split]["tokens"] == sum(map(len, expected[split]))
     assert manifest["tokenizer"]["sha256"] == tokenizer.digest() and manifest["dtype"] == "uint16"
+    assert manifest["empty_records"] == 1 and manifest["skipped_records"] == 0  # a.jsonl's whitespace-only one
     inputs = {Path(i["path"]).name: i for i in manifest["inputs"]}
     assert len(inputs) == 3 + 20 and inputs["c.parquet"]["kind"] == "parquet"
     assert inputs["a.jsonl"]["sha256"] == hashlib.sha256((corpus / "a.jsonl").read_bytes()).hexdigest()
@@ -212,8 +225,8 @@ def _bad_jsonl(root: Path) -> None:
     (lambda r: (r / "sub").mkdir(), ["{root}/sub"], [], "sub: holds no .jsonl.gz, .jsonl, .parquet, .txt files"),
     (_bad_jsonl, [], ["--tokenizer", "{root}/bad.jsonl"], "--tokenizer {root}/bad.jsonl: not a sentencepiece model"),
     (_bad_jsonl, [], ["--tokenizer", "train:12"], "--tokenizer train:12: train:VOCAB needs a vocabulary of at least 64"),
-    (_bad_jsonl, [], ["--out", "{root}/missing/corpus"],
-     "--out {root}/missing/corpus: directory {root}/missing does not exist"),
+    (_bad_jsonl, [], ["--out", "{root}/bad.jsonl/sub/corpus"],  # a directory to make inside a file
+     "--out {root}/bad.jsonl/sub/corpus: {root}/bad.jsonl is not a directory"),
 ], ids=["bad-json", "no-text", "bad-parquet", "no-column", "empty", "empty-dir", "bad-tokenizer", "bad-vocab", "bad-out"])
 def test_bad_input_is_one_line_and_leaves_nothing_finished(tmp_path, trained, ray_address, setup, inputs, options,
                                                            message):
@@ -231,16 +244,113 @@ def test_bad_input_is_one_line_and_leaves_nothing_finished(tmp_path, trained, ra
     assert not (tmp_path / "out.json").exists() and not (tmp_path / "out_train.bin").exists()
 
 
-def test_skip_bad_lines_counts_what_it_skipped(tmp_path, trained, ray_address):
+def test_bad_lines_and_empty_records_are_counted_apart(tmp_path, trained, ray_address):
+    """--skip-bad-lines counts and skips malformed records; a record whose text is empty or
+    whitespace only is no document, counted and reported as empty (with or without the flag);
+    and --out in directories that do not exist yet makes them."""
     root = tmp_path / "in"
     root.mkdir()
-    _bad_jsonl(root)
-    (root / "more.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts()[:40]))
-    result = _prepare(root, "--out", tmp_path / "out", "--tokenizer", f"{trained}.model", "--skip-bad-lines",
+    _bad_jsonl(root)  # "one", a bad line, "three"
+    texts = _texts()[:40]
+    # 3 empty JSON-lines records among the documents, and a blank line (no record)
+    records = texts[:10] + ["", "   "] + texts[10:30] + ["\n\t"]
+    (root / "more.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in records) + "\n")
+    pq.write_table(pa.table({"text": texts[30:36] + ["", ""]}), root / "rows.parquet", row_group_size=3)  # 2 empty
+    (root / "texts").mkdir()
+    for i, text in enumerate(texts[36:] + [" \n"]):  # 1 empty file
+        (root / "texts" / f"{i:02d}.txt").write_text(text)
+    planted = 3 + 2 + 1
+    out = tmp_path / "new" / "deeper" / "out"
+    result = _prepare(root, "--out", out, "--tokenizer", f"{trained}.model", "--skip-bad-lines",
                       "--val-fraction", "0.4", address=ray_address)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipped 1 bad records (the first: " in result.stdout and "bad.jsonl:2: not valid JSON" in result.stdout
-    assert json.loads((tmp_path / "out.json").read_text())["skipped_records"] == 1
+    manifest = json.loads(out.with_name("out.json").read_text())
+    assert manifest["skipped_records"] == 1 and manifest["empty_records"] == planted
+    final = result.stdout.strip().splitlines()[-1]
+    assert final.startswith("data prepare: done: ") and f"; {planted} empty records (no text) dropped;" in final
+    # the documents held: the non-empty ones, in corpus order (bad.jsonl, more.jsonl, rows.parquet, texts/)
+    expected = _split_tokens(["one", "three", *texts], load_tokenizer(f"{trained}.model"), 0.4)
+    assert _read_back(out) == expected
+
+
+def _prepare_here(inputs: list[Path], out: Path, tokenizer, shard_bytes: int, **options) -> dict:
+    """`data prepare`'s own steps in this process, without Ray (which only spreads the
+    shards over workers): plan, tokenize each shard, merge, write the manifest."""
+    settings = PrepareSettings(inputs=tuple(map(str, inputs)), out=str(out), tokenizer=str(tokenizer.path), **options)
+    corpus = PreparedCorpus(out)
+    corpus.parts.mkdir(parents=True)
+    files = find_inputs(list(settings.inputs))
+    shards = plan_shards(files, shard_bytes, settings.text_field)
+    records = [tokenize_shard(corpus, shard, tokenizer, settings) for shard in shards]
+    merge_shards(corpus, shards, tokenizer.vocab_size)
+    return write_manifest(corpus, settings, files, {f.path: "-" for f in files}, tokenizer, records)
+
+
+def _word_tokenizer(root: Path, vocab: int) -> Path:
+    """A Hugging Face word-level tokenizer of `vocab` entries: word wN is id N, <eos> id 0."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"<eos>": 0, **{f"w{i}": i for i in range(1, vocab)}}, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    root.mkdir()
+    tok.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
+    return root
+
+
+@pytest.mark.parametrize("vocab, dtype", [(65_499, "uint16"), (65_500, "int32"), (70_000, "int32")])
+def test_token_ids_are_uint16_below_a_vocabulary_of_65500_else_int32(tmp_path, vocab, dtype):
+    """The README's rule (megatron-core's DType.optimal_dtype), at its boundary, and ids
+    beyond uint16's range kept whole where the vocabulary has them."""
+    from megatron.core.datasets.indexed_dataset import DType
+
+    assert DType.optimal_dtype(vocab).__name__ == dtype
+    tokenizer = load_tokenizer(_word_tokenizer(tmp_path / "tokenizer", vocab))
+    assert tokenizer.vocab_size == vocab
+    high = [vocab - 1, vocab - 2, 65_535, 65_536] if vocab > 65_536 else [vocab - 1, vocab - 2]
+    documents = [[1 + k, 7 * k + 2, *high, vocab - 3 - k] for k in range(60)]  # ids by construction
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": " ".join(f"w{i}" for i in ids)}) + "\n"
+                                              for ids in documents))
+    manifest = _prepare_here([tmp_path / "c.jsonl"], tmp_path / "out", tokenizer, shard_bytes=1500,
+                             val_fraction=0.3)
+    assert manifest["dtype"] == dtype and manifest["shards"] > 1
+    held = []
+    for split in ("train", "valid"):
+        dataset = IndexedDataset(f"{tmp_path}/out_{split}")
+        assert dataset.index.dtype == np.dtype(dtype)  # what megatron-core reads the ids as
+        held += [dataset[i].tolist() for i in range(len(dataset))]
+    assert sorted(held) == sorted(ids + [0] for ids in documents)
+
+
+def test_tokenizing_a_shard_holds_one_batch_of_documents_not_the_shard(tmp_path):
+    """Memory does not grow with the corpus: a worker tokenizing a shard four times larger
+    peaks at the same memory (Python's and numpy's allocations, as tracemalloc counts them:
+    the documents read, their ids, the writers' arrays; not the tokenizer's own)."""
+    import tracemalloc
+
+    tokenizer = load_tokenizer(_word_tokenizer(tmp_path / "tokenizer", 1000))
+    peaks = {}
+    for scale in (1, 4):
+        root = tmp_path / f"x{scale}"
+        root.mkdir()
+        documents = 2048 * scale  # 1024 documents a batch: 2 batches, then 8
+        words = (" ".join(f"w{(7 * n + j) % 999 + 1}" for j in range(20)) for n in range(documents))
+        (root / "c.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in words))
+        settings = PrepareSettings(inputs=(str(root / "c.jsonl"),), out=str(root / "out"),
+                                   tokenizer=str(tokenizer.path))
+        corpus = PreparedCorpus(settings.out)
+        corpus.parts.mkdir()
+        [shard] = plan_shards(find_inputs(list(settings.inputs)), 1 << 40, "text")
+        tracemalloc.start()
+        try:
+            record = tokenize_shard(corpus, shard, tokenizer, settings)
+            peaks[scale] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert sum(record["documents"].values()) == documents
+        assert sum(record["tokens"].values()) == 21 * documents
+    assert peaks[4] < 1.3 * peaks[1], peaks
 
 
 def _stream(prefix: Path, value: int, tokens: int) -> str:
@@ -283,38 +393,71 @@ def test_a_paper_scale_config_on_the_builtin_corpus_is_refused_with_the_epoch_me
     assert plain.returncode == 2 and "names no corpus" in plain.stderr and "data prepare" in plain.stderr
 
 
+def _first_windows(prefix: str, seq_len: int, count: int) -> list[list[int]]:
+    """A split's first `count` validation windows of seq_len + 1 tokens, each starting seq_len
+    tokens after the one before (read back through megatron-core, documents end to end)."""
+    dataset = IndexedDataset(prefix)
+    stream = [token for i in range(len(dataset)) for token in dataset[i].tolist()]
+    assert len(stream) > count * seq_len, f"{prefix}: too few tokens for {count} windows"
+    return [stream[j * seq_len: j * seq_len + seq_len + 1] for j in range(count)]
+
+
 def test_a_run_trains_on_a_blend_of_prepared_corpora(trained, parquet, parquet_hf, hf_tokenizer, tmp_path):
+    """A blend's run validates, and its checkpoints are measured, on the blend's validation
+    mix: of 40 windows at weights 0.7 and 0.3, the first 28 of one corpus' validation split
+    and the first 12 of the other's (megatron-core's blending is exact at multiples of 10)."""
+    import torch
+
+    from sparsity_scaling.evaluation.inputs import ModelRef, load_eval_data
+    from sparsity_scaling.evaluation.settings import DataSettings
+    from sparsity_scaling.hf import load_target
+    from sparsity_scaling.parallel import init_parallel, shutdown_parallel
+
+    seq_len, windows = 64, 40  # micro.yaml's seq_len; a multiple of its micro-batch, 8
     blend = f"[{{prefix: {trained}, weight: 0.7}}, {{prefix: {parquet}, weight: 0.3}}]"
     out = tmp_path / "run"
     result = run_cli("train", str(MICRO), "--out", str(out), "--set", f"data.blend={blend}",
-                     "--set", f"data.tokenizer={trained}.model", "--set", "train.tokens=8192",
-                     "--set", "checkpoint.first_tokens=4096")
+                     "--set", f"data.tokenizer={trained}.model", "--set", "train.tokens=1024",
+                     "--set", "checkpoint.first_tokens=1024", "--set", f"data.val_tokens={windows * seq_len}")
     assert result.returncode == 0, result.stderr[-3000:]
     run = RunDir(out)
-    assert [c.tokens for c in run.checkpoints()][-1] == 8192
+    checkpoint = run.checkpoints()[-1]
+    assert checkpoint.tokens == 1024
     record = json.loads(run.data_record.read_text())
     assert [p["weight"] for p in record["blend"]] == [0.7, 0.3]
     assert run.tokenizer.read_bytes() == Path(f"{trained}.model").read_bytes()
-    # its checkpoints are measured on the blend's validation mix
-    measured = run_cli("evaluate", "--checkpoint", str(run.checkpoints()[-1].path), "--metric", "topk",
-                       "--value", "16", "--eval-tokens", "1024", "--json", str(tmp_path / "topk.json"))
-    assert measured.returncode == 0, measured.stderr[-3000:]
-    assert json.loads((tmp_path / "topk.json").read_text())["activation_ratio"] == pytest.approx(16 / 160, abs=0.01)
+
+    mix = _first_windows(f"{trained}_valid", seq_len, 28) + _first_windows(f"{parquet}_valid", seq_len, 12)
+    # the windows `evaluate` measures the checkpoint on: the mix, in megatron-core's order
+    measured = load_eval_data(ModelRef(checkpoint=str(checkpoint.path)), DataSettings(eval_tokens=windows * seq_len))
+    assert sorted(measured.sequences.tolist()) == sorted(mix)
+    # the validation loss the run logged at its checkpoint: the model's mean token loss on the mix
+    one_corpus = _first_windows(f"{trained}_valid", seq_len, windows)
+    init_parallel(1)  # in this process, ended before the next command starts
+    try:
+        model = load_target(checkpoint=checkpoint.path)
+        with torch.no_grad():
+            loss = {name: model.token_losses(batch[:, :-1], batch[:, 1:]).double().mean().item()
+                    for name, batch in (("mix", torch.tensor(mix)), ("one", torch.tensor(one_corpus)))}
+    finally:
+        shutdown_parallel()
+    assert abs(loss["one"] - loss["mix"]) > 1e-3, loss  # the loss tells the mix from one corpus
+    assert checkpoint.manifest["val_loss"] == pytest.approx(loss["mix"], rel=1e-5), loss
 
     hf = parquet_hf
     hf_run = run_cli("train", str(MICRO), "--out", str(tmp_path / "hf-run"), "--set", f"data.train_prefix={hf}_train",
                      "--set", f"data.valid_prefix={hf}_valid", "--set", f"data.tokenizer={hf_tokenizer}",
-                     "--set", "train.tokens=4096", "--set", "checkpoint.first_tokens=4096")
+                     "--set", "train.tokens=1024", "--set", "checkpoint.first_tokens=1024")
     assert hf_run.returncode == 0, hf_run.stderr[-3000:]
     assert (RunDir(tmp_path / "hf-run").tokenizer / "tokenizer.json").is_file()
-    mixed = f"[{{prefix: {trained}, weight: 1}}, {{prefix: {hf}, weight: 1}}]"
-    refused = run_cli("train", str(MICRO), "--out", str(tmp_path / "mixed"), "--set", f"data.blend={mixed}",
-                      "--set", f"data.tokenizer={trained}.model")
-    assert refused.returncode == 2 and "data.blend[1].prefix" in refused.stderr
-    assert "made with another tokenizer" in refused.stderr
-    missing = run_cli("train", str(MICRO), "--out", str(tmp_path / "missing"), "--set",
-                      f"data.blend=[{{prefix: {tmp_path / 'nope'}, weight: 1}}]", "--set", f"data.tokenizer={trained}.model")
-    assert missing.returncode == 2 and "is not a `sparsity-scaling data prepare` output" in missing.stderr
+    # refused before training: a blend of corpora made with two tokenizers, a missing corpus
+    # (in this process: the command's one line for such errors is the decay test's)
+    mixed = f"data.blend=[{{prefix: {trained}, weight: 1}}, {{prefix: {hf}, weight: 1}}]"
+    with pytest.raises(UserError, match=r"data.blend\[1\].prefix .* made with another tokenizer"):
+        prepare_data(load_config(MICRO, [mixed, f"data.tokenizer={trained}.model"]).data)
+    missing = f"data.blend=[{{prefix: {tmp_path / 'nope'}, weight: 1}}]"
+    with pytest.raises(UserError, match="is not a `sparsity-scaling data prepare` output"):
+        prepare_data(load_config(MICRO, [missing, f"data.tokenizer={trained}.model"]).data)
 
 
 def test_the_decay_stage_trains_on_its_own_data(trained, parquet, parquet_hf, tmp_path):

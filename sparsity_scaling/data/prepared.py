@@ -5,7 +5,8 @@
     PREFIX.model                                   the tokenizer, when it was trained (train:VOCAB)
     PREFIX.json                                    the manifest: inputs (sizes, hashes), tokenizer
                                                    and its hash, documents and tokens per split,
-                                                   settings. Written last: it marks the output whole
+                                                   records dropped as bad and as empty, settings.
+                                                   Written last: it marks the output whole
     PREFIX.parts/                                  while preparing: plan.json, the tokenizer being
                                                    used, and each finished shard (shard_N_train,
                                                    shard_N_valid, shard_N.json written last)
@@ -29,10 +30,10 @@ from ..errors import SettingError, UserError
 from ..files import write_bytes_atomic, write_json_atomic
 from .corpus import in_validation, text_digest
 from .indexed import IndexedWriter, indexed_tokens, merge_indexed, token_dtype
-from .sources import BadRecords, InputFile, Shard, shard_documents
+from .sources import DroppedRecords, InputFile, Shard, shard_documents
 from .tokenizer import Tokenizer
 
-FORMAT = 1
+FORMAT = 2  # 2: shard records and the manifest count empty records
 SPLITS = ("train", "valid")
 
 
@@ -167,7 +168,7 @@ def tokenize_shard(corpus: PreparedCorpus, shard: Shard, tokenizer: Tokenizer, s
     """Tokenize one shard into its two indexed datasets, then write its record (last, so a
     shard with a record is whole). Streams: memory holds one batch of documents."""
     started = time.time()
-    bad = BadRecords(settings.skip_bad_lines)
+    dropped = DroppedRecords(settings.skip_bad_lines)
     documents = {split: 0 for split in SPLITS}
     tokens = {split: 0 for split in SPLITS}
     # per-process names: a worker of an interrupted run may still be finishing the same shard
@@ -183,7 +184,7 @@ def tokenize_shard(corpus: PreparedCorpus, shard: Shard, tokenizer: Tokenizer, s
             tokens[split] += len(ids)
 
     batch, size = [], 0
-    for text in shard_documents(shard, settings.text_field, bad):
+    for text in shard_documents(shard, settings.text_field, dropped):
         batch.append(text)
         size += len(text)
         if size >= 1 << 20 or len(batch) >= 1024:
@@ -195,7 +196,8 @@ def tokenize_shard(corpus: PreparedCorpus, shard: Shard, tokenizer: Tokenizer, s
         for ext in (".bin", ".idx"):
             os.replace(f"{tmp[split]}{ext}", f"{corpus.shard_split(shard.index, split)}{ext}")
     record = {"index": shard.index, "documents": documents, "tokens": tokens, "bytes": shard.size,
-              "skipped": bad.count, "first_skipped": bad.first, "seconds": time.time() - started}
+              "skipped": dropped.bad_count, "first_skipped": dropped.first_bad, "empty": dropped.empty_count,
+              "seconds": time.time() - started}
     write_json_atomic(corpus.shard_record(shard.index), record)
     return record
 
@@ -204,10 +206,10 @@ def sample_for_tokenizer(shards: list[Shard], settings: PrepareSettings) -> list
     """About `sample_bytes` of training-split text, taken from every shard in proportion to
     its size (the start of each), so the tokenizer sees the whole corpus' mix."""
     total = sum(s.size for s in shards) or 1
-    texts, bad = [], BadRecords(skip=True)  # bad records are reported by the tokenizing pass
+    texts, dropped = [], DroppedRecords(skip=True)  # bad records are reported by the tokenizing pass
     for shard in shards:
         share, taken = settings.sample_bytes * shard.size / total, 0
-        for text in shard_documents(shard, settings.text_field, bad):
+        for text in shard_documents(shard, settings.text_field, dropped):
             if taken >= share:
                 break
             if not in_validation(text_digest(text), settings.val_fraction):
@@ -248,7 +250,8 @@ def write_manifest(corpus: PreparedCorpus, settings: PrepareSettings, inputs: li
                       "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
         "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name,
         "splits": splits,
-        "skipped_records": sum(r["skipped"] for r in records),
+        "skipped_records": sum(r["skipped"] for r in records),  # bad records --skip-bad-lines skipped
+        "empty_records": sum(r["empty"] for r in records),  # records whose text is empty or whitespace
         "settings": {**settings.identity(), "inputs": list(settings.inputs)},
         "shards": len(records),
         "input_stamps": {f.path: [f.size, f.mtime_ns] for f in inputs},

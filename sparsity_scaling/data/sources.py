@@ -7,7 +7,9 @@ read independently, and reading the documents of one shard in the corpus' order.
     .txt          one document per file; consecutive files grouped into shards
 
 A shard's documents, shard after shard, are the corpus' documents in order: files sorted by
-path, lines and rows in file order. Empty (whitespace-only) documents are skipped.
+path, lines and rows in file order. A record whose text is empty or whitespace only (a
+JSON line's text, a parquet row, a whole .txt file) is no document: it is counted as an
+empty record (`DroppedRecords`). Blank lines of a JSON-lines file are not records.
 """
 
 from __future__ import annotations
@@ -137,17 +139,26 @@ def plan_shards(inputs: list[InputFile], shard_bytes: int, text_field: str) -> l
     return shards
 
 
-class BadRecords:
-    """Records that are not documents (bad JSON, no text): an error, or counted and skipped."""
+class DroppedRecords:
+    """Records that give no document, so that none is dropped without a word: bad ones (bad
+    JSON, no text: an error, or with `skip` counted and skipped) and empty ones (a text that
+    is empty or whitespace only: counted)."""
 
     def __init__(self, skip: bool):
-        self.skip, self.count, self.first = skip, 0, None
+        self.skip, self.bad_count, self.first_bad, self.empty_count = skip, 0, None, 0
 
-    def __call__(self, where: str, reason: str) -> None:
+    def bad(self, where: str, reason: str) -> None:
         if not self.skip:
             raise UserError(f"{where}: {reason} (--skip-bad-lines skips such lines)")
-        self.count += 1
-        self.first = self.first or f"{where}: {reason}"
+        self.bad_count += 1
+        self.first_bad = self.first_bad or f"{where}: {reason}"
+
+    def document(self, text: str) -> str | None:
+        """`text` as a document; None (counted) if it is empty or whitespace only."""
+        if text.strip():
+            return text
+        self.empty_count += 1
+        return None
 
 
 def _line_number(path: str, offset: int) -> int:
@@ -163,24 +174,24 @@ def _line_number(path: str, offset: int) -> int:
     return count + 1
 
 
-def _line_document(line: bytes, text_field: str, bad: BadRecords, where: Callable[[], str]) -> str | None:
-    """The document of a JSON line; None for a blank line, an empty text, or a bad record
-    (reported to `bad` at `where()`, computed only then)."""
+def _line_document(line: bytes, text_field: str, dropped: DroppedRecords, where: Callable[[], str]) -> str | None:
+    """The document of a JSON line; None for a blank line, or an empty or bad record
+    (reported to `dropped`, a bad one at `where()`, computed only then)."""
     if not line.strip():
         return None
     try:
         record = json.loads(line)
     except (ValueError, UnicodeDecodeError) as error:
-        bad(where(), f"not valid JSON ({getattr(error, 'msg', None) or type(error).__name__})")
+        dropped.bad(where(), f"not valid JSON ({getattr(error, 'msg', None) or type(error).__name__})")
         return None
     text = record.get(text_field) if isinstance(record, dict) else None
     if not isinstance(text, str):
-        bad(where(), f"expected an object with a string {text_field!r} field")
+        dropped.bad(where(), f"expected an object with a string {text_field!r} field")
         return None
-    return text if text.strip() else None
+    return dropped.document(text)
 
 
-def _jsonl_range(shard: Shard, text_field: str, bad: BadRecords) -> Iterator[str]:
+def _jsonl_range(shard: Shard, text_field: str, dropped: DroppedRecords) -> Iterator[str]:
     """The lines that start in [start, stop) of a .jsonl file."""
     path = shard.files[0]
     with open(path, "rb") as f:
@@ -192,56 +203,56 @@ def _jsonl_range(shard: Shard, text_field: str, bad: BadRecords) -> Iterator[str
             line = f.readline()
             if not line:
                 break
-            text = _line_document(line, text_field, bad, lambda at=position: f"{path}:{_line_number(path, at)}")
+            text = _line_document(line, text_field, dropped, lambda at=position: f"{path}:{_line_number(path, at)}")
             if text is not None:
                 yield text
             position += len(line)
 
 
-def _jsonl_gz(shard: Shard, text_field: str, bad: BadRecords) -> Iterator[str]:
+def _jsonl_gz(shard: Shard, text_field: str, dropped: DroppedRecords) -> Iterator[str]:
     path = shard.files[0]
     try:
         with gzip.open(path, "rb") as f:
             for number, line in enumerate(f, 1):
-                text = _line_document(line, text_field, bad, lambda at=number: f"{path}:{at}")
+                text = _line_document(line, text_field, dropped, lambda at=number: f"{path}:{at}")
                 if text is not None:
                     yield text
     except (OSError, EOFError) as error:
         raise UserError(f"{path}: not a readable gzip file ({error})") from None
 
 
-def _parquet_rows(shard: Shard, text_field: str, bad: BadRecords) -> Iterator[str]:
+def _parquet_rows(shard: Shard, text_field: str, dropped: DroppedRecords) -> Iterator[str]:
     path = shard.files[0]
     file = _parquet_file(path, text_field)
     row = sum(file.metadata.row_group(g).num_rows for g in range(shard.start))
     for batch in file.iter_batches(batch_size=4096, row_groups=range(shard.start, shard.stop), columns=[text_field]):
         for text in batch.column(0).to_pylist():
             if text is None:
-                bad(f"{path}: row {row}", f"{text_field!r} is null")
-            elif text.strip():
+                dropped.bad(f"{path}: row {row}", f"{text_field!r} is null")
+            elif dropped.document(text) is not None:
                 yield text
             row += 1
 
 
-def _text_files(shard: Shard, text_field: str, bad: BadRecords) -> Iterator[str]:
+def _text_files(shard: Shard, text_field: str, dropped: DroppedRecords) -> Iterator[str]:
     for path in shard.files:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
-        if text.strip():
+        if dropped.document(text) is not None:
             yield text
 
 
 _READERS = {"jsonl": _jsonl_range, "jsonl.gz": _jsonl_gz, "parquet": _parquet_rows, "txt": _text_files}
 
 
-def shard_documents(shard: Shard, text_field: str, bad: BadRecords) -> Iterator[str]:
+def shard_documents(shard: Shard, text_field: str, dropped: DroppedRecords) -> Iterator[str]:
     """The shard's documents, in corpus order."""
-    return _READERS[shard.kind](shard, text_field, bad)
+    return _READERS[shard.kind](shard, text_field, dropped)
 
 
 def corpus_documents(inputs: list[str], text_field: str = "text", skip_bad_lines: bool = False) -> Iterator[str]:
     """Every document of a corpus in order, in one process (for references and samples)."""
     files = find_inputs(inputs)
-    bad = BadRecords(skip_bad_lines)
+    dropped = DroppedRecords(skip_bad_lines)
     for shard in plan_shards(files, max(f.size for f in files) + 1 if files else 1, text_field):
-        yield from shard_documents(shard, text_field, bad)
+        yield from shard_documents(shard, text_field, dropped)
 
