@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +104,111 @@ def test_a_diverging_run_stops_at_its_first_nonfinite_step_beyond_the_allowed_sk
     (line,) = result.stderr.strip().splitlines()
     assert "holds NaN or infinite values" in line and str(checkpoint.weights) in line
     assert not json_out.exists() and "activation_ratio" not in result.stdout
+
+
+# A step made non-finite on purpose: a diverging learning rate leaves weights that give a
+# non-finite loss ever after, so no step after a skipped one could be compared with the one
+# before it. SPARSITY_TEST_NAN_STEPS names the steps (1-based) whose training loss (and so
+# every gradient) is multiplied by nan, SPARSITY_TEST_NAN_VALIDATION the steps whose
+# validation loss is; everything that decides (norm, verdict, skip, save) runs as it is.
+_NAN_STEPS = """
+import os, sys
+from sparsity_scaling.model import MiniCPM
+from sparsity_scaling.train import loop
+steps = {int(s) for s in os.environ.get("SPARSITY_TEST_NAN_STEPS", "").split(",") if s}
+validations = {int(s) for s in os.environ.get("SPARSITY_TEST_NAN_VALIDATION", "").split(",") if s}
+now = {"poisoned": False, "step": 0}
+real_losses, real_step, real_validate = MiniCPM.token_losses, loop.Trainer.step, loop.Trainer.validate
+def token_losses(self, tokens, targets):
+    losses = real_losses(self, tokens, targets)
+    return losses * float("nan") if now["poisoned"] else losses
+def step(self, index):
+    now["step"] = index + 1
+    now["poisoned"] = now["step"] in steps
+    try:
+        return real_step(self, index)
+    finally:
+        now["poisoned"] = False
+def validate(self):
+    now["poisoned"] = now["step"] in validations  # validated after that step
+    try:
+        return real_validate(self)
+    finally:
+        now["poisoned"] = False
+MiniCPM.token_losses, loop.Trainer.step, loop.Trainer.validate = token_losses, step, validate
+from sparsity_scaling.cli.program import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _train_with_nan(out: Path, steps: str, validations: str = "", *settings: str) -> subprocess.CompletedProcess:
+    """The micro config for 4 steps of 1,024 tokens, a checkpoint after each (keeping every
+    engine state), with the given steps' losses made nan."""
+    args = ["train", str(MICRO), "--out", str(out), "--set", "train.tokens=4096", "--set", "train.log_every=1",
+            "--set", "checkpoint.first_tokens=1024", "--set", "checkpoint.count=4", "--set", "checkpoint.final_count=0",
+            "--set", "checkpoint.keep_engine=4", *settings]
+    env = {**os.environ, "SPARSITY_TEST_NAN_STEPS": steps, "SPARSITY_TEST_NAN_VALIDATION": validations}
+    return subprocess.run([sys.executable, "-c", _NAN_STEPS, *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=600, check=False, env=env)
+
+
+def _engine_state(checkpoint) -> tuple[dict, dict]:
+    """(the model's weights, the optimizer's state per parameter: AdamW's step, exp_avg and
+    exp_avg_sq) in a checkpoint's DeepSpeed engine state."""
+    (states,) = checkpoint.engine.glob("mp_rank_*_model_states.pt")
+    state = torch.load(states, weights_only=False)
+    return state["module"], state["optimizer"]["state"]
+
+
+def _same_tensors(a: dict, b: dict) -> bool:
+    """Whether two (nested) dicts of tensors hold equal tensors, bit for bit."""
+    assert a.keys() == b.keys() and a
+    return all(_same_tensors(a[k], b[k]) if isinstance(a[k], dict)
+               else a[k] is b[k] is None or torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
+
+
+def test_a_skipped_step_changes_nothing_and_a_stopped_run_resumes_with_skips_allowed(tmp_path):
+    """Step 3's loss is nan. Without skips the run stops there (checkpoints after steps 1
+    and 2). The same command with `train.skip_nonfinite_steps=1` (not part of the run's
+    hash) resumes from step 2, skips step 3 (warned, counted in metrics.jsonl, the progress
+    line and the manifest): the checkpoint after it holds the same weights and optimizer
+    state as the one before it. Step 4 trains, but its validation loss is nan: the run
+    stops before that checkpoint, and failed.json says why."""
+    out = tmp_path / "run"
+    first = _train_with_nan(out, steps="3")
+    assert first.returncode == 2, first.stderr[-3000:]
+    assert first.stderr.strip().splitlines()[-1].startswith(
+        "sparsity-scaling: error: training diverged at step 3 (tokens 3,072): loss nan, grad_norm nan (not finite)")
+    run = RunDir(out)
+    assert [c.tokens for c in run.checkpoints()] == [1024, 2048]
+    assert "step 3" in run.failed()["error"]
+
+    again = _train_with_nan(out, "3", "4", "--set", "train.skip_nonfinite_steps=1")
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert "resuming from tokens_000000000002048" in again.stdout
+    assert "warning: step 3 (tokens 3,072): loss nan, grad_norm nan: not finite, update skipped (1 of " \
+           "train.skip_nonfinite_steps 1)" in again.stdout
+    progress = {int(line.split()[1].split("/")[0]): line for line in again.stdout.splitlines() if line.startswith("step ")}
+    assert progress[3].endswith("| skipped steps 1") and progress[4].endswith("| skipped steps 1"), progress
+    (last,) = [line for line in again.stderr.splitlines() if "error" in line]
+    assert last == ("sparsity-scaling: error: training diverged at step 4 (tokens 4,096): validation loss nan (not "
+                    "finite); no checkpoint written after the last finite one"), last
+    assert "validation loss nan" in run.failed()["error"]
+    assert [c.tokens for c in run.checkpoints()] == [1024, 2048, 3072] and not list(run.checkpoints_dir.glob(".tmp-*"))
+    skipped = run.checkpoints()[-1]
+    assert skipped.manifest["health"]["skipped_steps"] == 1 and run.checkpoints()[1].manifest["health"]["skipped_steps"] == 0
+
+    weights = [torch.load(run.checkpoint_dir(t) / "model.pt", weights_only=True) for t in (1024, 2048, 3072)]
+    assert _same_tensors(weights[1], weights[2])  # the skipped step changed no weight
+    assert not _same_tensors(weights[0], weights[1])  # (a step that trained did)
+    (_, adam_1), (module_2, adam_2), (module_3, adam_3) = (_engine_state(c) for c in run.checkpoints())
+    assert _same_tensors(module_2, module_3) and _same_tensors(adam_2, adam_3)  # nor the optimizer's state
+    assert not _same_tensors(adam_1, adam_2)
+    points = {p["step"]: p for p in run.metric_points() if p["kind"] == "train"}
+    assert sorted(points) == [1, 2, 3, 4]
+    assert points[3]["loss"] is None and points[3]["grad_norm"] is None and points[3]["skipped"]
+    assert points[4]["skipped_steps"] == 1 and math.isfinite(points[4]["loss"]) and "skipped" not in points[4]
+    assert assert_strict_json(out) >= 5
 
 
 _FULL_DISK = """
@@ -219,18 +326,36 @@ def test_the_report_names_failed_runs_and_checkpoints_left_out(tmp_path, monkeyp
     assert_strict_json(tmp_path)
 
 
-def test_a_model_whose_dense_perplexity_is_not_finite_is_refused():
-    from types import SimpleNamespace
+def test_a_model_whose_dense_perplexity_is_not_finite_is_refused(micro_run, tmp_path):
+    """A copy of the micro run's final checkpoint whose final norm is scaled by 1e30: every
+    weight is finite (the loading check passes), the logits are finite, but the loss is
+    about 1e30, so the dense perplexity is inf. `evaluate` refuses it in one line naming
+    the checkpoint, exit status 2, no traceback, and writes no result file."""
+    from sparsity_scaling.files import sha256_file
 
-    from sparsity_scaling.errors import NonFiniteError
-    from sparsity_scaling.evaluation.inputs import ModelRef
-    from sparsity_scaling.evaluation.jobs import measurable
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run, ignore=shutil.ignore_patterns("evaluations"))
+    checkpoint = RunDir(run).checkpoints()[-1]
+    weights = torch.load(checkpoint.weights, weights_only=True)
+    weights["final_norm.weight"] *= 1e30
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    torch.save(weights, checkpoint.weights)
+    manifest = {**checkpoint.manifest, "files": {**checkpoint.manifest["files"], "model.pt": sha256_file(checkpoint.weights)}}
+    (checkpoint.path / "manifest.json").write_text(json.dumps(manifest))
+    RunDir(run).checkpoints()[-1].verify()  # a complete checkpoint, as training writes one
 
-    model = ModelRef(hf_model="some/model")
-    finite = SimpleNamespace(dense=SimpleNamespace(ppl=12.5, loss=math.log(12.5)), vocab_size=512)
-    assert measurable(finite, model) is finite
-    with pytest.raises(NonFiniteError, match="some/model: dense perplexity inf on the validation data is not finite"):
-        measurable(SimpleNamespace(dense=SimpleNamespace(ppl=math.inf, loss=math.inf), vocab_size=512), model)
+    results = tmp_path / "results"
+    results.mkdir()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = run_cli("evaluate", "--checkpoint", str(checkpoint.path), "--json", str(results / "eval.json"),
+                     "--eval-tokens", "1024")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if "error" in x]
+    assert line == (f"sparsity-scaling: error: {checkpoint.path}: dense perplexity inf on the validation data is not "
+                    "finite; the model cannot be measured"), line
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no result, no thresholds
+    assert "activation_ratio" not in result.stdout
 
 
 def test_a_result_write_on_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
