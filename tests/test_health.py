@@ -27,30 +27,69 @@ def _refuse(constant: str):
     raise ValueError(f"not strict JSON: {constant}")
 
 
-def assert_strict_json(root: Path) -> int:
+def _nulls(value, where: str = "") -> list[str]:
+    if value is None:
+        return [where]
+    if isinstance(value, dict):
+        return [n for key, v in value.items() for n in _nulls(v, f"{where}.{key}" if where else key)]
+    if isinstance(value, list):
+        return [n for i, v in enumerate(value) for n in _nulls(v, f"{where}[{i}]")]
+    return []
+
+
+def assert_strict_json(root: Path) -> dict[str, list[str]]:
     """Every .json and .jsonl file the suite wrote under `root` parses with a strict parser
-    (no NaN or Infinity); the number of files read. (A grid workdir's ray/ is Ray Tune's.)"""
-    count = 0
+    (no NaN or Infinity; a grid workdir's ray/ is Ray Tune's). For each file read (its path
+    under `root`), where it holds null: the writers write a value that is not finite as null,
+    so a test says where nulls may be, and a NaN nulled anywhere else fails it. A .jsonl
+    file's places are "LINE:key" (lines from 1)."""
+    nulls = {}
     for path in sorted(root.rglob("*.json*")):
         if path.suffix not in (".json", ".jsonl") or not path.is_file() or path.relative_to(root).parts[0] == "ray":
             continue
         text = path.read_text()
-        documents = text.splitlines() if path.suffix == ".jsonl" else [text]
-        for document in documents:
-            if document.strip():
-                json.loads(document, parse_constant=_refuse)
-        count += 1
-    return count
+        if path.suffix == ".jsonl":
+            documents = [(f"{i}:", line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+        else:
+            documents = [("", text)]
+        nulls[str(path.relative_to(root))] = [prefix + n for prefix, document in documents
+                                              for n in _nulls(json.loads(document, parse_constant=_refuse))]
+    return nulls
+
+
+_TRAINING_FILES = ("run.json", "data.json", "metrics.jsonl", "manifest.json")
 
 
 def test_a_healthy_run_logs_its_gradient_norm_and_writes_only_strict_json(micro_run):
     """The shared micro run: every training point has a finite gradient norm and counts
-    (no spike, no skipped step), and every JSON file of the run is strict."""
+    (no spike, no skipped step), and every JSON file of the run is strict, with no null in
+    what training wrote (nothing there was not finite)."""
     train = [p for p in RunDir(micro_run).metric_points() if p["kind"] == "train"]
     assert train and all(math.isfinite(p["grad_norm"]) and p["grad_norm"] > 0 for p in train)
-    assert all(p["skipped_steps"] == 0 for p in train) and "skipped" not in train[-1]
+    assert all(math.isfinite(p["loss"]) and math.isfinite(p["lr"]) and p["tokens_per_s"] > 0 for p in train)
+    assert all(p["skipped_steps"] == 0 and p["loss_spikes"] == 0 and "skipped" not in p for p in train)
     assert RunDir(micro_run).checkpoints()[-1].manifest["health"]["skipped_steps"] == 0
-    assert assert_strict_json(micro_run) >= 7  # run.json, data.json, metrics.jsonl, manifests
+    files = assert_strict_json(micro_run)
+    training = {name: nulls for name, nulls in files.items() if Path(name).name in _TRAINING_FILES}
+    assert len(training) >= 7 and not any(training.values()), training  # run.json, data.json, metrics, manifests
+
+
+def test_the_json_writers_write_what_is_not_finite_as_null_and_nothing_else():
+    """The documented rule (README: a value that is not finite is null, NaN never appears),
+    against the text a strict writer gives by hand; numpy's scalars are plain numbers."""
+    import numpy as np
+
+    from sparsity_scaling.files import json_line, json_text
+
+    record = {"loss": float("nan"), "norms": [1.5, float("inf"), -float("inf"), np.float32("nan"), np.float64(0.25)],
+              "nested": {"ppl": np.float64("inf"), "n": np.int64(3), "ok": np.bool_(True), "pair": (2.0, float("nan"))},
+              "name": "NaN"}
+    expected = {"loss": None, "norms": [1.5, None, None, None, 0.25],
+                "nested": {"ppl": None, "n": 3, "ok": True, "pair": [2.0, None]}, "name": "NaN"}
+    assert json_line(record) == json.dumps(expected)
+    assert json.loads(json_text(record), parse_constant=_refuse) == expected
+    assert '"norms": [1.5, null, null, null, 0.25]' in json_text(record)  # a list of plain values stays on one line
+    assert json.loads(json_text({"x": 1e308 * 10}), parse_constant=_refuse) == {"x": None}
 
 
 def test_loss_spikes_follow_the_documented_rule():
@@ -92,7 +131,13 @@ def test_a_diverging_run_stops_at_its_first_nonfinite_step_beyond_the_allowed_sk
     assert sorted(points) == [1, 2, 3]
     assert points[3]["loss"] is None and points[3]["skipped"] and points[3]["skipped_steps"] == 1
     assert all(math.isfinite(points[s]["grad_norm"]) for s in (1, 2))
-    assert assert_strict_json(out) >= 5
+    progress = _progress(result.stdout)
+    assert sorted(progress) == [1, 2, 3] and all(f"| grad norm {points[s]['grad_norm']:.3g} |" in progress[s] for s in (1, 2))
+    assert "| grad norm - |" in progress[3] or "| grad norm nan |" in progress[3], progress[3]
+    files = assert_strict_json(out)  # null only where the step was not finite (line 4: step 3)
+    assert {name: nulls for name, nulls in files.items() if nulls} == {
+        "failed.json": ["log"], "metrics.jsonl": ["4:loss", "4:grad_norm"]}
+    assert len(files) >= 5
 
     weights = torch.load(checkpoint.weights, weights_only=True)
     next(iter(weights.values())).view(-1)[0] = float("nan")
@@ -106,50 +151,51 @@ def test_a_diverging_run_stops_at_its_first_nonfinite_step_beyond_the_allowed_sk
     assert not json_out.exists() and "activation_ratio" not in result.stdout
 
 
-# A step made non-finite on purpose: a diverging learning rate leaves weights that give a
-# non-finite loss ever after, so no step after a skipped one could be compared with the one
-# before it. SPARSITY_TEST_NAN_STEPS names the steps (1-based) whose training loss (and so
-# every gradient) is multiplied by nan, SPARSITY_TEST_NAN_VALIDATION the steps whose
-# validation loss is; everything that decides (norm, verdict, skip, save) runs as it is.
-_NAN_STEPS = """
+# Losses changed on purpose, to make a step non-finite or a spike where a test needs one: a
+# diverging learning rate leaves weights that give a non-finite loss ever after, so no step
+# after a skipped one could be compared with the one before it. SPARSITY_TEST_TRAIN_LOSS_TIMES
+# ("3:nan,12:3") multiplies the token losses of those (1-based) steps, and so every gradient,
+# by those factors; SPARSITY_TEST_VALIDATION_LOSS_TIMES the validation after those steps.
+# Everything that decides (the norm, the verdict, the skip, the spike rule, the save) runs
+# as it is.
+_SCALED_LOSSES = """
 import os, sys
 from sparsity_scaling.model import MiniCPM
 from sparsity_scaling.train import loop
-steps = {int(s) for s in os.environ.get("SPARSITY_TEST_NAN_STEPS", "").split(",") if s}
-validations = {int(s) for s in os.environ.get("SPARSITY_TEST_NAN_VALIDATION", "").split(",") if s}
-now = {"poisoned": False, "step": 0}
+def factors(name):
+    pairs = (item.split(":") for item in os.environ.get(name, "").split(",") if item)
+    return {int(step): float(factor) for step, factor in pairs}
+train, validation = factors("SPARSITY_TEST_TRAIN_LOSS_TIMES"), factors("SPARSITY_TEST_VALIDATION_LOSS_TIMES")
+now = {"factor": None, "step": 0}
 real_losses, real_step, real_validate = MiniCPM.token_losses, loop.Trainer.step, loop.Trainer.validate
 def token_losses(self, tokens, targets):
     losses = real_losses(self, tokens, targets)
-    return losses * float("nan") if now["poisoned"] else losses
+    return losses if now["factor"] is None else losses * now["factor"]
 def step(self, index):
     now["step"] = index + 1
-    now["poisoned"] = now["step"] in steps
+    now["factor"] = train.get(now["step"])
     try:
         return real_step(self, index)
     finally:
-        now["poisoned"] = False
+        now["factor"] = None
 def validate(self):
-    now["poisoned"] = now["step"] in validations  # validated after that step
+    now["factor"] = validation.get(now["step"])  # validated after that step
     try:
         return real_validate(self)
     finally:
-        now["poisoned"] = False
+        now["factor"] = None
 MiniCPM.token_losses, loop.Trainer.step, loop.Trainer.validate = token_losses, step, validate
 from sparsity_scaling.cli.program import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def _train_with_nan(out: Path, steps: str, validations: str = "", *settings: str) -> subprocess.CompletedProcess:
-    """The micro config for 4 steps of 1,024 tokens, a checkpoint after each (keeping every
-    engine state), with the given steps' losses made nan."""
-    args = ["train", str(MICRO), "--out", str(out), "--set", "train.tokens=4096", "--set", "train.log_every=1",
-            "--set", "checkpoint.first_tokens=1024", "--set", "checkpoint.count=4", "--set", "checkpoint.final_count=0",
-            "--set", "checkpoint.keep_engine=4", *settings]
-    env = {**os.environ, "SPARSITY_TEST_NAN_STEPS": steps, "SPARSITY_TEST_NAN_VALIDATION": validations}
-    return subprocess.run([sys.executable, "-c", _NAN_STEPS, *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=600, check=False, env=env)
+def _train_scaled(out: Path, train: str, validation: str = "", *settings: str) -> subprocess.CompletedProcess:
+    """`train` of the micro config with the losses of some steps scaled (see above)."""
+    env = {**os.environ, "SPARSITY_TEST_TRAIN_LOSS_TIMES": train, "SPARSITY_TEST_VALIDATION_LOSS_TIMES": validation}
+    return subprocess.run([sys.executable, "-c", _SCALED_LOSSES, "train", str(MICRO), "--out", str(out),
+                           "--set", "train.log_every=1", *settings],
+                          capture_output=True, text=True, cwd=REPO, timeout=600, check=False, env=env)
 
 
 def _engine_state(checkpoint) -> tuple[dict, dict]:
@@ -167,48 +213,73 @@ def _same_tensors(a: dict, b: dict) -> bool:
                else a[k] is b[k] is None or torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
 
 
+def _progress(stdout: str) -> dict[int, str]:
+    """The progress lines of `train`'s output, by step."""
+    return {int(line.split()[1].split("/")[0]): line for line in stdout.splitlines() if line.startswith("step ")}
+
+
 def test_a_skipped_step_changes_nothing_and_a_stopped_run_resumes_with_skips_allowed(tmp_path):
-    """Step 3's loss is nan. Without skips the run stops there (checkpoints after steps 1
-    and 2). The same command with `train.skip_nonfinite_steps=1` (not part of the run's
-    hash) resumes from step 2, skips step 3 (warned, counted in metrics.jsonl, the progress
-    line and the manifest): the checkpoint after it holds the same weights and optimizer
-    state as the one before it. Step 4 trains, but its validation loss is nan: the run
-    stops before that checkpoint, and failed.json says why."""
+    """16 steps of 1,024 tokens; checkpoints after steps 13 to 16, each keeping its engine
+    state. Step 12's loss (and so its gradient) is made 3 times what it is: a loss spike
+    (11 finite losses before it), in the progress line with every step's gradient norm.
+    Step 14's loss is nan: without skips the run stops there. The same command with
+    `train.skip_nonfinite_steps=1` (not part of the run's hash) resumes from step 13 with
+    the spike counted, skips step 14 (warned, counted in metrics.jsonl, the progress line
+    and the manifest): the checkpoint after it holds the same weights and AdamW state as the
+    one before it. Step 15 trains; step 16's validation loss is nan: the run stops before
+    that checkpoint, and failed.json says why. Nulls in JSON only where a value was nan."""
     out = tmp_path / "run"
-    first = _train_with_nan(out, steps="3")
+    steps = ["--set", "train.tokens=16384", "--set", "checkpoint.first_tokens=16384", "--set", "checkpoint.count=1",
+             "--set", "checkpoint.final_count=4", "--set", "checkpoint.final_fraction=0.25",
+             "--set", "checkpoint.keep_engine=4"]
+    first = _train_scaled(out, "12:3,14:nan", "", *steps)
     assert first.returncode == 2, first.stderr[-3000:]
     assert first.stderr.strip().splitlines()[-1].startswith(
-        "sparsity-scaling: error: training diverged at step 3 (tokens 3,072): loss nan, grad_norm nan (not finite)")
+        "sparsity-scaling: error: training diverged at step 14 (tokens 14,336): loss nan, grad_norm nan (not finite)")
     run = RunDir(out)
-    assert [c.tokens for c in run.checkpoints()] == [1024, 2048]
-    assert "step 3" in run.failed()["error"]
+    assert [c.step for c in run.checkpoints()] == [13]
+    assert "step 14" in run.failed()["error"]
+    points = {p["step"]: p for p in run.metric_points() if p["kind"] == "train"}
+    progress = _progress(first.stdout)
+    assert sorted(points) == sorted(progress) == list(range(1, 14))
+    assert points[12]["loss"] > 2.5 * points[11]["loss"] and points[12]["grad_norm"] > 2 * points[11]["grad_norm"]
+    for step, point in points.items():
+        assert f"| grad norm {point['grad_norm']:.3g} |" in progress[step], progress[step]
+    assert [points[s]["loss_spikes"] for s in range(1, 14)] == [0] * 11 + [1, 1]
+    assert not any("loss spikes" in progress[s] for s in range(1, 12)) and progress[12].endswith("| loss spikes 1")
+    assert run.checkpoints()[-1].manifest["health"] == {**run.checkpoints()[-1].manifest["health"],
+                                                         "loss_spikes": 1, "skipped_steps": 0}
 
-    again = _train_with_nan(out, "3", "4", "--set", "train.skip_nonfinite_steps=1")
+    again = _train_scaled(out, "12:3,14:nan", "16:nan", *steps, "--set", "train.skip_nonfinite_steps=1")
     assert again.returncode == 2, again.stderr[-3000:]
-    assert "resuming from tokens_000000000002048" in again.stdout
-    assert "warning: step 3 (tokens 3,072): loss nan, grad_norm nan: not finite, update skipped (1 of " \
+    assert "resuming from tokens_000000000013312" in again.stdout
+    assert "warning: step 14 (tokens 14,336): loss nan, grad_norm nan: not finite, update skipped (1 of " \
            "train.skip_nonfinite_steps 1)" in again.stdout
-    progress = {int(line.split()[1].split("/")[0]): line for line in again.stdout.splitlines() if line.startswith("step ")}
-    assert progress[3].endswith("| skipped steps 1") and progress[4].endswith("| skipped steps 1"), progress
+    progress = _progress(again.stdout)
+    assert sorted(progress) == [14, 15, 16]
+    assert all(progress[s].endswith("| loss spikes 1 | skipped steps 1") for s in progress), progress
+    assert "| loss nan | grad norm nan |" in progress[14]
     (last,) = [line for line in again.stderr.splitlines() if "error" in line]
-    assert last == ("sparsity-scaling: error: training diverged at step 4 (tokens 4,096): validation loss nan (not "
+    assert last == ("sparsity-scaling: error: training diverged at step 16 (tokens 16,384): validation loss nan (not "
                     "finite); no checkpoint written after the last finite one"), last
     assert "validation loss nan" in run.failed()["error"]
-    assert [c.tokens for c in run.checkpoints()] == [1024, 2048, 3072] and not list(run.checkpoints_dir.glob(".tmp-*"))
-    skipped = run.checkpoints()[-1]
-    assert skipped.manifest["health"]["skipped_steps"] == 1 and run.checkpoints()[1].manifest["health"]["skipped_steps"] == 0
+    assert [c.step for c in run.checkpoints()] == [13, 14, 15] and not list(run.checkpoints_dir.glob(".tmp-*"))
+    assert [c.manifest["health"]["skipped_steps"] for c in run.checkpoints()] == [0, 1, 1]
 
-    weights = [torch.load(run.checkpoint_dir(t) / "model.pt", weights_only=True) for t in (1024, 2048, 3072)]
-    assert _same_tensors(weights[1], weights[2])  # the skipped step changed no weight
-    assert not _same_tensors(weights[0], weights[1])  # (a step that trained did)
-    (_, adam_1), (module_2, adam_2), (module_3, adam_3) = (_engine_state(c) for c in run.checkpoints())
-    assert _same_tensors(module_2, module_3) and _same_tensors(adam_2, adam_3)  # nor the optimizer's state
-    assert not _same_tensors(adam_1, adam_2)
+    weights = [torch.load(c.weights, weights_only=True) for c in run.checkpoints()]
+    assert _same_tensors(weights[0], weights[1])  # the skipped step changed no weight
+    assert not _same_tensors(weights[1], weights[2])  # (a step that trained did)
+    (module_13, adam_13), (module_14, adam_14), (_, adam_15) = (_engine_state(c) for c in run.checkpoints())
+    assert _same_tensors(module_13, module_14) and _same_tensors(adam_13, adam_14)  # nor the optimizer's state
+    assert not _same_tensors(adam_14, adam_15)
     points = {p["step"]: p for p in run.metric_points() if p["kind"] == "train"}
-    assert sorted(points) == [1, 2, 3, 4]
-    assert points[3]["loss"] is None and points[3]["grad_norm"] is None and points[3]["skipped"]
-    assert points[4]["skipped_steps"] == 1 and math.isfinite(points[4]["loss"]) and "skipped" not in points[4]
-    assert assert_strict_json(out) >= 5
+    assert sorted(points) == list(range(1, 17))
+    assert points[14]["loss"] is None and points[14]["grad_norm"] is None and points[14]["skipped"]
+    assert points[15]["skipped_steps"] == 1 and math.isfinite(points[15]["loss"]) and "skipped" not in points[15]
+    files = assert_strict_json(out)  # null only where the step was not finite (line 15: step 14)
+    assert {name: nulls for name, nulls in files.items() if nulls} == {
+        "failed.json": ["log"], "metrics.jsonl": ["15:loss", "15:grad_norm"],
+        "checkpoints/tokens_000000000014336/manifest.json": ["train_loss"]}
 
 
 _FULL_DISK = """
@@ -248,7 +319,7 @@ def test_a_checkpoint_write_on_a_full_disk_stops_cleanly_and_the_run_resumes(tmp
     assert "resuming from tokens_000000000001024" in again.stdout
     assert [c.tokens for c in run.checkpoints()] == [1024, 2048, 4096]
     assert run.failed() is None
-    assert_strict_json(out)
+    assert not any(assert_strict_json(out).values())
 
 
 def test_free_space_is_checked_before_a_checkpoint(tmp_path, monkeypatch):
