@@ -335,6 +335,25 @@ def test_free_space_is_checked_before_a_checkpoint(tmp_path, monkeypatch):
         checkpoint.check_room(run, 20 * 10**9)
 
 
+def test_the_first_checkpoints_space_estimate_is_its_weights_and_engine_state(micro_run, tmp_path):
+    """README "Full disks": before the first checkpoint, the expected size is 4 bytes per
+    parameter (model.pt) plus the engine's 12 (fp32: weights, Adam's two moments) or 14
+    (bf16); the micro run's newest checkpoint, engine state included, is that size to within
+    5%. Once one is written, the estimate is the newest such checkpoint's size."""
+    from sparsity_scaling.train.checkpoint import expected_bytes
+
+    newest = RunDir(micro_run).checkpoints()[-1]
+    assert newest.has_engine
+    weights = torch.load(newest.weights, weights_only=True)
+    params = sum(t.numel() for t in weights.values())
+    before_any = RunDir(tmp_path / "run")
+    assert expected_bytes(before_any, weights, bf16=False) == 16 * params
+    assert expected_bytes(before_any, weights, bf16=True) == 18 * params
+    written = sum(f.stat().st_size for f in newest.path.rglob("*") if f.is_file())
+    assert 0.95 * written <= 16 * params <= 1.05 * written, (16 * params, written)
+    assert expected_bytes(RunDir(micro_run), weights, bf16=False) == written
+
+
 def test_a_diverging_grid_run_fails_once_with_its_reason_and_is_not_retried(ray_address, tmp_path):
     """One diverging run (no checkpoint before its non-finite step 3) on the shared Ray:
     its worker is not retried (max_failures 2), the grid says why in one line, the run
