@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,30 +27,69 @@ def _refuse(constant: str):
     raise ValueError(f"not strict JSON: {constant}")
 
 
-def assert_strict_json(root: Path) -> int:
+def _nulls(value, where: str = "") -> list[str]:
+    if value is None:
+        return [where]
+    if isinstance(value, dict):
+        return [n for key, v in value.items() for n in _nulls(v, f"{where}.{key}" if where else key)]
+    if isinstance(value, list):
+        return [n for i, v in enumerate(value) for n in _nulls(v, f"{where}[{i}]")]
+    return []
+
+
+def assert_strict_json(root: Path) -> dict[str, list[str]]:
     """Every .json and .jsonl file the suite wrote under `root` parses with a strict parser
-    (no NaN or Infinity); the number of files read. (A grid workdir's ray/ is Ray Tune's.)"""
-    count = 0
+    (no NaN or Infinity; a grid workdir's ray/ is Ray Tune's). For each file read (its path
+    under `root`), where it holds null: the writers write a value that is not finite as null,
+    so a test says where nulls may be, and a NaN nulled anywhere else fails it. A .jsonl
+    file's places are "LINE:key" (lines from 1)."""
+    nulls = {}
     for path in sorted(root.rglob("*.json*")):
         if path.suffix not in (".json", ".jsonl") or not path.is_file() or path.relative_to(root).parts[0] == "ray":
             continue
         text = path.read_text()
-        documents = text.splitlines() if path.suffix == ".jsonl" else [text]
-        for document in documents:
-            if document.strip():
-                json.loads(document, parse_constant=_refuse)
-        count += 1
-    return count
+        if path.suffix == ".jsonl":
+            documents = [(f"{i}:", line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+        else:
+            documents = [("", text)]
+        nulls[str(path.relative_to(root))] = [prefix + n for prefix, document in documents
+                                              for n in _nulls(json.loads(document, parse_constant=_refuse))]
+    return nulls
+
+
+_TRAINING_FILES = ("run.json", "data.json", "metrics.jsonl", "manifest.json")
 
 
 def test_a_healthy_run_logs_its_gradient_norm_and_writes_only_strict_json(micro_run):
     """The shared micro run: every training point has a finite gradient norm and counts
-    (no spike, no skipped step), and every JSON file of the run is strict."""
+    (no spike, no skipped step), and every JSON file of the run is strict, with no null in
+    what training wrote (nothing there was not finite)."""
     train = [p for p in RunDir(micro_run).metric_points() if p["kind"] == "train"]
     assert train and all(math.isfinite(p["grad_norm"]) and p["grad_norm"] > 0 for p in train)
-    assert all(p["skipped_steps"] == 0 for p in train) and "skipped" not in train[-1]
+    assert all(math.isfinite(p["loss"]) and math.isfinite(p["lr"]) and p["tokens_per_s"] > 0 for p in train)
+    assert all(p["skipped_steps"] == 0 and p["loss_spikes"] == 0 and "skipped" not in p for p in train)
     assert RunDir(micro_run).checkpoints()[-1].manifest["health"]["skipped_steps"] == 0
-    assert assert_strict_json(micro_run) >= 7  # run.json, data.json, metrics.jsonl, manifests
+    files = assert_strict_json(micro_run)
+    training = {name: nulls for name, nulls in files.items() if Path(name).name in _TRAINING_FILES}
+    assert len(training) >= 7 and not any(training.values()), training  # run.json, data.json, metrics, manifests
+
+
+def test_the_json_writers_write_what_is_not_finite_as_null_and_nothing_else():
+    """The documented rule (README: a value that is not finite is null, NaN never appears),
+    against the text a strict writer gives by hand; numpy's scalars are plain numbers."""
+    import numpy as np
+
+    from sparsity_scaling.files import json_line, json_text
+
+    record = {"loss": float("nan"), "norms": [1.5, float("inf"), -float("inf"), np.float32("nan"), np.float64(0.25)],
+              "nested": {"ppl": np.float64("inf"), "n": np.int64(3), "ok": np.bool_(True), "pair": (2.0, float("nan"))},
+              "name": "NaN"}
+    expected = {"loss": None, "norms": [1.5, None, None, None, 0.25],
+                "nested": {"ppl": None, "n": 3, "ok": True, "pair": [2.0, None]}, "name": "NaN"}
+    assert json_line(record) == json.dumps(expected)
+    assert json.loads(json_text(record), parse_constant=_refuse) == expected
+    assert '"norms": [1.5, null, null, null, 0.25]' in json_text(record)  # a list of plain values stays on one line
+    assert json.loads(json_text({"x": 1e308 * 10}), parse_constant=_refuse) == {"x": None}
 
 
 def test_loss_spikes_follow_the_documented_rule():
@@ -90,7 +131,13 @@ def test_a_diverging_run_stops_at_its_first_nonfinite_step_beyond_the_allowed_sk
     assert sorted(points) == [1, 2, 3]
     assert points[3]["loss"] is None and points[3]["skipped"] and points[3]["skipped_steps"] == 1
     assert all(math.isfinite(points[s]["grad_norm"]) for s in (1, 2))
-    assert assert_strict_json(out) >= 5
+    progress = _progress(result.stdout)
+    assert sorted(progress) == [1, 2, 3] and all(f"| grad norm {points[s]['grad_norm']:.3g} |" in progress[s] for s in (1, 2))
+    assert "| loss nan | grad norm nan |" in progress[3] and progress[3].endswith("| skipped steps 1"), progress[3]
+    files = assert_strict_json(out)  # null only where the step was not finite (line 4: step 3)
+    assert {name: nulls for name, nulls in files.items() if nulls} == {
+        "failed.json": ["log"], "metrics.jsonl": ["4:loss", "4:grad_norm"]}
+    assert len(files) >= 5
 
     weights = torch.load(checkpoint.weights, weights_only=True)
     next(iter(weights.values())).view(-1)[0] = float("nan")
@@ -102,6 +149,137 @@ def test_a_diverging_run_stops_at_its_first_nonfinite_step_beyond_the_allowed_sk
     (line,) = result.stderr.strip().splitlines()
     assert "holds NaN or infinite values" in line and str(checkpoint.weights) in line
     assert not json_out.exists() and "activation_ratio" not in result.stdout
+
+
+# Losses changed on purpose, to make a step non-finite or a spike where a test needs one: a
+# diverging learning rate leaves weights that give a non-finite loss ever after, so no step
+# after a skipped one could be compared with the one before it. SPARSITY_TEST_TRAIN_LOSS_TIMES
+# ("3:nan,12:3") multiplies the token losses of those (1-based) steps, and so every gradient,
+# by those factors; SPARSITY_TEST_VALIDATION_LOSS_TIMES the validation after those steps.
+# Everything that decides (the norm, the verdict, the skip, the spike rule, the save) runs
+# as it is.
+_SCALED_LOSSES = """
+import os, sys
+from sparsity_scaling.model import MiniCPM
+from sparsity_scaling.train import loop
+def factors(name):
+    pairs = (item.split(":") for item in os.environ.get(name, "").split(",") if item)
+    return {int(step): float(factor) for step, factor in pairs}
+train, validation = factors("SPARSITY_TEST_TRAIN_LOSS_TIMES"), factors("SPARSITY_TEST_VALIDATION_LOSS_TIMES")
+now = {"factor": None, "step": 0}
+real_losses, real_step, real_validate = MiniCPM.token_losses, loop.Trainer.step, loop.Trainer.validate
+def token_losses(self, tokens, targets):
+    losses = real_losses(self, tokens, targets)
+    return losses if now["factor"] is None else losses * now["factor"]
+def step(self, index):
+    now["step"] = index + 1
+    now["factor"] = train.get(now["step"])
+    try:
+        return real_step(self, index)
+    finally:
+        now["factor"] = None
+def validate(self):
+    now["factor"] = validation.get(now["step"])  # validated after that step
+    try:
+        return real_validate(self)
+    finally:
+        now["factor"] = None
+MiniCPM.token_losses, loop.Trainer.step, loop.Trainer.validate = token_losses, step, validate
+from sparsity_scaling.cli.program import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _train_scaled(out: Path, train: str, validation: str = "", *settings: str) -> subprocess.CompletedProcess:
+    """`train` of the micro config with the losses of some steps scaled (see above)."""
+    env = {**os.environ, "SPARSITY_TEST_TRAIN_LOSS_TIMES": train, "SPARSITY_TEST_VALIDATION_LOSS_TIMES": validation}
+    return subprocess.run([sys.executable, "-c", _SCALED_LOSSES, "train", str(MICRO), "--out", str(out),
+                           "--set", "train.log_every=1", *settings],
+                          capture_output=True, text=True, cwd=REPO, timeout=600, check=False, env=env)
+
+
+def _engine_state(checkpoint) -> tuple[dict, dict]:
+    """(the model's weights, the optimizer's state per parameter: AdamW's step, exp_avg and
+    exp_avg_sq) in a checkpoint's DeepSpeed engine state."""
+    (states,) = checkpoint.engine.glob("mp_rank_*_model_states.pt")
+    state = torch.load(states, weights_only=False)
+    return state["module"], state["optimizer"]["state"]
+
+
+def _same_tensors(a: dict, b: dict) -> bool:
+    """Whether two (nested) dicts of tensors hold equal tensors, bit for bit."""
+    assert a.keys() == b.keys() and a
+    return all(_same_tensors(a[k], b[k]) if isinstance(a[k], dict)
+               else a[k] is b[k] is None or torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
+
+
+def _progress(stdout: str) -> dict[int, str]:
+    """The progress lines of `train`'s output, by step."""
+    return {int(line.split()[1].split("/")[0]): line for line in stdout.splitlines() if line.startswith("step ")}
+
+
+def test_a_skipped_step_changes_nothing_and_a_stopped_run_resumes_with_skips_allowed(tmp_path):
+    """16 steps of 1,024 tokens; checkpoints after steps 13 to 16, each keeping its engine
+    state. Step 12's loss (and so its gradient) is made 3 times what it is: a loss spike
+    (11 finite losses before it), in the progress line with every step's gradient norm.
+    Step 14's loss is nan: without skips the run stops there. The same command with
+    `train.skip_nonfinite_steps=1` (not part of the run's hash) resumes from step 13 with
+    the spike counted, skips step 14 (warned, counted in metrics.jsonl, the progress line
+    and the manifest): the checkpoint after it holds the same weights and AdamW state as the
+    one before it. Step 15 trains; step 16's validation loss is nan: the run stops before
+    that checkpoint, and failed.json says why. Nulls in JSON only where a value was nan."""
+    out = tmp_path / "run"
+    steps = ["--set", "train.tokens=16384", "--set", "checkpoint.first_tokens=16384", "--set", "checkpoint.count=1",
+             "--set", "checkpoint.final_count=4", "--set", "checkpoint.final_fraction=0.25",
+             "--set", "checkpoint.keep_engine=4"]
+    first = _train_scaled(out, "12:3,14:nan", "", *steps)
+    assert first.returncode == 2, first.stderr[-3000:]
+    assert first.stderr.strip().splitlines()[-1].startswith(
+        "sparsity-scaling: error: training diverged at step 14 (tokens 14,336): loss nan, grad_norm nan (not finite)")
+    run = RunDir(out)
+    assert [c.step for c in run.checkpoints()] == [13]
+    assert "step 14" in run.failed()["error"]
+    points = {p["step"]: p for p in run.metric_points() if p["kind"] == "train"}
+    progress = _progress(first.stdout)
+    assert sorted(points) == sorted(progress) == list(range(1, 14))
+    assert points[12]["loss"] > 2.5 * points[11]["loss"] and points[12]["grad_norm"] > 2 * points[11]["grad_norm"]
+    for step, point in points.items():
+        assert f"| grad norm {point['grad_norm']:.3g} |" in progress[step], progress[step]
+    assert [points[s]["loss_spikes"] for s in range(1, 14)] == [0] * 11 + [1, 1]
+    assert not any("loss spikes" in progress[s] for s in range(1, 12)) and progress[12].endswith("| loss spikes 1")
+    assert run.checkpoints()[-1].manifest["health"] == {**run.checkpoints()[-1].manifest["health"],
+                                                         "loss_spikes": 1, "skipped_steps": 0}
+
+    again = _train_scaled(out, "12:3,14:nan", "16:nan", *steps, "--set", "train.skip_nonfinite_steps=1")
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert "resuming from tokens_000000000013312" in again.stdout
+    assert "warning: step 14 (tokens 14,336): loss nan, grad_norm nan: not finite, update skipped (1 of " \
+           "train.skip_nonfinite_steps 1)" in again.stdout
+    progress = _progress(again.stdout)
+    assert sorted(progress) == [14, 15, 16]
+    assert all(progress[s].endswith("| loss spikes 1 | skipped steps 1") for s in progress), progress
+    assert "| loss nan | grad norm nan |" in progress[14]
+    (last,) = [line for line in again.stderr.splitlines() if "error" in line]
+    assert last == ("sparsity-scaling: error: training diverged at step 16 (tokens 16,384): validation loss nan (not "
+                    "finite); no checkpoint written after the last finite one"), last
+    assert "validation loss nan" in run.failed()["error"]
+    assert [c.step for c in run.checkpoints()] == [13, 14, 15] and not list(run.checkpoints_dir.glob(".tmp-*"))
+    assert [c.manifest["health"]["skipped_steps"] for c in run.checkpoints()] == [0, 1, 1]
+
+    weights = [torch.load(c.weights, weights_only=True) for c in run.checkpoints()]
+    assert _same_tensors(weights[0], weights[1])  # the skipped step changed no weight
+    assert not _same_tensors(weights[1], weights[2])  # (a step that trained did)
+    (module_13, adam_13), (module_14, adam_14), (_, adam_15) = (_engine_state(c) for c in run.checkpoints())
+    assert _same_tensors(module_13, module_14) and _same_tensors(adam_13, adam_14)  # nor the optimizer's state
+    assert not _same_tensors(adam_14, adam_15)
+    points = {p["step"]: p for p in run.metric_points() if p["kind"] == "train"}
+    assert sorted(points) == list(range(1, 17))
+    assert points[14]["loss"] is None and points[14]["grad_norm"] is None and points[14]["skipped"]
+    assert points[15]["skipped_steps"] == 1 and math.isfinite(points[15]["loss"]) and "skipped" not in points[15]
+    files = assert_strict_json(out)  # null only where the step was not finite (line 15: step 14)
+    assert {name: nulls for name, nulls in files.items() if nulls} == {
+        "failed.json": ["log"], "metrics.jsonl": ["15:loss", "15:grad_norm"],
+        "checkpoints/tokens_000000000014336/manifest.json": ["train_loss"]}
 
 
 _FULL_DISK = """
@@ -141,7 +319,7 @@ def test_a_checkpoint_write_on_a_full_disk_stops_cleanly_and_the_run_resumes(tmp
     assert "resuming from tokens_000000000001024" in again.stdout
     assert [c.tokens for c in run.checkpoints()] == [1024, 2048, 4096]
     assert run.failed() is None
-    assert_strict_json(out)
+    assert not any(assert_strict_json(out).values())
 
 
 def test_free_space_is_checked_before_a_checkpoint(tmp_path, monkeypatch):
@@ -155,6 +333,25 @@ def test_free_space_is_checked_before_a_checkpoint(tmp_path, monkeypatch):
     assert "room for 2 more checkpoint(s)" in checkpoint.check_room(run, 4 * 10**9)
     with pytest.raises(UserError, match="the next checkpoint needs about 20 GB; nothing written"):
         checkpoint.check_room(run, 20 * 10**9)
+
+
+def test_the_first_checkpoints_space_estimate_is_its_weights_and_engine_state(micro_run, tmp_path):
+    """README "Full disks": before the first checkpoint, the expected size is 4 bytes per
+    parameter (model.pt) plus the engine's 12 (fp32: weights, Adam's two moments) or 14
+    (bf16); the micro run's newest checkpoint, engine state included, is that size to within
+    5%. Once one is written, the estimate is the newest such checkpoint's size."""
+    from sparsity_scaling.train.checkpoint import expected_bytes
+
+    newest = RunDir(micro_run).checkpoints()[-1]
+    assert newest.has_engine
+    weights = torch.load(newest.weights, weights_only=True)
+    params = sum(t.numel() for t in weights.values())
+    before_any = RunDir(tmp_path / "run")
+    assert expected_bytes(before_any, weights, bf16=False) == 16 * params
+    assert expected_bytes(before_any, weights, bf16=True) == 18 * params
+    written = sum(f.stat().st_size for f in newest.path.rglob("*") if f.is_file())
+    assert 0.95 * written <= 16 * params <= 1.05 * written, (16 * params, written)
+    assert expected_bytes(RunDir(micro_run), weights, bf16=False) == written
 
 
 def test_a_diverging_grid_run_fails_once_with_its_reason_and_is_not_retried(ray_address, tmp_path):
@@ -220,18 +417,36 @@ def test_the_report_names_failed_runs_and_checkpoints_left_out(tmp_path, monkeyp
     assert_strict_json(tmp_path)
 
 
-def test_a_model_whose_dense_perplexity_is_not_finite_is_refused():
-    from types import SimpleNamespace
+def test_a_model_whose_dense_perplexity_is_not_finite_is_refused(micro_run, tmp_path):
+    """A copy of the micro run's final checkpoint whose final norm is scaled by 1e30: every
+    weight is finite (the loading check passes), the logits are finite, but the loss is
+    about 1e30, so the dense perplexity is inf. `evaluate` refuses it in one line naming
+    the checkpoint, exit status 2, no traceback, and writes no result file."""
+    from sparsity_scaling.files import sha256_file
 
-    from sparsity_scaling.errors import NonFiniteError
-    from sparsity_scaling.evaluation.inputs import ModelRef
-    from sparsity_scaling.evaluation.jobs import measurable
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run, ignore=shutil.ignore_patterns("evaluations"))
+    checkpoint = RunDir(run).checkpoints()[-1]
+    weights = torch.load(checkpoint.weights, weights_only=True)
+    weights["final_norm.weight"] *= 1e30
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    torch.save(weights, checkpoint.weights)
+    manifest = {**checkpoint.manifest, "files": {**checkpoint.manifest["files"], "model.pt": sha256_file(checkpoint.weights)}}
+    (checkpoint.path / "manifest.json").write_text(json.dumps(manifest))
+    RunDir(run).checkpoints()[-1].verify()  # a complete checkpoint, as training writes one
 
-    model = ModelRef(hf_model="some/model")
-    finite = SimpleNamespace(dense=SimpleNamespace(ppl=12.5, loss=math.log(12.5)), vocab_size=512)
-    assert measurable(finite, model) is finite
-    with pytest.raises(NonFiniteError, match="some/model: dense perplexity inf on the validation data is not finite"):
-        measurable(SimpleNamespace(dense=SimpleNamespace(ppl=math.inf, loss=math.inf), vocab_size=512), model)
+    results = tmp_path / "results"
+    results.mkdir()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = run_cli("evaluate", "--checkpoint", str(checkpoint.path), "--json", str(results / "eval.json"),
+                     "--eval-tokens", "1024")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if "error" in x]
+    assert line == (f"sparsity-scaling: error: {checkpoint.path}: dense perplexity inf on the validation data is not "
+                    "finite; the model cannot be measured"), line
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no result, no thresholds
+    assert "activation_ratio" not in result.stdout
 
 
 def test_a_result_write_on_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):

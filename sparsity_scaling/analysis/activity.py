@@ -10,7 +10,6 @@ dimension gathered over tensor-parallel ranks, so every rank ends with the same 
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 from ..errors import SettingError, UserError
 from ..metrics.comm import gather_neurons, sum_dp, sum_tp
-from ..metrics.measure import EvalData, check_vocab
+from ..metrics.measure import EvalData, check_vocab, perplexity
 from ..metrics.rules import Rule, SparsifyingProbe
 from ..model import MiniCPM
 
@@ -47,7 +46,7 @@ class Activity:
 
     @property
     def ppl(self) -> float:
-        return math.exp(self.loss)
+        return perplexity(self.loss)
 
     def frequency(self) -> np.ndarray:
         """[layers, d_f]: the share of tokens on which each neuron is active."""

@@ -103,6 +103,15 @@ class CalibrationRecorder(Probe):
         return {layer: torch.cat(parts) for layer, parts in self.parts.items()}
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss); inf where that overflows a float (a diverged model's loss of 1e30 is
+    finite, its perplexity is not: it is refused as such, not as a crash)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
 @dataclass
 class DensePass:
     loss: float
@@ -110,7 +119,7 @@ class DensePass:
 
     @property
     def ppl(self) -> float:
-        return math.exp(self.loss)
+        return perplexity(self.loss)
 
 
 def dense_pass(target: SparsityTarget, data: EvalData, calibration_tokens: int = 8192,
@@ -137,7 +146,7 @@ class SparsePass:
 
     @property
     def ppl(self) -> float:
-        return math.exp(self.loss)
+        return perplexity(self.loss)
 
     @property
     def activation_ratio(self) -> float:
