@@ -77,6 +77,27 @@ class _Rank:
                 shutdown_parallel()
 
 
+# max_retries=0: a rank lost with its node fails the job, which the orchestrating task runs
+# again after waiting, watched, for a node (JOB), as a job of actors does
+@ray.remote(num_cpus=0, max_retries=0)
+def _only_rank(cpus: float, log: str, fn, *args):
+    """The one rank of a job on CPUs, as a task: Ray keeps the worker process for the next
+    job, which then skips the interpreter's start and the imports (about 6 s on 2 cores).
+    A job with GPUs keeps its actors, a fresh process each, CUDA's state never inherited."""
+    from sparsity_scaling.parallel import free_port, shutdown_parallel
+
+    os.environ.update(gpu_environment([]), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()))
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))  # a kept worker read OMP_NUM_THREADS for an earlier task
+    with output_to(Path(log)):
+        try:
+            return fn(*args)
+        finally:
+            shutdown_parallel()
+
+
 def run_job(evaluation: Evaluation, wait_s: float, log: Path, job: str, fn, *args):
     """fn(*args) on `evaluation.tp` ranks that form one process group (a placement group of
     one bundle per rank); rank 0's result. fn runs `init_parallel(tp)` and lets rank 0 write.
@@ -91,6 +112,10 @@ def run_job(evaluation: Evaluation, wait_s: float, log: Path, job: str, fn, *arg
     try:
         while not ray.wait([group.ready()], timeout=5)[0]:
             watch.check(f"a rank of its evaluation job {job}")
+        if evaluation.tp == 1 and not evaluation.gpus:
+            return ray.get(_only_rank.options(num_cpus=evaluation.cpus,
+                                              scheduling_strategy=PlacementGroupSchedulingStrategy(group, 0)).remote(
+                evaluation.cpus, str(log), fn, *args))
         ranks = [_Rank.options(num_cpus=evaluation.cpus, num_gpus=evaluation.gpus,
                                scheduling_strategy=PlacementGroupSchedulingStrategy(group, index)).remote()
                  for index in range(evaluation.tp)]
@@ -174,9 +199,10 @@ def _pareto_job(run_dir: str, evaluation: Evaluation) -> None:
 
 
 # A job's orchestrating task holds no resources (its ranks do) and runs on the head node; if
-# a node with one of its ranks dies, the task fails with the rank's actor and Ray runs it
-# again, on the nodes left.
-JOB = {**ON_HEAD, "retry_exceptions": [ray.exceptions.RayActorError], "max_retries": 3}
+# a node with one of its ranks dies, the task fails with the rank (its actor or task) and Ray
+# runs it again, on the nodes left.
+JOB = {**ON_HEAD, "retry_exceptions": [ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                                        ray.exceptions.NodeDiedError], "max_retries": 3}
 
 
 @ray.remote
