@@ -86,8 +86,8 @@ def start_local_server(workdir: Workdir, host: str | None = None, timeout: float
     log = open(workdir.mlflow_log, "ab")
     # MLflow answers 403 to a Host header outside loopback and the private ranges unless told:
     # the nodes address it by the host it binds, which may be any address of the head.
-    allowed = [a for a in os.environ.get("MLFLOW_SERVER_ALLOWED_HOSTS", "").split(",") if a.strip()] or [
-        "localhost:*", "127.0.0.1:*", "[[]::1]:*"]
+    allowed = ["localhost:*", "127.0.0.1:*", "[[]::1]:*",
+               *(a for a in os.environ.get("MLFLOW_SERVER_ALLOWED_HOSTS", "").split(",") if a.strip())]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no background job runner
            "MLFLOW_SERVER_ALLOWED_HOSTS": ",".join([*allowed, f"{_url_host(host)}:{port}"])}
     process = subprocess.Popen(
