@@ -421,6 +421,21 @@ def test_a_series_of_checkpoints_gives_evaluate_runs_trajectory(micro_run, token
     assert series["token_passed"] == [c.tokens for c in checkpoints]
     assert series["activation_ratio"] == [p["activation_ratio"] for p in run["checkpoints"]]
     assert series["cett"] == run["cett"]
+    # Against `evaluate --metric cett` of each checkpoint on its own at the series' CETT (not
+    # the trajectory's code): each point is that checkpoint's measurement, and the CETT is
+    # the one whose PPL ratio, averaged over the 3 newest checkpoints, is 1 + p/100.
+    alone = []
+    for checkpoint in checkpoints:
+        out = tmp_path / f"alone-{checkpoint.name}.json"
+        assert main(["evaluate", "--checkpoint", str(checkpoint.path), "--metric", "cett", "--value",
+                     repr(series["cett"]), "--eval-tokens", "2048", "--json", str(out)]) == 0
+        alone.append(json.loads(out.read_text()))
+    # Within the per-layer eps search's tolerance (1e-4 in CETT, from a bracket that depends
+    # on what was searched before): 5e-5 apart in activation ratio here.
+    assert series["activation_ratio"] == pytest.approx([a["activation_ratio"] for a in alone], abs=5e-4)
+    assert [p["ppl_ratio"] for p in series["checkpoints"]] == pytest.approx([a["ppl_ratio"] for a in alone], abs=5e-4)
+    newest = [a["ppl_ratio"] for a in alone[-3:]]
+    assert sum(newest) / 3 == pytest.approx(1.01, abs=1e-3), [a["ppl_ratio"] for a in alone]
 
     batch = checkpoints[0].tokens // checkpoints[0].step
     exported = [str(export_llama(c.path, tmp_path / f"step{c.step}")) for c in checkpoints]
