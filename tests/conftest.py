@@ -55,6 +55,24 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     )
 
 
+def run_here(*args: str) -> subprocess.CompletedProcess:
+    """`sparsity-scaling ARGS` in this process, for commands that start nothing: as `run_cli`
+    sees it (exit status, what it printed), without an interpreter's start and the imports
+    (5-10 s on 2 cores). An uncaught exception fails the test, as a traceback would."""
+    import contextlib
+    import io
+
+    from sparsity_scaling.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit:  # the parser's refusal of a flag
+            code = exit.code
+    return subprocess.CompletedProcess(["sparsity-scaling", *args], code, out.getvalue(), err.getvalue())
+
+
 def mlflow_history(workdir: Path, experiment: str) -> dict:
     """Every run's tags and metric histories, read back through the grid's MLflow server."""
     from mlflow.tracking import MlflowClient

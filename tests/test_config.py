@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_here
 from distributed import run_ranks
 from sparsity_scaling.config import checkpoint_tokens, load_config
 from sparsity_scaling.errors import UserError
@@ -71,14 +71,14 @@ def test_bad_values_name_file_and_field(overrides, field):
 def test_cli_reports_bad_config_in_one_line_with_status_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {d_model: 64, n_layers: 2, n_heads: 3, d_ff: 160}\n")
-    result = run_cli("train", str(bad), "--out", str(tmp_path / "run"))
+    result = run_here("train", str(bad), "--out", str(tmp_path / "run"))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "bad.yaml" in lines[0] and "model" in lines[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
 
-    missing = run_cli("train", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "run"))
+    missing = run_here("train", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "run"))
     assert missing.returncode == 2 and "nope.yaml" in missing.stderr and "Traceback" not in missing.stderr
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GRID, REPO, mlflow_history, run_cli
+from conftest import GRID, REPO, mlflow_history, run_cli, run_here
 from sparsity_scaling.parallel import free_port
 from sparsity_scaling.rundir import RunDir
 
@@ -93,7 +93,7 @@ def test_grid_trains_evaluates_and_mirrors_everything_in_mlflow(grid_run):
         for i in range(layers):
             _same_points(run["metrics"][f"layer_activation_ratio/{i}"],
                          [(p["tokens"], p["layer_activation_ratios"][i]) for p in stabilised["checkpoints"]])
-    status = run_cli("grid", "status", str(GRID), "--workdir", str(grid_run))
+    status = run_here("grid", "status", str(GRID), "--workdir", str(grid_run))
     assert status.returncode == 0 and status.stdout.count(" done ") == 2
     assert (grid_run / "mlflow_after_submit").read_text() == "stopped"  # see grid_run
 
@@ -220,10 +220,10 @@ def test_the_shortened_demo_reports_what_mlflow_holds(grid_run):
 
     written = {name: (grid_run / name).read_bytes() for name in ("report.json", "report.md", "report.html")}
     try:
-        again = run_cli("grid", "report", str(GRID), "--workdir", str(grid_run), "--target", "0.5", "--target", "0.2")
+        again = run_here("grid", "report", str(GRID), "--workdir", str(grid_run), "--target", "0.5", "--target", "0.2")
         assert again.returncode == 0, again.stderr[-2000:]
         assert json.loads((grid_run / "report.json").read_text())["targets"] == [0.5, 0.2]
-        bad = run_cli("grid", "report", str(GRID), "--workdir", str(grid_run), "--target", "1.5")
+        bad = run_here("grid", "report", str(GRID), "--workdir", str(grid_run), "--target", "1.5")
         assert bad.returncode == 2 and "--target 1.5" in bad.stderr and bad.stderr.count("\n") == 1
         assert json.loads((grid_run / "report.json").read_text())["targets"] == [0.5, 0.2]  # nothing lost
     finally:  # the shared grid's report as the submit wrote it, for the tests after this one
@@ -263,7 +263,7 @@ def test_invalid_grids_are_refused_before_anything_runs(tmp_path, grid_text, mes
     grid = REPO / "configs" / "grids" / f".test-{os.getpid()}-{abs(hash(grid_text))}.yaml"
     grid.write_text(grid_text)
     try:
-        result = run_cli("grid", "plan", str(grid))
+        result = run_here("grid", "plan", str(grid))
     finally:
         grid.unlink()
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
@@ -293,7 +293,7 @@ def test_evaluation_resources_no_node_has_are_refused_before_anything_runs(tmp_p
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "evaluation.gpus 1: no node has that many GPUs (the most on one node: 0)" in result.stderr
     assert not (tmp_path / "w").exists()
-    assert "evaluation jobs: 1 CPU, 1 GPU" in run_cli("grid", "plan", str(grid)).stdout
+    assert "evaluation jobs: 1 CPU, 1 GPU" in run_here("grid", "plan", str(grid)).stdout
 
 
 def test_an_evaluation_job_across_two_tensor_parallel_ranks_matches_one_rank(micro_run, tmp_path, ray_address):

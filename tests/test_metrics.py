@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import mlflow_run_dir, run_cli
+from conftest import mlflow_run_dir, run_cli, run_here
 from distributed import run_ranks
 from sparsity_scaling.rundir import RunDir
 
@@ -205,7 +205,7 @@ def test_top_p_keeps_the_minimal_set():
 def test_evaluate_cli_writes_result_and_reusable_thresholds(micro_run, tokens_file, tmp_path):
     checkpoint = RunDir(micro_run).checkpoints()[-1].path
     out = tmp_path / "result.json"
-    result = run_cli("evaluate", "--checkpoint", str(checkpoint), "--tokens", str(tokens_file), "--json", str(out))
+    result = run_here("evaluate", "--checkpoint", str(checkpoint), "--tokens", str(tokens_file), "--json", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads(out.read_text())
     for key in ("metric", "params", "cett", "thresholds", "layer_activation_ratios", "activation_ratio",
@@ -219,7 +219,7 @@ def test_evaluate_cli_writes_result_and_reusable_thresholds(micro_run, tokens_fi
     assert ratio == pytest.approx(record["activation_ratio"], abs=1e-9)
     # --thresholds alone (no --json): the thresholds are written, the result printed
     alone = tmp_path / "alone.json"
-    result = run_cli("evaluate", "--checkpoint", str(checkpoint), "--tokens", str(tokens_file), "--metric", "cett",
+    result = run_here("evaluate", "--checkpoint", str(checkpoint), "--tokens", str(tokens_file), "--metric", "cett",
                      "--value", "0.2", "--thresholds", str(alone))
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(alone.read_text())["key"]["cett"] == json.loads(result.stdout)["cett"] == 0.2
@@ -245,7 +245,7 @@ def _apply_saved(checkpoint, tokens_path, thresholds):
 def test_evaluate_cli_bad_input(micro_run, tokens_file, tmp_path, args, message):
     checkpoint = RunDir(micro_run).checkpoints()[-1].path
     out = tmp_path / "result.json"
-    result = run_cli("evaluate", "--checkpoint", str(checkpoint), "--tokens", str(tokens_file),
+    result = run_here("evaluate", "--checkpoint", str(checkpoint), "--tokens", str(tokens_file),
                      "--json", str(out), *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert result.stderr.count("\n") == 1 and not out.exists()
@@ -276,12 +276,12 @@ def test_evaluate_refuses_flags_it_would_ignore(tmp_path, capsys, args, message)
 def test_evaluate_cli_refuses_incomplete_checkpoint_and_foreign_tokens(micro_run, tmp_path):
     incomplete = tmp_path / "tokens_000000000000001"
     incomplete.mkdir()
-    result = run_cli("evaluate", "--checkpoint", str(incomplete))
+    result = run_here("evaluate", "--checkpoint", str(incomplete))
     assert result.returncode == 2 and "not a complete checkpoint" in result.stderr
     big = tmp_path / "big.npy"
     np.save(big, np.full((2, 65), 10_000, dtype=np.int64))
     checkpoint = RunDir(micro_run).checkpoints()[-1].path
-    result = run_cli("evaluate", "--checkpoint", str(checkpoint), "--tokens", str(big))
+    result = run_here("evaluate", "--checkpoint", str(checkpoint), "--tokens", str(big))
     assert result.returncode == 2 and "does not match the model" in result.stderr
     assert result.stderr.count("\n") == 1
 
@@ -289,7 +289,7 @@ def test_evaluate_cli_refuses_incomplete_checkpoint_and_foreign_tokens(micro_run
 def test_evaluate_run_applies_one_stabilised_cett(micro_run, tmp_path):
     run = tmp_path / "run"  # it writes RUN/sparsity.json: not into the shared run, which `analyze` reads
     shutil.copytree(micro_run, run)
-    result = run_cli("evaluate-run", str(run), "--eval-tokens", "4096")
+    result = run_here("evaluate-run", str(run), "--eval-tokens", "4096")
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((run / "sparsity.json").read_text())
     points = record["checkpoints"]
@@ -378,7 +378,7 @@ def test_exported_llama_gives_the_same_ppl_p_as_our_checkpoint(micro_run, tokens
     exported = export_llama(checkpoint, tmp_path / "llama")
     ours, theirs = tmp_path / "ours.json", tmp_path / "theirs.json"
     for flag, path, out in (("--checkpoint", checkpoint, ours), ("--hf-model", exported, theirs)):
-        result = run_cli("evaluate", flag, str(path), "--tokens", str(tokens_file), "--json", str(out))
+        result = run_here("evaluate", flag, str(path), "--tokens", str(tokens_file), "--json", str(out))
         assert result.returncode == 0, result.stderr[-3000:]
     ours, theirs = json.loads(ours.read_text()), json.loads(theirs.read_text())
     assert theirs["dense_ppl"] == pytest.approx(ours["dense_ppl"], rel=1e-4)
@@ -389,7 +389,7 @@ def test_exported_llama_gives_the_same_ppl_p_as_our_checkpoint(micro_run, tokens
 def test_data_parallel_evaluation_under_torchrun_matches_one_process(micro_run, tokens_file, tmp_path):
     checkpoint = RunDir(micro_run).checkpoints()[-1].path
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    result = run_cli("evaluate", "--checkpoint", str(checkpoint), "--tokens", str(tokens_file), "--json", str(one))
+    result = run_here("evaluate", "--checkpoint", str(checkpoint), "--tokens", str(tokens_file), "--json", str(one))
     assert result.returncode == 0, result.stderr[-3000:]
     torchrun = Path(sys.executable).with_name("torchrun")
     result = subprocess.run(

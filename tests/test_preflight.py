@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_here
 from launcher.grid import load_grid
 from launcher.preflight import ClusterFacts, Node, NodeProblem, check_grid
 from sparsity_scaling.config import load_config
@@ -42,7 +42,7 @@ def test_grid_plan_refuses_every_run_that_cannot_split_its_batch_one_line_each(t
     grid = _grid(tmp_path, f"name: g\nbase: {MODELS / '0.1b.yaml'}\n"
                            "axes: [{zipped: {label: [a, b], train.lr: [0.01, 0.02]}}]\n"
                            "overrides: {train.micro_batch_size: 4}\n" + GPU_RESOURCES + "evaluation: {gpus: 1}\n")
-    result = run_cli("grid", "plan", str(grid))
+    result = run_here("grid", "plan", str(grid))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 3 and "1 node, 8 GPUs of 80 GB per node" in lines[0] and "2 problems" in lines[0]
@@ -66,13 +66,13 @@ def test_a_data_parallel_size_that_cannot_split_the_batch_names_resources_dp(tmp
 def test_grid_plan_refuses_a_run_that_cannot_fit_its_gpu_and_names_a_fix_that_does(tmp_path):
     grid = _grid(tmp_path, f"name: g\nbase: {MODELS / '2.4b.yaml'}\naxes: [{{zipped: {{label: [big], "
                            "train.activation_checkpointing: [false]}}]\n" + GPU_RESOURCES + "evaluation: {gpus: 1}\n")
-    result = run_cli("grid", "plan", str(grid))
+    result = run_here("grid", "plan", str(grid))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 2
     assert lines[1].strip().startswith("run big: train.micro_batch_size 4: estimated peak ")
     assert "exceeds the 80 GB of a GPU" in lines[1] and "train.activation_checkpointing: true" in lines[1]
-    assert run_cli("grid", "plan", str(grid), "--gpu-memory", "200").returncode == 0  # the flag is the limit
+    assert run_here("grid", "plan", str(grid), "--gpu-memory", "200").returncode == 0  # the flag is the limit
 
 
 def test_the_memory_estimate_matches_a_hand_count():

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import MICRO, REPO, run_cli
+from conftest import MICRO, REPO, run_cli, run_here
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from sparsity_scaling.config import DataConfig, load_config
@@ -384,12 +384,12 @@ def test_the_epoch_guard_refuses_and_accepts_at_the_boundary(tmp_path):
 
 
 def test_a_paper_scale_config_on_the_builtin_corpus_is_refused_with_the_epoch_message(tmp_path):
-    result = run_cli("train", str(REPO / "configs" / "models" / "0.1b.yaml"), "--out", str(tmp_path / "run"),
+    result = run_here("train", str(REPO / "configs" / "models" / "0.1b.yaml"), "--out", str(tmp_path / "run"),
                      "--set", "data.corpus=stdlib")
     assert result.returncode == 2
     assert "train.tokens 4.20e+10 is" in result.stderr and "more than data.max_epochs 1" in result.stderr
     assert "sparsity-scaling data prepare" in result.stderr and not (tmp_path / "run").exists()
-    plain = run_cli("train", str(REPO / "configs" / "models" / "0.1b.yaml"), "--out", str(tmp_path / "run"))
+    plain = run_here("train", str(REPO / "configs" / "models" / "0.1b.yaml"), "--out", str(tmp_path / "run"))
     assert plain.returncode == 2 and "names no corpus" in plain.stderr and "data prepare" in plain.stderr
 
 
@@ -484,7 +484,7 @@ def test_the_decay_stage_trains_on_its_own_data(trained, parquet, parquet_hf, tm
 
 
 def test_grid_plan_tells_the_cost_and_the_corpus_before_anything_runs():
-    result = run_cli("grid", "plan", str(REPO / "configs" / "grids" / "sparsing_law.yaml"), "--mfu", "0.5",
+    result = run_here("grid", "plan", str(REPO / "configs" / "grids" / "sparsing_law.yaml"), "--mfu", "0.5",
                      "--peak-tflops", "1000")
     assert result.returncode == 0, result.stderr
     header = next(line for line in result.stdout.splitlines() if line.startswith("run "))
@@ -522,7 +522,7 @@ overrides:
   data.tokenizer: {trained}.model
   train.tokens: 65536
 """)
-    result = run_cli("grid", "plan", str(grid))
+    result = run_here("grid", "plan", str(grid))
     assert result.returncode == 0, result.stderr
     row = result.stdout.splitlines()[3]
     corpus = manifest["splits"]["train"]["tokens"]
