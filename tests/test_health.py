@@ -354,41 +354,176 @@ def test_the_first_checkpoints_space_estimate_is_its_weights_and_engine_state(mi
     assert expected_bytes(RunDir(micro_run), weights, bf16=False) == written
 
 
-def test_a_diverging_grid_run_fails_once_with_its_reason_and_is_not_retried(ray_address, tmp_path):
-    """One diverging run (no checkpoint before its non-finite step 3) on the shared Ray:
-    its worker is not retried (max_failures 2), the grid says why in one line, the run
-    directory, `grid status` and its MLflow run (tag `failure`) hold the reason."""
-    grid = tmp_path / "health_test.yaml"
-    grid.write_text(f"""name: health_test
-base: {MICRO}
+_HEALTH_GRID = """name: health_test
+base: {micro}
 axes:
-  - zipped: {{label: [diverging], train.lr: [1.0e6]}}
+  - zipped: {{label: [diverging, sane], train.lr: [1.0e6, 0.01], checkpoint.first_tokens: [1024, 8192],
+              checkpoint.count: [2, 1]}}
 overrides:
   train.tokens: 8192
   train.log_every: 1
-  checkpoint.first_tokens: 8192
-  checkpoint.count: 1
   checkpoint.final_count: 0
-resources: {{tp: 1, dp: 1, cpus_per_worker: 1}}
+{more}resources: {{tp: 1, dp: 1, cpus_per_worker: 1}}
 evaluation: {{p: 1.0, eval_tokens: 1024, last: 1, calibration_tokens: 512, pareto: false}}
 max_failures: 2
-""")
+"""
+
+
+def _train_points(run: RunDir) -> list[dict]:
+    return [p for p in run.metric_points() if p["kind"] == "train"]
+
+
+def _status_rows(stdout: str) -> dict[str, list[str]]:
+    """`grid status`'s table, a run's cells by its name (the header and notes left out)."""
+    return {cells[0]: cells[1:] for cells in (line.split() for line in stdout.splitlines()[1:])
+            if len(cells) == 9 and not cells[0].endswith(":")}
+
+
+def test_a_diverging_grid_run_fails_once_with_its_reason_while_the_others_finish(ray_address, tmp_path):
+    """README "Failed runs", on the shared Ray: run `diverging` (lr 1e6, a checkpoint after
+    step 1, a non-finite step 3) is not retried (max_failures 2); the grid says why in one
+    line, and `sane` still trains and is measured. The run directory, `grid status` and
+    MLflow (FAILED, tag `failure`; `sane` FINISHED, the parent FAILED) hold it, with each
+    run's gradient norms as metrics.jsonl has them.
+    Resubmitted with `train.skip_nonfinite_steps` in the overrides (not part of a run's
+    hash: `sane` stays trained), `diverging` resumes from its checkpoint, skips steps 3 to
+    8 (counted in MLflow's `skipped_steps`) and stops at its final checkpoint, whose
+    validation loss is nan: a diverged model gives nan ever after, so skipping is no fix
+    for it and no checkpoint holding nan is written."""
+    grid = tmp_path / "health_test.yaml"
+    grid.write_text(_HEALTH_GRID.format(micro=MICRO, more=""))
     workdir = tmp_path / "work"
     result = run_cli("grid", "submit", str(grid), "--address", ray_address, "--workdir", str(workdir), timeout=900)
     assert result.returncode == 2, (result.stdout[-3000:], result.stderr[-3000:])
     (line,) = [x for x in result.stderr.splitlines() if "error" in x]
     assert "run diverging: training diverged at step 3 (tokens 3,072): loss nan" in line, line
+    assert line.endswith("; 1 of 2 runs finished, see the report"), line
     assert "Traceback" not in result.stderr
-    diverging = RunDir(workdir / "runs" / "diverging")
+    diverging, sane = (RunDir(workdir / "runs" / name) for name in ("diverging", "sane"))
     assert diverging.train_log(0).read_text().count("--- ") == 1  # one attempt: not retried
-    assert not diverging.checkpoints() and "step 3" in diverging.failed()["error"]
+    assert [c.tokens for c in diverging.checkpoints()] == [1024] and "step 3" in diverging.failed()["error"]
+    assert sane.failed() is None and [c.tokens for c in sane.checkpoints()] == [8192]
+    (measured,) = sane.evaluations()
+    assert measured["train_tokens"] == 8192 and 0 < measured["activation_ratio"] <= 1
+    assert [p["tokens"] for p in sane.sparsity_record()["checkpoints"]] == [8192]
+    assert "**diverging**: training diverged at step 3" in workdir.joinpath("report.md").read_text()
     status = run_cli("grid", "status", str(grid), "--workdir", str(workdir))
     assert "diverging: failed: training diverged at step 3" in status.stdout
+    rows = _status_rows(status.stdout)
+    for run, state, tokens in ((diverging, "failed", 2048), (sane, "done", 8192)):
+        last = _train_points(run)[-1]
+        assert last["tokens"] == tokens and rows[run.name][:3] == [state, f"{tokens:,}", "8,192"], rows
+        assert rows[run.name][3:6] == [f"{last['loss']:.4f}", f"{last['grad_norm']:.3g}", str(last["loss_spikes"])]
     history = mlflow_history(workdir, "health_test")
     assert "step 3" in history["diverging"]["tags"]["failure"] and history["diverging"]["status"] == "FAILED"
+    assert history["sane"]["status"] == "FINISHED" and "failure" not in history["sane"]["tags"]
     assert history["health_test"]["status"] == "FAILED"  # the grid's parent run: a run failed
-    assert [s for s, _ in history["diverging"]["metrics"]["grad_norm"]] == [1024, 2048]  # logged up to the failure
+    assert history["sane"]["metrics"]["activation_ratio_checkpoint"] == [(8192, measured["activation_ratio"])]
+    for run in (diverging, sane):  # logged up to the failure, as training logged them
+        logged, expected = history[run.name]["metrics"]["grad_norm"], _train_points(run)
+        assert [s for s, _ in logged] == [p["tokens"] for p in expected]
+        assert [v for _, v in logged] == pytest.approx([p["grad_norm"] for p in expected], rel=1e-6)
+    assert [s for s, _ in history["diverging"]["metrics"]["grad_norm"]] == [1024, 2048]
     assert_strict_json(workdir)
+
+    grid.write_text(_HEALTH_GRID.format(micro=MICRO, more="  train.skip_nonfinite_steps: 10\n"))
+    again = run_cli("grid", "submit", str(grid), "--address", ray_address, "--workdir", str(workdir), timeout=900)
+    assert again.returncode == 2, (again.stdout[-3000:], again.stderr[-3000:])
+    (line,) = [x for x in again.stderr.splitlines() if "error" in x]
+    assert ("run diverging: training diverged at step 8 (tokens 8,192): validation loss nan (not finite); no "
+            "checkpoint written after the last finite one") in line, line
+    log = diverging.train_log(0).read_text()
+    assert log.count("--- ") == 2 and "resuming from tokens_000000000001024 (step 1)" in log
+    assert sane.train_log(0).read_text().count("--- ") == 1  # trained: not trained again
+    points = _train_points(diverging)
+    assert [p["step"] for p in points] == list(range(1, 9))  # resumed, each step once
+    assert [p["skipped_steps"] for p in points] == [0, 0, 1, 2, 3, 4, 5, 6]
+    assert [c.tokens for c in diverging.checkpoints()] == [1024] and not diverging.evaluation_failures()
+    history = mlflow_history(workdir, "health_test")
+    metrics = history["diverging"]["metrics"]
+    assert metrics["skipped_steps"] == [(1024 * s, float(p["skipped_steps"])) for s, p in enumerate(points, 1)]
+    assert [s for s, _ in metrics["train_loss"]] == [s for s, _ in metrics["grad_norm"]] == [1024, 2048]  # once
+    assert "validation loss nan" in history["diverging"]["tags"]["failure"]
+    assert history["diverging"]["status"] == "FAILED" and history["sane"]["status"] == "FINISHED"
+    assert history["health_test"]["status"] == "FAILED"
+    assert_strict_json(workdir)
+
+
+def test_gradient_norms_spikes_and_skipped_steps_show_in_grid_status_and_mlflow(tmp_path, capsys):
+    """README "Gradient norm and loss spikes": a run whose metrics.jsonl says (by hand)
+    gradient norms 2.5, 1.25, - (a skipped step), 0.8137 and loss spikes 0, 1, 1, 2, with one
+    checkpoint that could not be measured: `grid status` shows the newest norm and spike
+    count in its columns and notes the skipped step and the checkpoint; MLflow gets every
+    point's `grad_norm` (none for the skipped step), `loss_spikes` and `skipped_steps`."""
+    from conftest import mlflow_run_dir
+
+    from launcher.tracking import sync_run
+    from sparsity_scaling.cli.program import main
+    from sparsity_scaling.files import write_json_atomic
+
+    grid = tmp_path / "spikes.yaml"
+    grid.write_text(f"name: spikes\nbase: {MICRO}\naxes:\n  - zipped: {{label: [spiky, quiet]}}\n"
+                    "overrides: {train.tokens: 8192}\n")
+    run = RunDir(tmp_path / "work" / "runs" / "spiky")
+    run.path.mkdir(parents=True)
+    train = {"kind": "train", "lr": 0.01, "tokens_per_s": 512.0}
+    points = [{**train, "step": 1, "tokens": 1024, "loss": 6.0, "grad_norm": 2.5, "loss_spikes": 0, "skipped_steps": 0},
+              {**train, "step": 2, "tokens": 2048, "loss": 7.9, "grad_norm": 1.25, "loss_spikes": 1, "skipped_steps": 0},
+              {**train, "step": 3, "tokens": 3072, "loss": None, "grad_norm": None, "loss_spikes": 1, "skipped_steps": 1,
+               "skipped": True},
+              {"kind": "val", "step": 3, "tokens": 3072, "loss": 5.5},
+              {**train, "step": 4, "tokens": 4096, "loss": 5.25, "grad_norm": 0.8137, "loss_spikes": 2, "skipped_steps": 1}]
+    run.metrics.write_text("".join(json.dumps(p) + "\n" for p in points))
+    write_json_atomic(run.evaluation_failure_of(run.checkpoint_dir(2048)),
+                      {"checkpoint": "tokens_000000000002048", "train_tokens": 2048, "error": "weights hold NaN"})
+
+    assert main(["grid", "status", str(grid), "--workdir", str(tmp_path / "work")]) in (0, None)
+    out = capsys.readouterr().out
+    rows = _status_rows(out)
+    assert rows == {"spiky": ["training", "4,096", "8,192", "5.2500", "0.814", "2", "-", "0/0"],
+                    "quiet": ["pending", "0", "8,192", "-", "-", "0", "-", "0/0"]}, out
+    (note,) = [line for line in out.splitlines() if line.startswith("spiky:")]
+    assert "2 loss spikes, 1 non-finite steps skipped, 1 checkpoints not measurable (non-finite)" in note, note
+
+    mlflow, run_id, grid_run = mlflow_run_dir(tmp_path)
+    shutil.copy(grid_run / "mlflow_run.json", run.mlflow_run)
+    assert sync_run(run.path, wait=True)
+    logged = {key: sorted((m.step, m.value) for m in mlflow.get_metric_history(run_id, key))
+              for key in ("grad_norm", "loss_spikes", "skipped_steps", "train_loss")}
+    assert logged == {"grad_norm": [(1024, 2.5), (2048, 1.25), (4096, 0.8137)],
+                      "loss_spikes": [(1024, 0), (2048, 1), (3072, 1), (4096, 2)],
+                      "skipped_steps": [(1024, 0), (2048, 0), (3072, 1), (4096, 1)],
+                      "train_loss": [(1024, 6.0), (2048, 7.9), (4096, 5.25)]}
+
+
+def test_a_grid_records_a_checkpoint_it_cannot_measure_in_evaluations_failed(micro_run, tmp_path, monkeypatch,
+                                                                              world_of_one):
+    """README "Failed runs": the grid's evaluation job of a checkpoint holding a NaN weight
+    (its manifest rewritten, a complete checkpoint) writes no result but RUN/evaluations/
+    failed/CHECKPOINT.json naming it and why, and leaves no job status behind."""
+    from launcher import eval_queue
+    from launcher.grid import Evaluation
+    from sparsity_scaling.files import sha256_file
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run, ignore=shutil.ignore_patterns("evaluations"))
+    checkpoint = RunDir(run).checkpoints()[-1]
+    weights = torch.load(checkpoint.weights, weights_only=True)
+    next(iter(weights.values())).view(-1)[0] = float("nan")
+    torch.save(weights, checkpoint.weights)
+    manifest = {**checkpoint.manifest, "files": {**checkpoint.manifest["files"], "model.pt": sha256_file(checkpoint.weights)}}
+    (checkpoint.path / "manifest.json").write_text(json.dumps(manifest))
+    RunDir(run).checkpoints()[-1].verify()
+
+    monkeypatch.setenv("RANK", "0")  # the job's rank 0, which writes (as on Ray)
+    monkeypatch.setattr(eval_queue, "this_node", lambda: ("node-1", "127.0.0.1"))
+    evaluation = Evaluation(eval_tokens=1024, calibration_tokens=512)
+    assert eval_queue._checkpoint_job(str(checkpoint.path), evaluation) is None
+    failed = json.loads((run / "evaluations" / "failed" / f"{checkpoint.name}.json").read_text(), parse_constant=_refuse)
+    assert failed["checkpoint"] == checkpoint.name and failed["train_tokens"] == checkpoint.tokens
+    assert "NaN or infinite" in failed["error"], failed
+    assert RunDir(run).evaluations() == [] and not RunDir(run).running_jobs()
+    assert [f["checkpoint"] for f in RunDir(run).evaluation_failures()] == [checkpoint.name]
 
 
 def test_the_report_names_failed_runs_and_checkpoints_left_out(tmp_path, monkeypatch):
