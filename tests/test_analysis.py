@@ -21,6 +21,7 @@ from sparsity_scaling.rundir import RunDir
 # fewer than 0.1% of them (the default dead threshold) is active on none.
 SEQUENCES = 12
 HF_VOCAB = 100
+HEATMAP_TEXT = "def add(a, b):\n    return a + b\n"
 
 
 def _validation_tokens(run: Path, sequences: int, path: Path) -> Path:
@@ -122,6 +123,8 @@ def _sequences(tokens_path) -> torch.Tensor:
 def _single_rank(checkpoints: list[Path], tokens_path: Path, hf_dirs: dict[str, Path]) -> dict:
     """Everything measured on one rank, in one spawned process (model loads are shared)."""
     from sparsity_scaling.analysis.activity import measure_activity
+    from sparsity_scaling.analysis.models import ModelSpec, vocabulary
+    from sparsity_scaling.evaluation.inputs import ModelRef
     from sparsity_scaling.hf import HFCausalLM, load_target
     from sparsity_scaling.metrics.measure import EvalData
     from sparsity_scaling.metrics.rules import FixedThreshold, ReluZero, TopK
@@ -142,6 +145,10 @@ def _single_rank(checkpoints: list[Path], tokens_path: Path, hf_dirs: dict[str, 
     out["topk"] = measure_activity(model, EvalData(seqs, 5), TopK(k=16))
     out["relu"] = measure_activity(model, EvalData(seqs, 5), ReluZero())
     out["relu_direct"] = _direct(model, seqs, lambda t: t.gate > 0, True)
+    # `analyze heatmap --metric relu` recounted: the text's tokens, then any token to predict
+    ids = vocabulary(ModelSpec("m", ModelRef(checkpoint=str(checkpoints[-1])))).encode(HEATMAP_TEXT)
+    text = torch.tensor([ids + [ids[0]]])
+    out["heatmap_direct"] = _direct(model, text, lambda t: t.gate > 0, True)["position_ratios"]
 
     # a gate threshold that leaves about half of the neurons never reaching it
     gates = _direct(model, seqs, lambda t: torch.ones_like(t.gate, dtype=torch.bool), True)["gate_max"]
@@ -299,6 +306,24 @@ def _texts(legend) -> list[str]:
     return [t.get_text() for t in legend.get_texts()]
 
 
+def _png(path: Path) -> np.ndarray:
+    """The PNG decoded as [height, width, RGB] bytes, checked to be a drawn figure: not
+    blank, and more than a few colours (text and lines are antialiased)."""
+    from matplotlib.image import imread
+
+    rgb = np.round(imread(path)[..., :3] * 255).astype(np.int16)
+    assert (rgb < 240).any(-1).mean() > 0.01, "blank"
+    assert len(np.unique(rgb.reshape(-1, 3), axis=0)) > 50
+    return rgb
+
+
+def _pixels_of(rgb: np.ndarray, colour) -> int:
+    """How many pixels are `colour` (a matplotlib colour), within 2 levels a channel."""
+    from matplotlib.colors import to_rgb
+
+    return int((np.abs(rgb - np.round(np.array(to_rgb(colour)) * 255)) <= 2).all(-1).sum())
+
+
 def test_frequency_report_and_figure(measured, tmp_path):
     from sparsity_scaling.analysis.frequency import frequency_figure, frequency_report
 
@@ -326,8 +351,14 @@ def test_frequency_report_and_figure(measured, tmp_path):
         assert ax.get_ylabel() == "share of neurons"
         texts = _texts(ax.get_legend())
         assert texts[0].startswith("early") and texts[1].startswith("late (W\u2081 to early: ")
-    figure.savefig(tmp_path / "frequency.png")
-    assert (tmp_path / "frequency.png").stat().st_size > 10_000
+    from sparsity_scaling.figures import save_figure
+
+    save_figure(figure, tmp_path / "frequency.png")  # as `analyze` writes it: 110 dpi, cropped to what is drawn
+    rgb = _png(tmp_path / "frequency.png")
+    width, height = figure.get_size_inches() * 110
+    assert rgb.shape[:2] == pytest.approx((height, width), abs=0.3 * 110)
+    # both models' lines drawn (matplotlib's first two colours), not only their legend entries
+    assert _pixels_of(rgb, "C0") > 2000 and _pixels_of(rgb, "C1") > 2000
 
 
 def test_token_report_and_figure(measured, micro_run):
@@ -378,9 +409,10 @@ def test_dead_and_heatmap_figures(measured):
         "dead neurons (active on < 0.001 of tokens)", "activation ratio (PPL-1% of each checkpoint)",
         "activation ratio (RUN/sparsity.json, stabilised)"]
 
-    ratios = measured["one_batch"].position_ratios()[:, :5]
+    ratios = measured["direct"]["position_ratios"][:, :5]  # counted here, not by the analysis
     figure = heatmap_figure(ratios, ["a", "b", "c", "d", "e"], "title")
     ax = figure.axes[0]
+    assert np.array_equal(ax.images[0].get_array(), ratios)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c", "d", "e"]
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("token (position in the text)", "layer")
     assert figure.axes[1].get_ylabel() == "activation ratio (share of active neurons)"  # colour bar
@@ -414,7 +446,9 @@ def test_analyze_frequency_cli_overlays_models_and_datasets(micro_run, tmp_path)
         assert np.array(code_result["neuron_frequency"]).shape == (2, 160)
     pairs = report["wasserstein"]["between_datasets"]["late"]["all"]
     assert [(p["a"], p["b"]) for p in pairs] == [("code", "prose")] and pairs[0]["wasserstein"] > 0
-    assert (out / "frequency.png").stat().st_size > 10_000
+    rgb = _png(out / "frequency.png")
+    assert rgb.shape[1] > 2 * rgb.shape[0]  # 2 datasets by 4 views of the layers
+    assert _pixels_of(rgb, "C0") > 2000 and _pixels_of(rgb, "C1") > 2000  # early's and late's lines
 
 
 def test_analyze_dead_cli_matches_gates_and_logs_to_mlflow(micro_run, tokens_file, measured, tmp_path):
@@ -436,12 +470,14 @@ def test_analyze_dead_cli_matches_gates_and_logs_to_mlflow(micro_run, tokens_fil
     assert sorted(a.path for a in mlflow.list_artifacts(run_id, "analysis")) == ["analysis/dead.json", "analysis/dead.png"]
 
 
-def test_analyze_heatmap_cli_labels_positions_with_the_text_tokens(micro_run, tmp_path):
+def test_analyze_heatmap_cli_labels_positions_with_the_text_tokens(micro_run, measured, tmp_path):
+    from matplotlib import colormaps
+
     from sparsity_scaling.analysis.models import ModelSpec, vocabulary
     from sparsity_scaling.evaluation.inputs import ModelRef
 
     checkpoint = RunDir(micro_run).checkpoints()[-1].path
-    text = "def add(a, b):\n    return a + b\n"
+    text = HEATMAP_TEXT
     out = tmp_path / "out"
     result = run_cli("analyze", "heatmap", str(checkpoint), "--text", text, "--metric", "relu", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -451,7 +487,14 @@ def test_analyze_heatmap_cli_labels_positions_with_the_text_tokens(micro_run, tm
     assert report["tokens"] == [vocab.text(i) for i in report["ids"]]
     ratios = np.array(report["layer_position_ratios"])
     assert ratios.shape == (2, len(report["ids"])) and ((ratios > 0) & (ratios < 1)).all()
-    assert report["activation_ratio"] == pytest.approx(ratios.mean())
+    # the gates' positives counted here, by layer and position (within a neuron's flip)
+    assert np.abs(ratios - measured["heatmap_direct"]).max() <= 1.5 / 160
+    assert report["activation_ratio"] == pytest.approx(measured["heatmap_direct"].mean(), abs=1 / 160)
+    # the PNG shows each cell in viridis on the colour bar's scale, 0 to the largest ratio
+    rgb = _png(out / "heatmap.png")
+    cells = colormaps["viridis"](ratios / ratios.max())
+    drawn = [_pixels_of(rgb, colour[:3]) for colour in cells.reshape(-1, 4)]
+    assert min(drawn) > 1000, drawn  # a cell is about 4,800 pixels here
 
 
 @pytest.mark.parametrize("args, message", [

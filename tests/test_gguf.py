@@ -146,8 +146,9 @@ def files(tmp_path_factory):
     step5, step10, model = _llama(sp, windows, snapshots=(5, 10, 20))
     model.save_pretrained(root / "hf")
     write_gguf(model, sp, root / "model.gguf")
-    write_gguf(step5, sp, root / "step5.gguf")  # a series: checkpoints of one training
-    write_gguf(step10, sp, root / "step10.gguf")
+    for step, checkpoint in ((5, step5), (10, step10)):  # a series: checkpoints of one training
+        write_gguf(checkpoint, sp, root / f"step{step}.gguf")
+        checkpoint.save_pretrained(root / f"hf-step{step}")  # the same, to measure on its own
     return root, sp, windows
 
 
@@ -172,21 +173,78 @@ def test_a_gguf_file_measures_as_the_model_it_came_from_offline(files, tmp_path)
     assert not any(empty_cache.rglob("*.gguf")) and not any(empty_cache.rglob("*.safetensors"))
 
 
+class _Renamed:
+    """A sentencepiece model with one piece renamed: another tokenizer of the same size."""
+
+    def __init__(self, sp):
+        self.sp = sp
+
+    def __getattr__(self, name):
+        return getattr(self.sp, name)
+
+    def id_to_piece(self, i):
+        return self.sp.id_to_piece(i) + ("x" if i == self.sp.vocab_size() - 1 else "")
+
+
 def test_a_series_of_gguf_files_and_its_checks(files, tmp_path, capsys):
+    """Each point is what its checkpoint gives measured on its own (its Hugging Face
+    directory, `evaluate --metric cett` at the series' CETT), that CETT is the one whose PPL
+    ratio averaged over the --last 2 is 1.01, and a series that is not one model's history
+    is refused in one line, with no result file."""
     root, sp, windows = files
-    series = [str(root / "step10.gguf"), str(root / "step5.gguf")]
+    series = [str(root / "step10.gguf"), str(root / "step5.gguf")]  # in any order
+    data = ["--data", str(root / "valid.txt")]
     out = tmp_path / "series.json"
-    assert main(["evaluate-series", *series, "--tokens-per-step", "1000", "--data", str(root / "valid.txt"),
-                 "--last", "2", "--out", str(out), *MEASURE]) == 0
+    assert main(["evaluate-series", *series, "--tokens-per-step", "1000", *data, "--last", "2", "--out", str(out),
+                 *MEASURE]) == 0
     trajectory = json.loads(out.read_text())
     assert trajectory["token_passed"] == [5_000, 10_000]
-    assert all(0 < ratio < 1 for ratio in trajectory["activation_ratio"])
+    alone = []
+    for step in (5, 10):
+        result = tmp_path / f"alone-{step}.json"
+        assert main(["evaluate", "--hf-model", str(root / f"hf-step{step}"), "--tokens", str(root / "valid.npy"),
+                     "--metric", "cett", "--value", repr(trajectory["cett"]), "--batch-size", "4",
+                     "--json", str(result)]) == 0
+        alone.append(json.loads(result.read_text()))
+    assert trajectory["activation_ratio"] == pytest.approx([a["activation_ratio"] for a in alone], abs=5e-4)
+    assert [p["ppl_ratio"] for p in trajectory["checkpoints"]] == pytest.approx([a["ppl_ratio"] for a in alone],
+                                                                                abs=5e-4)
+    assert sum(a["ppl_ratio"] for a in alone) / 2 == pytest.approx(1.01, abs=1e-3)
+    assert alone[0]["activation_ratio"] != pytest.approx(alone[1]["activation_ratio"], abs=1e-3)  # two models
 
-    write_gguf(_llama(sp, windows, snapshots=(0,), d_ff=64)[0], sp, tmp_path / "step30.gguf")
+    wider = tmp_path / "step30.gguf"
+    write_gguf(_llama(sp, windows, snapshots=(0,), d_ff=64)[0], sp, wider)
+    other_tokenizer = tmp_path / "step40.gguf"
+    write_gguf(_llama(sp, windows, snapshots=(0,))[0], _Renamed(sp), other_tokenizer)
+    (tmp_path / "iter_5.gguf").write_bytes((root / "step5.gguf").read_bytes())
+    refused = [
+        ([*series, str(wider)], f"{wider}: its shape"),
+        ([*series, str(other_tokenizer)], f"{other_tokenizer}: its tokenizer differs from {series[0]}'s"),
+        ([*series, str(tmp_path / "iter_5.gguf")], "two models of the series share the trained-token count 5,000"),
+        ([*series, str(root / "model.gguf")], f"{root / 'model.gguf'}: no step number in its name"),
+        ([series[1], str(root / "hf-step10")], f"{root / 'hf-step10'}: its tokenizer differs"),  # GGUF and directory
+    ]
+    for models, says in refused:
+        capsys.readouterr()
+        assert main(["evaluate-series", *models, "--tokens-per-step", "1000", *data, "--last", "2",
+                     "--out", str(tmp_path / "refused.json")]) == 2, says
+        assert_one_error_line(capsys.readouterr().err, f"sparsity-scaling: error: {says}")
+        assert not (tmp_path / "refused.json").exists()
+
+
+def test_a_file_that_is_not_gguf_is_refused_in_one_line(tmp_path, capsys):
+    """The README's `evaluate --hf-model notes.gguf`: one line, exit status 2, no result file."""
+    notes = tmp_path / "notes.gguf"
+    notes.write_text("meeting notes, not a model\n")
+    (tmp_path / "valid.txt").write_text("\n".join(TEXT))
+    out = tmp_path / "result.json"
     capsys.readouterr()
-    assert main(["evaluate-series", *series, str(tmp_path / "step30.gguf"), "--tokens-per-step", "1000",
-                 "--data", str(root / "valid.txt"), "--last", "2"]) == 2
-    assert_one_error_line(capsys.readouterr().err, f"sparsity-scaling: error: {tmp_path / 'step30.gguf'}: its shape")
+    assert main(["evaluate", "--hf-model", str(notes), "--data", str(tmp_path / "valid.txt"),
+                 "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert_one_error_line(err, f"sparsity-scaling: error: {notes}: not a readable GGUF file (GGUF magic invalid)")
+    assert not out.exists()
 
 
 def test_gguf_refusals_are_one_line(files, tmp_path, capsys, monkeypatch):

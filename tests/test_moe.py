@@ -120,11 +120,84 @@ def test_probing_leaves_the_model_unchanged_and_results_list_every_expert(moe):
         probed = target.model(tokens).logits
     assert torch.allclose(probed, dense, atol=1e-6)
     assert target.model.config._experts_implementation != "sparsity_scaling_probe"  # given back
+
     evaluator = Evaluator(target, EvalData(tokens))
     rule = evaluator.cett_rule(0.2)
     experts = evaluator.result("cett", rule, evaluator.measure(rule)).to_dict()["extra"]["experts"]
-    assert len(experts) == LAYERS * (EXPERTS + (name == "qwen2_moe"))
-    assert all(e["activation_ratio"] is None or 0 <= e["activation_ratio"] <= 1 for e in experts)
+    listed = [*range(EXPERTS), *(["shared"] if name == "qwen2_moe" else [])]
+    assert [(e["layer"], e["expert"]) for e in experts] == [(layer, e) for layer in range(LAYERS) for e in listed]
+
+
+# A model built so that each expert's routed tokens and active neurons are known by hand:
+# attention writes nothing (o_proj = 0) and the FFNs write nothing (down_proj = 0), so every
+# MoE block sees token t (0 to 3) as RMSNorm(e_t) = sqrt(D) e_t. Block 0's router sends t
+# to experts t and t+1 (mod 4), block 1's to t and t+2; in every expert, the gate is
+# positive on all four tokens and the up projection is sqrt(D) on neurons j < 6 (t + 1) and
+# exactly 0 on the others, so token t activates (t + 1) / 4 of each expert's 24 neurons (of
+# the shared expert's 16: 4 (t + 1)).
+ROUTES = [lambda t: {t, (t + 1) % 4}, lambda t: {t, (t + 2) % 4}]
+# 2 sequences, each token 0-3 four times among the 16 predicted-from positions
+KNOWN_TOKENS = np.array([[0, 1, 2, 3, 0, 1, 2, 3, 0], [3, 2, 1, 0, 2, 0, 3, 1, 2]], dtype=np.int64)
+# (layer, expert) -> (routed tokens, activation ratio): e.g. block 0's expert 0 sees tokens 0
+# and 3, four times each: (1/4 + 4/4) / 2 = 0.625
+KNOWN = {(0, 0): (8, 0.625), (0, 1): (8, 0.375), (0, 2): (8, 0.625), (0, 3): (8, 0.875),
+         (1, 0): (8, 0.5), (1, 1): (8, 0.75), (1, 2): (8, 0.5), (1, 3): (8, 0.75)}
+
+
+@torch.no_grad()
+def _known_moe(name: str, path) -> None:
+    cls, config = CASES[name]
+    torch.manual_seed(0)
+    model = cls(config())
+    embedding = model.model.embed_tokens.weight
+    embedding[:4] = torch.eye(4, D)
+    for block, layer in enumerate(model.model.layers):
+        layer.self_attn.o_proj.weight.zero_()
+        mlp = layer.mlp
+        mlp.gate.weight.zero_()
+        for t in range(4):
+            for e in ROUTES[block](t):
+                mlp.gate.weight[e, t] = 1.0
+        experts = [(mlp.experts.gate_up_proj[e], mlp.experts.down_proj[e], WIDTH) for e in range(EXPERTS)]
+        if hasattr(mlp, "shared_expert"):
+            s = mlp.shared_expert
+            experts.append((torch.cat([s.gate_proj.weight, s.up_proj.weight]), s.down_proj.weight, SHARED_WIDTH))
+        for gate_up, down, width in experts:
+            gate_up.zero_()
+            gate_up[:width, :4] = 1.0  # gate sqrt(D) on every token 0-3
+            for t in range(4):
+                gate_up[width: width + width * (t + 1) // 4, t] = 1.0
+            down.zero_()
+        if hasattr(mlp, "shared_expert"):  # the views above were copies: write them back
+            s.gate_proj.weight.copy_(experts[-1][0][:SHARED_WIDTH])
+            s.up_proj.weight.copy_(experts[-1][0][SHARED_WIDTH:])
+    model.save_pretrained(path)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_an_moe_built_by_hand_gives_the_ratios_counted_by_hand(name, tmp_path):
+    """`evaluate`'s per-expert tokens and ratios, and the model's ratio, against a model whose
+    routing and activations are known from its construction (see ROUTES above)."""
+    import json
+
+    _known_moe(name, tmp_path / "model")
+    np.save(tmp_path / "valid.npy", KNOWN_TOKENS)
+    out = tmp_path / "result.json"
+    assert main(["evaluate", "--hf-model", str(tmp_path / "model"), "--tokens", str(tmp_path / "valid.npy"),
+                 "--metric", "fat", "--value", "1.0", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    known = dict(KNOWN)
+    if name == "qwen2_moe":  # sees all 16 tokens: (1 + 2 + 3 + 4) / 4 / 4
+        known = {**{k: v for k, v in known.items() if k[0] == 0}, (0, "shared"): (16, 0.625),
+                 **{k: v for k, v in known.items() if k[0] == 1}, (1, "shared"): (16, 0.625)}
+    experts = result["extra"]["experts"]
+    assert [(e["layer"], e["expert"]) for e in experts] == list(known)
+    assert [e["tokens"] for e in experts] == [tokens for tokens, _ in known.values()]
+    assert [e["activation_ratio"] for e in experts] == pytest.approx([ratio for _, ratio in known.values()], abs=1e-12)
+    assert result["layer_activation_ratios"] == pytest.approx([ratio for _, ratio in known.values()], abs=1e-12)
+    # every routed (token, neuron) entry once: each token goes to 2 experts per block, where
+    # it activates (t + 1) / 4 of their neurons; 10 / 16 on average
+    assert result["activation_ratio"] == pytest.approx(0.625, abs=1e-12)
 
 
 def test_an_moe_layout_we_do_not_probe_is_refused_in_one_line(tmp_path, capsys):
@@ -140,6 +213,22 @@ def test_an_moe_layout_we_do_not_probe_is_refused_in_one_line(tmp_path, capsys):
     assert main(["evaluate", "--hf-model", str(tmp_path), "--tokens", str(tokens)]) == 2
     assert_one_error_line(capsys.readouterr().err, f"sparsity-scaling: error: {tmp_path}: MoE layout not recognised: "
                                                    "GptOssExperts at model.layers.0.mlp.experts has parameters")
+
+
+def test_the_activation_analyses_refuse_an_moe_model_in_one_line(tmp_path, capsys):
+    """As the README says: `analyze` needs every FFN to see every token; no result written."""
+    cls, config = CASES["mixtral"]
+    torch.manual_seed(0)
+    cls(config()).save_pretrained(tmp_path / "mixtral")
+    np.save(tmp_path / "valid.npy", KNOWN_TOKENS)
+    out = tmp_path / "analysis"
+    capsys.readouterr()
+    assert main(["analyze", "frequency", str(tmp_path / "mixtral"), "--tokens", str(tmp_path / "valid.npy"),
+                 "--metric", "cett", "--value", "0.2", "--out", str(out)]) == 2
+    assert_one_error_line(capsys.readouterr().err, f"sparsity-scaling: error: {tmp_path / 'mixtral'}: MoE experts see "
+                          "only their routed tokens; the activation analyses need FFNs that see every token "
+                          "(measure MoE models with `evaluate`)")
+    assert not out.exists()
 
 
 def assert_one_error_line(stderr: str, start: str) -> None:
