@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -282,3 +283,77 @@ def test_tp2_gives_the_same_token_losses(ours):
     assert torch.allclose(rank0["losses"], reference["losses"], atol=1e-5)
     assert torch.equal(rank0["losses"], rank1["losses"])
     assert [f[1:4] for f in rank1["ffns"]] == [(80, 80, (64, 80))] * 2
+
+
+# --- a series of Hugging Face checkpoints named as trainers name them ------------------------
+
+# Hugging Face Trainer's checkpoint-N and Megatron's zero-padded iter_N, in no order
+SERIES = ["checkpoint-1500", "iter_0000500", "checkpoint-1000"]
+IN_STEP_ORDER = ["iter_0000500", "checkpoint-1000", "checkpoint-1500"]
+
+
+@pytest.fixture(scope="module")
+def hf_series(tmp_path_factory) -> Path:
+    """One tiny Llama's training history: saved after 10, 20 and 30 AdamW steps on sequences
+    whose next token is 3 x the previous plus 0-2 (mod VOCAB), as steps 500, 1000 and 1500,
+    each with the same tokenizer file; those sequences are the validation tokens. A model that
+    learned them gets worse when its FFN neurons are masked (a random one need not)."""
+    root = tmp_path_factory.mktemp("series")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=D_FF,
+                                         num_hidden_layers=LAYERS, num_attention_heads=4))
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (40, 1), generator=g)
+    for _ in range(32):
+        tokens = torch.cat([tokens, (tokens[:, -1:] * 3 + torch.randint(0, 3, (40, 1), generator=g)) % VOCAB], 1)
+    saves = dict(zip((10, 20, 30), IN_STEP_ORDER))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    for step in range(1, 31):
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step in saves:
+            model.save_pretrained(root / saves[step])
+            (root / saves[step] / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {}}}')
+    np.save(root / "valid.npy", tokens.numpy())
+    return root
+
+
+def test_a_series_named_by_step_is_in_step_order_with_tokens_from_the_names(hf_series, tmp_path):
+    """--tokens-per-step 7 over checkpoint-1500, iter_0000500, checkpoint-1000: the points in
+    step order, trained tokens 7 x the step in each name, each point that model's own
+    `evaluate --metric cett` at the series' CETT, and that CETT the one whose PPL ratio over
+    the --last 2 newest (steps 1000 and 1500) averages 1.01."""
+    from sparsity_scaling.cli import main
+
+    out, tokens = tmp_path / "series.json", str(hf_series / "valid.npy")
+    assert main(["evaluate-series", *(str(hf_series / name) for name in SERIES), "--tokens-per-step", "7",
+                 "--last", "2", "--token-file", tokens, "--out", str(out)]) == 0
+    series = json.loads(out.read_text())
+    assert series["token_passed"] == [3500, 7000, 10500]
+    assert [(p["checkpoint"], p["step"], p["tokens"]) for p in series["checkpoints"]] == [
+        ("iter_0000500", 500, 3500), ("checkpoint-1000", 1000, 7000), ("checkpoint-1500", 1500, 10500)]
+    alone = []
+    for name in IN_STEP_ORDER:
+        result = tmp_path / f"{name}.json"
+        assert main(["evaluate", "--hf-model", str(hf_series / name), "--metric", "cett", "--value",
+                     repr(series["cett"]), "--tokens", tokens, "--json", str(result)]) == 0
+        alone.append(json.loads(result.read_text()))
+    assert series["activation_ratio"] == pytest.approx([a["activation_ratio"] for a in alone], abs=5e-4)
+    assert (alone[1]["ppl_ratio"] + alone[2]["ppl_ratio"]) / 2 == pytest.approx(1.01, abs=1e-3)
+
+
+def test_a_series_whose_tokenizers_differ_is_refused_in_one_line(hf_series, tmp_path, capfd):
+    from sparsity_scaling.cli import main
+
+    other = tmp_path / "checkpoint-2000"  # the same shape, another tokenizer
+    shutil.copytree(hf_series / "checkpoint-1500", other)
+    (other / "tokenizer.json").write_text('{"model": {"type": "Unigram", "vocab": []}}')
+    first, out = hf_series / "iter_0000500", tmp_path / "series.json"
+    capfd.readouterr()
+    status = main(["evaluate-series", str(first), str(hf_series / "checkpoint-1000"), str(other),
+                   "--tokens-per-step", "7", "--last", "2", "--token-file", str(hf_series / "valid.npy"),
+                   "--out", str(out)])
+    err = capfd.readouterr().err
+    assert status == 2 and err == f"sparsity-scaling: error: {other}: its tokenizer differs from {first}'s\n", err
+    assert not out.exists()

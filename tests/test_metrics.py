@@ -592,3 +592,75 @@ def test_critical_sparsity_is_the_sparsest_setting_within_tolerance_at_tp_1_and_
     assert two[0] == two[1]  # every rank searched the same settings
     for a, b in zip(one, two[0]):
         assert b["found"] == pytest.approx(a["found"], rel=1e-3, abs=1e-3), (a["case"], a["found"], b["found"])
+
+
+# --- checkpoints that cannot be measured: left out of the stabilised trajectory, named --------
+
+def _rewrite_weights(checkpoint, change) -> None:
+    """change(state) on the checkpoint's weights, its manifest's hash updated: a complete
+    checkpoint, as training writes one."""
+    from sparsity_scaling.files import sha256_file
+
+    weights = torch.load(checkpoint.weights, weights_only=True)
+    change(weights)
+    torch.save(weights, checkpoint.weights)
+    manifest = {**checkpoint.manifest, "files": {**checkpoint.manifest["files"], "model.pt": sha256_file(checkpoint.weights)}}
+    (checkpoint.path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_checkpoints_that_cannot_be_measured_are_left_out_and_named_under_excluded(micro_run, tokens_file,
+                                                                                   tmp_path):
+    """The micro run with a NaN in its oldest checkpoint's weights and its newest's dense
+    perplexity infinite (final norm x 1e30, every weight finite), each recorded in
+    RUN/evaluations/failed/ as the grid records it (the commands find them unmeasurable
+    themselves; they do not read that record): `evaluate-run` and `evaluate-series` leave both
+    out, name them under `excluded` with the reason, and give the trajectory the same command
+    gives without them: evaluate-run on the run copied without them, evaluate-series given only
+    the two others (the --last 2 that set the CETT are then those two middle checkpoints)."""
+    from sparsity_scaling.cli import main
+    from sparsity_scaling.files import write_json_atomic
+
+    run, without = tmp_path / "run", tmp_path / "without"
+    shutil.copytree(micro_run, run)
+    checkpoints = RunDir(run).checkpoints()
+    oldest, newest = checkpoints[0], checkpoints[-1]
+    assert len(checkpoints) == 4
+    shutil.copytree(micro_run, without, ignore=shutil.ignore_patterns(oldest.name, newest.name))
+    nan_weight = next(iter(torch.load(oldest.weights, weights_only=True)))
+    _rewrite_weights(oldest, lambda w: w[nan_weight].view(-1).__setitem__(0, float("nan")))
+    _rewrite_weights(newest, lambda w: w["final_norm.weight"].mul_(1e30))
+    why = {oldest.name: f"{oldest.weights}: weight {nan_weight} holds NaN or infinite values; a model with "
+                        "non-finite weights cannot be measured",
+           newest.name: f"{newest.path}: dense perplexity inf on the validation data is not finite; the model "
+                        "cannot be measured"}
+    for ck in (oldest, newest):  # as launcher/eval_queue.py's checkpoint job writes it
+        write_json_atomic(RunDir(run).evaluation_failure_of(ck.path),
+                          {"checkpoint": ck.name, "train_tokens": ck.tokens, "error": why[ck.name]})
+
+    def trajectory(record):
+        return [{key: p[key] for key in ("checkpoint", "tokens", "cett", "activation_ratio", "ppl_ratio",
+                                         "layer_activation_ratios")} for p in record["checkpoints"]]
+
+    def check(record, expected):
+        assert expected["excluded"] == [] and [p["tokens"] for p in expected["checkpoints"]] == [
+            c.tokens for c in checkpoints[1:-1]]
+        assert (record["cett"], record["last"]) == (expected["cett"], 2)
+        assert trajectory(record) == trajectory(expected)
+        assert record["excluded"] == [{"checkpoint": ck.name, "tokens": ck.tokens, "error": why[ck.name]}
+                                      for ck in (oldest, newest)]
+
+    last = ["--last", "2"]
+    for run_dir in (without, run):  # on 512 tokens of the run's validation split
+        assert main(["evaluate-run", str(run_dir), *last, "--eval-tokens", "512"]) == 0
+    check(json.loads((run / "sparsity.json").read_text()), json.loads((without / "sparsity.json").read_text()))
+    # evaluate-series on 8 of the module's validation sequences
+    tokens = tmp_path / "valid.npy"
+    np.save(tokens, np.load(tokens_file)[:8])
+    series = {}
+    for name, members in (("all", checkpoints), ("measurable", checkpoints[1:-1])):
+        out = tmp_path / f"{name}.json"
+        assert main(["evaluate-series", *(str(c.path) for c in members), *last, "--token-file", str(tokens), "--out",
+                     str(out)]) == 0
+        series[name] = json.loads(out.read_text())
+    check(series["all"], series["measurable"])
+    assert series["all"]["token_passed"] == [c.tokens for c in checkpoints[1:-1]]
