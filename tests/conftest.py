@@ -22,23 +22,6 @@ MICRO = REPO / "configs" / "models" / "micro.yaml"
 GRID = REPO / "configs" / "grids" / "cpu_test.yaml"
 
 
-# Two pytest-xdist workers (setup.cfg) run whole files, except that files sharing an
-# expensive fixture run on one worker: the cpu_test grid (test_launcher, test_driver) and the
-# clusters of separate hosts (one subnet). The longest groups start first.
-SHARED_GROUPS = {"test_launcher": "grid", "test_driver": "grid", "test_hosts": "hosts", "test_cluster": "hosts"}
-LONGEST_FIRST = ["grid", "hosts", "test_prepare", "test_rehearsal", "test_metrics", "test_train"]
-
-
-def pytest_collection_modifyitems(config, items):
-    def group(item) -> str:
-        return SHARED_GROUPS.get(item.path.stem, item.path.stem)
-
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: file order within
-
-
 @pytest.fixture(scope="session", autouse=True)
 def data_cache(tmp_path_factory) -> Path:
     """Tokenizers and datasets are cached by content: build them once per test session."""

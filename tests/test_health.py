@@ -515,7 +515,8 @@ def test_a_grid_records_a_checkpoint_it_cannot_measure_in_evaluations_failed(mic
     (checkpoint.path / "manifest.json").write_text(json.dumps(manifest))
     RunDir(run).checkpoints()[-1].verify()
 
-    monkeypatch.setenv("RANK", "0")  # the job's rank 0, which writes (as on Ray)
+    # world_of_one made this process rank 0 of a world of one, the rank that writes (as on Ray);
+    # its end removes that environment (a RANK left behind would pass to later commands)
     monkeypatch.setattr(eval_queue, "this_node", lambda: ("node-1", "127.0.0.1"))
     evaluation = Evaluation(eval_tokens=1024, calibration_tokens=512)
     assert eval_queue._checkpoint_job(str(checkpoint.path), evaluation) is None
