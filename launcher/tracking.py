@@ -54,7 +54,7 @@ def server_host() -> str | None:
     return LOOPBACK if hosts <= {here} else here
 
 
-def start_local_server(workdir: Workdir, host: str | None = None, timeout: float = 120) -> str:
+def start_local_server(workdir: Workdir, host: str | None = None, timeout: float = 300) -> str:
     """Start (or reuse) the workdir's MLflow server, backed by SQLite in the workdir, bound
     to `host`: the address the cluster's nodes reach it at (`server_host`; the
     head's cluster address, loopback on a local instance). host=None: any running server
@@ -98,8 +98,13 @@ def start_local_server(workdir: Workdir, host: str | None = None, timeout: float
     )
     deadline = time.time() + timeout
     while not server_answers(uri):
-        if process.poll() is not None or time.time() > deadline:
-            raise UserError(f"the local MLflow server did not start; see {workdir.mlflow_log}")
+        if process.poll() is not None or time.time() > deadline:  # a loaded head can take a minute or more
+            why = "exited" if process.poll() is not None else f"did not answer within {timeout:g} s"
+            if process.poll() is None:  # not left to answer later on a port no record names
+                import signal
+
+                os.killpg(process.pid, signal.SIGKILL)
+            raise UserError(f"the local MLflow server {why}; see {workdir.mlflow_log}")
         time.sleep(0.5)
     write_json_atomic(record, {"uri": uri, "pid": process.pid})
     return uri
