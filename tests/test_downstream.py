@@ -15,6 +15,8 @@ from sparsity_scaling.cli import main
 
 TASKS = "sparsity_smoke"
 LIMIT = "8"
+FORKS: list[int] = []  # a pid for each os.fork() in this process (subprocesses do not count)
+os.register_at_fork(before=lambda: FORKS.append(os.getpid()))
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +136,7 @@ class _Model:
         return self.tok.decode(new).split("\n")[0]
 
 
-def test_thresholds_mask_the_task_text_and_the_ratio_is_the_probes_count(micro_run, tmp_path):
+def test_thresholds_mask_the_task_text_and_the_ratio_is_the_probes_count(micro_run, tmp_path, monkeypatch):
     """On tasks of each request type, the sparse column is what the thresholds give when
     they mask the task's text (recomputed here with hooks of this test's own on the model's
     down projections, not the probe), unlike the dense one; the activation ratio is their count."""
@@ -183,9 +185,14 @@ def test_thresholds_mask_the_task_text_and_the_ratio_is_the_probes_count(micro_r
 
         out = tmp_path / "down.json"
         mlflow, run_id, run_dir = mlflow_run_dir(tmp_path)
+        monkeypatch.delenv("DISABLE_MULTIPROC", raising=False)  # as a fresh process has it
+        forks = len(FORKS)
         assert main(["downstream", str(checkpoint), "--tasks", "sparsity_smoke_prose,tiny_ll,tiny_gen", "--limit", LIMIT,
                      "--include-path", str(tasks), "--thresholds", str(saved), "--json", str(out),
                      "--mlflow-run", str(run_dir)]) == 0
+        # perplexity's bootstrap standard error ran in this process: lm-eval's pool would fork this
+        # one, with its torch and gloo threads, and a forked child can deadlock (it hung CI for 600 s)
+        assert len(FORKS) == forks
         init_parallel(1)
         record = json.loads(out.read_text())
         rows = {(r["task"], r["metric"]): r for r in record["rows"]}

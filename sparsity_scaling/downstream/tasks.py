@@ -30,9 +30,11 @@ VAL_FRACTION = 0.05  # the built-in corpus' default validation share (DataConfig
 
 def go_offline() -> None:
     """Hugging Face hub and datasets never reach the network from here on (and draw no
-    progress bars: the evaluation prints its own progress lines)."""
+    progress bars: the evaluation prints its own progress lines). lm-eval forks no pool for
+    its bootstrap standard errors (DISABLE_MULTIPROC): a fork of a process holding torch's,
+    gloo's or CUDA's threads can deadlock in the child, and the evaluation then never ends."""
     for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TQDM_DISABLE",
-                 "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+                 "HF_DATASETS_DISABLE_PROGRESS_BARS", "DISABLE_MULTIPROC"):
         os.environ[name] = "1"
 
 
