@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy.stats import wasserstein_distance
 
-from conftest import mlflow_run_dir, run_cli
+from conftest import mlflow_run_dir, run_here
 from distributed import run_ranks
 from sparsity_scaling.model import Probe
 from sparsity_scaling.rundir import RunDir
@@ -431,7 +431,7 @@ def test_analyze_frequency_cli_overlays_models_and_datasets(micro_run, tmp_path)
     (tmp_path / "prose.txt").write_text(prose)
     first, last = RunDir(micro_run).checkpoints()[0].path, RunDir(micro_run).checkpoints()[-1].path
     out = tmp_path / "out"
-    result = run_cli("analyze", "frequency", f"early={first}", f"late={last}", "--data", f"code={tmp_path / 'code.txt'}",
+    result = run_here("analyze", "frequency", f"early={first}", f"late={last}", "--data", f"code={tmp_path / 'code.txt'}",
                      "--data", f"prose={tmp_path / 'prose.txt'}", "--eval-tokens", "768", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "frequency.json").read_text())
@@ -455,7 +455,7 @@ def test_analyze_dead_cli_matches_gates_and_logs_to_mlflow(micro_run, tokens_fil
     mlflow, run_id, grid_run = mlflow_run_dir(tmp_path)
     out = tmp_path / "out"
     threshold = measured["gate_threshold"]
-    result = run_cli("analyze", "dead", str(micro_run), "--tokens", str(tokens_file), "--metric", "fat",
+    result = run_here("analyze", "dead", str(micro_run), "--tokens", str(tokens_file), "--metric", "fat",
                      "--site", "gate", "--value", repr(threshold), "--out", str(out), "--mlflow-run", str(grid_run))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "dead.json").read_text())
@@ -479,7 +479,7 @@ def test_analyze_heatmap_cli_labels_positions_with_the_text_tokens(micro_run, me
     checkpoint = RunDir(micro_run).checkpoints()[-1].path
     text = HEATMAP_TEXT
     out = tmp_path / "out"
-    result = run_cli("analyze", "heatmap", str(checkpoint), "--text", text, "--metric", "relu", "--out", str(out))
+    result = run_here("analyze", "heatmap", str(checkpoint), "--text", text, "--metric", "relu", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "heatmap.json").read_text())
     vocab = vocabulary(ModelSpec("m", ModelRef(checkpoint=str(checkpoint))))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MICRO, REPO, mlflow_history, run_cli
+from conftest import MICRO, REPO, mlflow_history, run_cli, run_here
 
 from sparsity_scaling.errors import UserError
 from sparsity_scaling.rundir import RunDir
@@ -143,7 +143,7 @@ def test_a_diverging_run_stops_at_its_first_nonfinite_step_beyond_the_allowed_sk
     next(iter(weights.values())).view(-1)[0] = float("nan")
     torch.save(weights, checkpoint.weights)
     json_out = tmp_path / "eval.json"
-    result = run_cli("evaluate", "--checkpoint", str(checkpoint.path), "--json", str(json_out),
+    result = run_here("evaluate", "--checkpoint", str(checkpoint.path), "--json", str(json_out),
                      "--eval-tokens", "1024")
     assert result.returncode == 2, result.stderr[-3000:]
     (line,) = result.stderr.strip().splitlines()
@@ -407,7 +407,7 @@ def test_a_diverging_grid_run_fails_once_with_its_reason_while_the_others_finish
     assert measured["train_tokens"] == 8192 and 0 < measured["activation_ratio"] <= 1
     assert [p["tokens"] for p in sane.sparsity_record()["checkpoints"]] == [8192]
     assert "**diverging**: training diverged at step 3" in workdir.joinpath("report.md").read_text()
-    status = run_cli("grid", "status", str(grid), "--workdir", str(workdir))
+    status = run_here("grid", "status", str(grid), "--workdir", str(workdir))
     assert "diverging: failed: training diverged at step 3" in status.stdout
     rows = _status_rows(status.stdout)
     for run, state, tokens in ((diverging, "failed", 2048), (sane, "done", 8192)):
@@ -574,7 +574,7 @@ def test_a_model_whose_dense_perplexity_is_not_finite_is_refused(micro_run, tmp_
     results = tmp_path / "results"
     results.mkdir()
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    result = run_cli("evaluate", "--checkpoint", str(checkpoint.path), "--json", str(results / "eval.json"),
+    result = run_here("evaluate", "--checkpoint", str(checkpoint.path), "--json", str(results / "eval.json"),
                      "--eval-tokens", "1024")
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr

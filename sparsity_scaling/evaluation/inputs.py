@@ -3,13 +3,16 @@ directory or a GGUF file), its tokenizer, and the validation tokens (`DataSettin
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
+from ..config import DataConfig
 from ..data.corpus import Document, file_documents, load_documents, split_documents
 from ..data.sampler import consecutive_windows
 from ..errors import SettingError, UserError
@@ -113,6 +116,16 @@ def _text_file(path: str, model: ModelRef, seq_len: int, max_tokens: int) -> tor
     return sequences
 
 
+@functools.lru_cache(maxsize=4)
+def _run_validation(data: DataConfig, cache: str | None, seq_len: int, max_tokens: int) -> torch.Tensor:
+    """A run's validation windows, read once per process (and per cache): a series, evaluate-run
+    and the grid's stabilised job measure many checkpoints of one run, and finding the split
+    reads the whole corpus again (seconds each on the built-in corpus)."""
+    from ..data.pipeline import prepare_data
+
+    return prepare_data(data).validation_windows(seq_len, max_tokens)
+
+
 def load_eval_data(model: ModelRef, data: DataSettings) -> EvalData:
     """Validation tokens, validation text, or (our checkpoints) the run's own validation split."""
     if data.tokens:
@@ -122,9 +135,7 @@ def load_eval_data(model: ModelRef, data: DataSettings) -> EvalData:
         seq_len = data.seq_len or config.data.seq_len
         if data.text_file:
             return EvalData(_text_file(data.text_file, model, seq_len, data.eval_tokens), data.batch_size)
-        from ..data.pipeline import prepare_data
-
-        windows = prepare_data(config.data).validation_windows(seq_len, data.eval_tokens)
+        windows = _run_validation(config.data, os.environ.get("SPARSITY_SCALING_CACHE"), seq_len, data.eval_tokens)
         return EvalData(windows, data.batch_size)
     if not data.text_file:
         raise SettingError("text_file", None, "a Hugging Face model needs validation text or tokens")
