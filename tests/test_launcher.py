@@ -239,10 +239,14 @@ def test_resubmitting_as_a_ray_job_is_a_no_op(grid_run, ray_cluster):
     report = grid_run / "report.json"
     written = report.stat().st_mtime
     ray = str(Path(sys.executable).with_name("ray"))
-    result = subprocess.run(
-        [ray, "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", str(REPO), "--",
-         "sparsity-scaling", "grid", "submit", str(GRID.relative_to(REPO)), "--workdir", str(grid_run)],
-        capture_output=True, text=True, timeout=600, cwd=REPO)
+    for attempt in range(4):  # a loaded head's dashboard agent can register a while after the dashboard answers
+        result = subprocess.run(
+            [ray, "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", str(REPO), "--",
+             "sparsity-scaling", "grid", "submit", str(GRID.relative_to(REPO)), "--workdir", str(grid_run)],
+            capture_output=True, text=True, timeout=600, cwd=REPO)
+        if "No available agent to submit job" not in result.stdout + result.stderr:
+            break
+        time.sleep(10)
     assert result.returncode == 0 and "succeeded" in result.stdout, (result.stdout[-3000:], result.stderr[-3000:])
     assert "[grid cpu_test] relu: done" in result.stdout and "ETA" not in result.stdout  # nothing trained again
     assert report.stat().st_mtime > written  # the job's driver wrote the report
