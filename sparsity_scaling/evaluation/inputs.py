@@ -117,13 +117,13 @@ def _text_file(path: str, model: ModelRef, seq_len: int, max_tokens: int) -> tor
 
 
 @functools.lru_cache(maxsize=4)
-def _run_validation(data: DataConfig, cache: str | None, seq_len: int, max_tokens: int) -> torch.Tensor:
-    """A run's validation windows, read once per process (and per cache): a series, evaluate-run
-    and the grid's stabilised job measure many checkpoints of one run, and finding the split
-    reads the whole corpus again (seconds each on the built-in corpus)."""
+def _run_validation(data_json: str, cache: str | None, seq_len: int, max_tokens: int) -> torch.Tensor:
+    """A run's validation windows (its `data` config as JSON), read once per process and
+    cache: a series, evaluate-run and the grid's stabilised job measure many checkpoints of
+    one run, and finding the split reads the whole corpus again (seconds on the built-in one)."""
     from ..data.pipeline import prepare_data
 
-    return prepare_data(data).validation_windows(seq_len, max_tokens)
+    return prepare_data(DataConfig.model_validate_json(data_json)).validation_windows(seq_len, max_tokens)
 
 
 def load_eval_data(model: ModelRef, data: DataSettings) -> EvalData:
@@ -135,7 +135,8 @@ def load_eval_data(model: ModelRef, data: DataSettings) -> EvalData:
         seq_len = data.seq_len or config.data.seq_len
         if data.text_file:
             return EvalData(_text_file(data.text_file, model, seq_len, data.eval_tokens), data.batch_size)
-        windows = _run_validation(config.data, os.environ.get("SPARSITY_SCALING_CACHE"), seq_len, data.eval_tokens)
+        windows = _run_validation(config.data.model_dump_json(), os.environ.get("SPARSITY_SCALING_CACHE"), seq_len,
+                                  data.eval_tokens)
         return EvalData(windows, data.batch_size)
     if not data.text_file:
         raise SettingError("text_file", None, "a Hugging Face model needs validation text or tokens")
