@@ -404,6 +404,28 @@ def test_data_parallel_evaluation_under_torchrun_matches_one_process(micro_run, 
     assert two["activation_ratio"] == pytest.approx(one["activation_ratio"], abs=2e-3)
 
 
+def test_a_series_reads_its_runs_validation_once_and_a_later_read_is_fresh(micro_run, monkeypatch):
+    """Within one series the checkpoints of a run share its validation windows (finding the
+    split reads the whole corpus); outside one, as in a Ray worker kept for the next job,
+    each read prepares the data again, so a corpus prepared again since is what it reads."""
+    from sparsity_scaling.data import pipeline
+    from sparsity_scaling.evaluation.inputs import ModelRef, load_eval_data, validation_read_once
+    from sparsity_scaling.evaluation.settings import DataSettings
+
+    prepared = []
+    real = pipeline.prepare_data
+    monkeypatch.setattr(pipeline, "prepare_data", lambda *a, **k: prepared.append(1) or real(*a, **k))
+    first, last = (ModelRef(checkpoint=str(c.path)) for c in RunDir(micro_run).checkpoints()[::3])
+    data = DataSettings(eval_tokens=512)
+    load_eval_data(first, data), load_eval_data(first, data)
+    assert len(prepared) == 2
+    with validation_read_once():
+        a, b = load_eval_data(first, data), load_eval_data(last, data)
+        assert len(prepared) == 3 and a.sequences is b.sequences
+    fresh = load_eval_data(last, data)
+    assert len(prepared) == 4 and torch.equal(fresh.sequences, a.sequences)
+
+
 def test_a_series_of_checkpoints_gives_evaluate_runs_trajectory(micro_run, tokens_file, tmp_path):
     """`evaluate-series` on the run's own checkpoints is `evaluate-run` (the same record, in
     the reference format); on the same checkpoints exported to Hugging Face directories

@@ -3,9 +3,8 @@ directory or a GGUF file), its tokenizer, and the validation tokens (`DataSettin
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import json
-import os
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -116,14 +115,34 @@ def _text_file(path: str, model: ModelRef, seq_len: int, max_tokens: int) -> tor
     return sequences
 
 
-@functools.lru_cache(maxsize=4)
-def _run_validation(data_json: str, cache: str | None, seq_len: int, max_tokens: int) -> torch.Tensor:
-    """A run's validation windows (its `data` config as JSON), read once per process and
-    cache: a series, evaluate-run and the grid's stabilised job measure many checkpoints of
-    one run, and finding the split reads the whole corpus again (seconds on the built-in one)."""
+_shared_windows: dict[tuple, torch.Tensor] | None = None  # inside validation_read_once() only
+
+
+@contextlib.contextmanager
+def validation_read_once():
+    """Within the block (one series: evaluate-run, evaluate-series, the grid's stabilised
+    job), the checkpoints of a run share its validation windows, read once: finding the
+    split reads the whole corpus again (seconds on the built-in one). Outside it every read
+    is fresh, so a long-lived worker never serves a corpus prepared again since."""
+    global _shared_windows
+    outer = _shared_windows
+    _shared_windows = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _shared_windows = outer
+
+
+def _run_validation(data: DataConfig, seq_len: int, max_tokens: int) -> torch.Tensor:
     from ..data.pipeline import prepare_data
 
-    return prepare_data(DataConfig.model_validate_json(data_json)).validation_windows(seq_len, max_tokens)
+    key = (data.model_dump_json(), seq_len, max_tokens)
+    if _shared_windows is not None and key in _shared_windows:
+        return _shared_windows[key]
+    windows = prepare_data(data).validation_windows(seq_len, max_tokens)
+    if _shared_windows is not None:
+        _shared_windows[key] = windows
+    return windows
 
 
 def load_eval_data(model: ModelRef, data: DataSettings) -> EvalData:
@@ -135,9 +154,7 @@ def load_eval_data(model: ModelRef, data: DataSettings) -> EvalData:
         seq_len = data.seq_len or config.data.seq_len
         if data.text_file:
             return EvalData(_text_file(data.text_file, model, seq_len, data.eval_tokens), data.batch_size)
-        windows = _run_validation(config.data.model_dump_json(), os.environ.get("SPARSITY_SCALING_CACHE"), seq_len,
-                                  data.eval_tokens)
-        return EvalData(windows, data.batch_size)
+        return EvalData(_run_validation(config.data, seq_len, data.eval_tokens), data.batch_size)
     if not data.text_file:
         raise SettingError("text_file", None, "a Hugging Face model needs validation text or tokens")
     return EvalData(_text_file(data.text_file, model, data.seq_len or HF_SEQ_LEN, data.eval_tokens), data.batch_size)

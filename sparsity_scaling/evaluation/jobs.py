@@ -20,7 +20,7 @@ from ..metrics.result import thresholds_artifact
 from ..metrics.search import Evaluator, Point, ReloadingEvaluator, ModelRoom, ppl_p, stabilised_cett
 from ..parallel import init_parallel
 from ..rundir import Checkpoint, RunDir, read_checkpoint
-from .inputs import ModelRef, load_eval_data
+from .inputs import ModelRef, load_eval_data, validation_read_once
 from .metric import measure
 from .settings import DataSettings, MetricSettings
 
@@ -201,15 +201,16 @@ def stabilised_trajectory(members: list[SeriesMember], metric: MetricSettings, d
     """The stabilising strategy over a series, then every model measured at its CETT, in
     this job; the record `evaluate-run` writes (every rank returns it)."""
     started = time.time()
-    search = search_series(members, metric, data, last, tp, on_step)
-    used, excluded, points = len(search.final), dict(search.excluded), []
-    for member in members:
-        if member.name in excluded:
-            continue
-        try:
-            points.append(measure_member(member, search.cett, metric, data, tp, search.final.pop(member.name, None)))
-        except NonFiniteError as error:
-            excluded[member.name] = left_out(member, error)
+    with validation_read_once():
+        search = search_series(members, metric, data, last, tp, on_step)
+        used, excluded, points = len(search.final), dict(search.excluded), []
+        for member in members:
+            if member.name in excluded:
+                continue
+            try:
+                points.append(measure_member(member, search.cett, metric, data, tp, search.final.pop(member.name, None)))
+            except NonFiniteError as error:
+                excluded[member.name] = left_out(member, error)
     return trajectory_record(metric, search.cett, search.converged, used, started, points, list(excluded.values()))
 
 
