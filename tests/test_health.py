@@ -422,7 +422,6 @@ def test_a_diverging_grid_run_fails_once_with_its_reason_while_the_others_finish
     assert_strict_json(workdir)
 
 
-
 def test_a_failed_run_that_finishes_on_a_resubmit_is_finished_in_mlflow_without_its_reason(tmp_path):
     """README "Failed runs": the trial that ends a run sets its MLflow status (`mark_outcome`);
     a run that failed (FAILED, tag `failure`) and then finishes when the grid is resubmitted

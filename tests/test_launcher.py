@@ -239,7 +239,7 @@ def test_resubmitting_as_a_ray_job_is_a_no_op(grid_run, ray_cluster):
     report = grid_run / "report.json"
     written = report.stat().st_mtime
     ray = str(Path(sys.executable).with_name("ray"))
-    for attempt in range(4):  # a loaded head's dashboard agent can register a while after the dashboard answers
+    for _ in range(4):  # a loaded head's dashboard agent can register a while after the dashboard answers
         result = subprocess.run(
             [ray, "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", str(REPO), "--",
              "sparsity-scaling", "grid", "submit", str(GRID.relative_to(REPO)), "--workdir", str(grid_run)],
