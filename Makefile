@@ -14,10 +14,13 @@ CORPORA := runs/corpora
 
 install: $(STAMP)
 
+# pip byte-compiles one file at a time, half the install on 2 cores: compileall uses every core
+# (a file that some package ships for another Python fails to compile, as it does under pip)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile "$(TORCH)"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -e ".[test]"
+	$(PY) -m compileall -qq -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" || true
 	touch $(STAMP)
 
 demo: $(STAMP)
