@@ -41,18 +41,25 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 def run_here(*args: str) -> subprocess.CompletedProcess:
     """`sparsity-scaling ARGS` in this process, for commands that start nothing: as `run_cli`
     sees it (exit status, what it printed), without an interpreter's start and the imports
-    (5-10 s on 2 cores). An uncaught exception fails the test, as a traceback would."""
+    (5-10 s on 2 cores). An uncaught exception fails the test, as a traceback would. A
+    command that joined a Ray instance leaves it when it ends, as its process would."""
     import contextlib
     import io
 
+    import ray
+
     from sparsity_scaling.cli import main
 
+    joined_before = ray.is_initialized()
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = main(list(args))
         except SystemExit as exit:  # the parser's refusal of a flag
             code = exit.code
+        finally:
+            if ray.is_initialized() and not joined_before:
+                ray.shutdown()
     return subprocess.CompletedProcess(["sparsity-scaling", *args], code, out.getvalue(), err.getvalue())
 
 

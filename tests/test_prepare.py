@@ -100,8 +100,10 @@ def _read_back(prefix: Path) -> dict[str, list[list[int]]]:
     return out
 
 
-def _prepare(*args, address: str):
-    return run_cli("data", "prepare", *map(str, args), "--shard-bytes", SHARD, "--address", address)
+def _prepare(*args, address: str, here: bool = False):
+    """`data prepare ARGS` as a command of its own, or (here) in this process: a refusal."""
+    return (run_here if here else run_cli)("data", "prepare", *map(str, args), "--shard-bytes", SHARD,
+                                           "--address", address)
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +239,7 @@ def test_bad_input_is_one_line_and_leaves_nothing_finished(tmp_path, trained, ra
     for flag, value in (("--tokenizer", f"{trained}.model"), ("--out", str(tmp_path / "out"))):
         if flag not in options:
             options += [flag, value]
-    result = _prepare(*([i.format(root=root) for i in inputs] or [root]), *options, address=ray_address)
+    result = _prepare(*([i.format(root=root) for i in inputs] or [root]), *options, address=ray_address, here=True)
     assert result.returncode == 2, result.stdout + result.stderr
     assert message.format(root=root) in result.stderr.strip().splitlines()[-1], result.stderr
     assert "Traceback" not in result.stderr
