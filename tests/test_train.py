@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MICRO, REPO, run_cli
+from conftest import MICRO, REPO, run_cli, run_here
 
 from sparsity_scaling.files import sha256_file
 from sparsity_scaling.rundir import RunDir
@@ -112,7 +112,7 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(reference_run, tmp_p
 
 def test_finished_run_is_not_retrained(reference_run):
     before = {c.path.name: c.manifest["files"] for c in RunDir(reference_run).checkpoints()}
-    result = run_cli("train", str(MICRO), "--out", str(reference_run))
+    result = run_here("train", str(MICRO), "--out", str(reference_run))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "already complete" in result.stdout and "ETA" not in result.stdout
     assert {c.path.name: c.manifest["files"] for c in RunDir(reference_run).checkpoints()} == before
@@ -120,7 +120,7 @@ def test_finished_run_is_not_retrained(reference_run):
 
 def test_out_dir_of_another_run_is_refused_untouched(reference_run):
     before = {p: sha256_file(p) for p in reference_run.rglob("*") if p.is_file()}
-    result = run_cli("train", str(MICRO), "--out", str(reference_run), "--set", "train.lr=0.02")
+    result = run_here("train", str(MICRO), "--out", str(reference_run), "--set", "train.lr=0.02")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "another run" in result.stderr and "Traceback" not in result.stderr
     assert {p: sha256_file(p) for p in reference_run.rglob("*") if p.is_file()} == before
