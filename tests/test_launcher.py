@@ -293,7 +293,7 @@ def test_data_paths_in_a_grid_file_are_relative_to_it():
 def test_evaluation_resources_no_node_has_are_refused_before_anything_runs(tmp_path, ray_address):
     grid = tmp_path / "grid.yaml"
     grid.write_text(f"name: g\nbase: {REPO / 'configs' / 'models' / 'micro.yaml'}\nevaluation: {{gpus: 1}}\n")
-    result = run_cli("grid", "submit", str(grid), "--address", ray_address, "--workdir", str(tmp_path / "w"))
+    result = run_here("grid", "submit", str(grid), "--address", ray_address, "--workdir", str(tmp_path / "w"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "evaluation.gpus 1: no node has that many GPUs (the most on one node: 0)" in result.stderr
     assert not (tmp_path / "w").exists()

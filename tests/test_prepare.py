@@ -208,7 +208,7 @@ def test_interrupted_preparation_resumes_to_the_same_bytes(corpus, trained, tmp_
         for ext in (".bin", ".idx"):
             assert Path(f"{out}_{split}{ext}").read_bytes() == Path(f"{trained}_{split}{ext}").read_bytes()
     stamp = corpus_out.manifest_file.stat().st_mtime_ns
-    again = run_cli("data", "prepare", *command[5:])
+    again = run_here("data", "prepare", *command[5:])
     assert again.returncode == 0 and "nothing to do" in again.stdout
     assert corpus_out.manifest_file.stat().st_mtime_ns == stamp
 
@@ -479,8 +479,8 @@ def test_the_decay_stage_trains_on_its_own_data(trained, parquet, parquet_hf, tm
     assert all(a[1] != b[1] for a, b in zip(runs["decay"][start:], runs["plain"][start:]))
     assert json.loads(RunDir(tmp_path / "decay").data_record.read_text())["decay"]["blend"][0]["prefix"] == str(decay)
 
-    refused = run_cli("train", str(MICRO), "--out", str(tmp_path / "mixed"), *common,
-                      "--set", f"train.decay_data=[{{prefix: {parquet_hf}, weight: 1}}]")
+    refused = run_here("train", str(MICRO), "--out", str(tmp_path / "mixed"), *common,
+                       "--set", f"train.decay_data=[{{prefix: {parquet_hf}, weight: 1}}]")
     assert refused.returncode == 2 and "train.decay_data[0].prefix" in refused.stderr
     assert "made with another tokenizer" in refused.stderr and refused.stderr.count("\n") == 1
 
