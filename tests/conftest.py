@@ -130,12 +130,15 @@ def ray_cluster(tmp_path_factory) -> dict:
     this environment's Python first on their PATH."""
     from sparsity_scaling.parallel import free_port
 
-    port, dashboard = free_port(), free_port()
+    port, dashboard, agent, client = free_port(), free_port(), free_port(), free_port()
     ray = str(Path(sys.executable).with_name("ray"))
     temp = tmp_path_factory.mktemp("ray")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
-                    f"--dashboard-port={dashboard}", "--disable-usage-stats", f"--temp-dir={temp}"],
+                    f"--dashboard-port={dashboard}", "--disable-usage-stats", f"--temp-dir={temp}",
+                    # not Ray's fixed defaults (52365, 10001): another Ray instance on the machine
+                    # holding them leaves this one without a job agent ("No available agent")
+                    f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}"],
                    check=True, capture_output=True, timeout=180, env=env)
     yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}"}
     stop_own_ray(temp, port)
