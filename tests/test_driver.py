@@ -145,9 +145,12 @@ def _ends(pid: int, within: float = 60) -> bool:
 
 
 def _submit(grid: Path, address: str, workdir: Path) -> subprocess.Popen:
+    """`grid submit` as a terminal starts it: SIGINT at its default, even where this test
+    session inherited it ignored (a shell's background job), or Ctrl-C would never reach it."""
     return subprocess.Popen(
         [sys.executable, "-m", "sparsity_scaling.cli", "grid", "submit", str(grid), "--address", address,
          "--workdir", str(workdir)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
