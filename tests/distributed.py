@@ -95,11 +95,11 @@ def run_ranks(world: int, fn, *args) -> list:
                 except EOFError:
                     answers[index] = ("error", f"rank {index} died (exit code {ranks[index].process.exitcode})")
     finally:
-        if len(answers) < world or any(status == "error" for status, _ in answers.values()):
+        errors = [f"rank {index}:\n{value}" for index, (status, value) in sorted(answers.items()) if status == "error"]
+        if errors or len(answers) < world:
             for rank in ranks:  # a rank that may still run (or hold a group) is not used again
                 rank.end()
                 _ranks.remove(rank)
-    errors = [f"rank {index}:\n{value}" for index, (status, value) in sorted(answers.items()) if status == "error"]
     if errors:
         raise RuntimeError("\n".join(errors))
     return [answers[index][1] for index in range(world)]
