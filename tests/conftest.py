@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -30,11 +33,11 @@ def data_cache(tmp_path_factory) -> Path:
     return cache
 
 
-def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `sparsity-scaling ARGS` as a user would, capturing its output."""
     return subprocess.run(
         [sys.executable, "-m", "sparsity_scaling.cli", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env,
     )
 
 
@@ -124,25 +127,32 @@ def micro_run(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory) -> dict:
-    """One local Ray instance for every test that needs one (a start costs 10-30 s), with its
-    dashboard for Ray Jobs: {"address": GCS address, "dashboard": its URL}. Jobs it runs find
+def start_own_ray(temp: Path, env: dict) -> dict:
+    """A local Ray instance of 2 CPUs whose files are under `temp`: {"address": GCS address,
+    "port": its port, "dashboard": the dashboard's URL, for Ray Jobs}. Jobs it runs find
     this environment's Python first on their PATH."""
     from sparsity_scaling.parallel import free_port
 
     port, dashboard, agent, client = free_port(), free_port(), free_port(), free_port()
     ray = str(Path(sys.executable).with_name("ray"))
-    temp = tmp_path_factory.mktemp("ray")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
     subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
                     f"--dashboard-port={dashboard}", "--disable-usage-stats", f"--temp-dir={temp}",
                     # not Ray's fixed defaults (52365, 10001): another Ray instance on the machine
                     # holding them leaves this one without a job agent ("No available agent")
                     f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}"],
                    check=True, capture_output=True, timeout=180, env=env)
-    yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}"}
-    stop_own_ray(temp, port)
+    return {"address": f"127.0.0.1:{port}", "port": port, "dashboard": f"http://127.0.0.1:{dashboard}"}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory) -> dict:
+    """One local Ray instance for every test that needs one (a start costs 10-30 s), with its
+    dashboard for Ray Jobs: {"address": GCS address, "dashboard": its URL}."""
+    temp = tmp_path_factory.mktemp("ray")
+    ray = start_own_ray(temp, dict(os.environ))
+    yield ray
+    stop_own_ray(temp, ray["port"])
 
 
 def stop_own_ray(temp: Path, port: int) -> None:
@@ -191,16 +201,93 @@ def server_outlived(workdir) -> bool:
     return bool(group) or listening
 
 
+@dataclasses.dataclass(frozen=True)
+class BackgroundCommand:
+    """A slow command (a grid: minutes) that tests check: run before them, beside the tests
+    that come first. On 2 cores most tests leave one idle; these commands run there."""
+
+    fixture: str  # the fixture its tests take; it runs where one of them is collected
+    args: Callable[[Path, str], list[str]]  # (a directory of its own, a Ray address) -> its CLI arguments
+
+
+BACKGROUND: list[BackgroundCommand] = []  # in the order they run
+
+
+def in_background(fixture: str, args: Callable[[Path, str], list[str]]) -> None:
+    """Run `sparsity-scaling ARGS` in the background for the tests that take `fixture`,
+    whose value is `background.result(fixture)`: (the command's result, its directory)."""
+    BACKGROUND.append(BackgroundCommand(fixture, args))
+
+
+class Background:
+    """The collected tests' background commands, one after another on a Ray instance of their
+    own (the shared instance's CPUs stay the other tests'), in a thread. Each runs in the
+    session's environment at its start: a RANK that a test sets later must not reach them."""
+
+    def __init__(self, commands: list[BackgroundCommand], temp: Path):
+        import concurrent.futures
+
+        self.commands, self.temp, self.env, self.ray, self.stopping = commands, temp, dict(os.environ), {}, False
+        self.results = {c.fixture: concurrent.futures.Future() for c in commands}
+        self.thread = threading.Thread(target=self._run, name="background commands", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.ray.update(start_own_ray(self.temp / "ray", self.env))
+            for command in self.commands:
+                if self.stopping:
+                    raise RuntimeError("the test session ended first")
+                place = self.temp / command.fixture
+                place.mkdir()
+                try:
+                    args = command.args(place, self.ray["address"])
+                    self.results[command.fixture].set_result((run_cli(*args, timeout=900, env=self.env), place))
+                except BaseException as error:
+                    self.results[command.fixture].set_exception(error)
+        except BaseException as error:  # no Ray instance: every command fails with its reason
+            for result in self.results.values():
+                if not result.done():
+                    result.set_exception(error)
+        finally:
+            self.stop()
+
+    def result(self, fixture: str) -> tuple[subprocess.CompletedProcess, Path]:
+        return self.results[fixture].result(timeout=900 * len(self.commands) + 180)
+
+    def stop(self) -> None:
+        """End the Ray instance and what runs on it (a command cut off goes with it)."""
+        self.stopping = True
+        if "port" in self.ray:
+            stop_own_ray(self.temp / "ray", self.ray["port"])
+
+
+in_background("grid_run", lambda place, address: ["grid", "submit", str(GRID), "--address", address,
+                                                   "--workdir", str(place / "work")])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background(request, data_cache, tmp_path_factory):
+    """The background commands of the collected tests, started with the session."""
+    wanted = {name for item in request.session.items for name in item.fixturenames}
+    commands = [command for command in BACKGROUND if command.fixture in wanted]
+    runner = Background(commands, tmp_path_factory.mktemp("bg")) if commands else None
+    yield runner
+    if runner is not None:
+        runner.stop()
+        runner.thread.join(timeout=60)
+
+
 @pytest.fixture(scope="session")
-def grid_run(ray_address, tmp_path_factory):
-    """The cpu_test grid, submitted once to the local Ray instance: its workdir. Its MLflow
+def grid_run(background):
+    """The cpu_test grid, submitted once, in the background: its workdir. Its MLflow
     server is kept running for the session (a start costs seconds): the commands and
     tests that read it find it running, as a user's would."""
     from launcher.tracking import start_local_server, stop_local_server
     from launcher.workdir import Workdir
 
-    workdir = tmp_path_factory.mktemp("grid") / "work"
-    result = run_cli("grid", "submit", str(GRID), "--address", ray_address, "--workdir", str(workdir), timeout=900)
+    result, place = background.result("grid_run")
+    workdir = place / "work"
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
     (workdir / "submit.log").write_text(result.stdout)
     (workdir / "submit.err").write_text(result.stderr)

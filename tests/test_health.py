@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MICRO, REPO, mlflow_history, run_cli, run_here
+from conftest import MICRO, REPO, in_background, mlflow_history, run_cli, run_here
 
 from sparsity_scaling.errors import UserError
 from sparsity_scaling.rundir import RunDir
@@ -379,16 +379,29 @@ def _status_rows(stdout: str) -> dict[str, list[str]]:
             if len(cells) == 9 and not cells[0].endswith(":")}
 
 
-def test_a_diverging_grid_run_fails_once_with_its_reason_while_the_others_finish(ray_address, tmp_path):
-    """README "Failed runs", on the shared Ray: run `diverging` (lr 1e6, a checkpoint after
-    step 1, a non-finite step 3) is not retried (max_failures 2); the grid says why in one
-    line, and `sane` still trains and is measured. The run directory, `grid status` and
-    MLflow (FAILED, tag `failure`; `sane` FINISHED, the parent FAILED) hold it, with each
-    run's gradient norms as metrics.jsonl has them."""
-    grid = tmp_path / "health_test.yaml"
+def _health_grid(place: Path, address: str) -> list[str]:
+    grid = place / "health_test.yaml"
     grid.write_text(_HEALTH_GRID.format(micro=MICRO))
-    workdir = tmp_path / "work"
-    result = run_cli("grid", "submit", str(grid), "--address", ray_address, "--workdir", str(workdir), timeout=900)
+    return ["grid", "submit", str(grid), "--address", address, "--workdir", str(place / "work")]
+
+
+in_background("health_grid", _health_grid)
+
+
+@pytest.fixture
+def health_grid(background):
+    """The health grid's submit (in the background): (its result, its directory)."""
+    return background.result("health_grid")
+
+
+def test_a_diverging_grid_run_fails_once_with_its_reason_while_the_others_finish(health_grid):
+    """README "Failed runs": run `diverging` (lr 1e6, a checkpoint after step 1, a non-finite
+    step 3) is not retried (max_failures 2); the grid says why in one line, and `sane`
+    still trains and is measured. The run directory, `grid status` and MLflow (FAILED,
+    tag `failure`; `sane` FINISHED, the parent FAILED) hold it, with each run's gradient
+    norms as metrics.jsonl has them."""
+    result, place = health_grid
+    grid, workdir = place / "health_test.yaml", place / "work"
     assert result.returncode == 2, (result.stdout[-3000:], result.stderr[-3000:])
     (line,) = [x for x in result.stderr.splitlines() if "error" in x]
     assert "run diverging: training diverged at step 3 (tokens 3,072): loss nan" in line, line

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
-from conftest import MICRO, run_cli
+import pytest
+from conftest import MICRO, in_background
 from sparsity_scaling.rundir import RunDir
 
-
-def test_a_rehearsal_trains_checkpoints_measures_and_delivers_each_run_then_is_removed(ray_address, tmp_path,
-                                                                                         monkeypatch):
-    """A sound run and a diverging one (non-finite at step 3 of the 4 rehearsed): the sound
-    one is ok (4 steps, its one checkpoint, an evaluation, MLflow points delivered from the
-    node it trained on), the diverging one FAILED with its reason and log; what they left is
-    kept for the log, the grid's own runs are untouched, and a second rehearsal starts afresh."""
-    grid = tmp_path / "rehearsed.yaml"
-    grid.write_text(f"""name: rehearsed
+REHEARSED = f"""name: rehearsed
 base: {MICRO}
 axes:
   - zipped: {{label: [sound, diverging], train.lr: [0.01, 1.0e6]}}
@@ -24,9 +18,31 @@ overrides:
   train.log_every: 1
 resources: {{tp: 1, dp: 1, cpus_per_worker: 1}}
 evaluation: {{p: 1.0, eval_tokens: 65536, last: 5, calibration_tokens: 512}}
-""")
-    workdir = tmp_path / "work"
-    result = run_cli("grid", "rehearse", str(grid), "--address", ray_address, "--workdir", str(workdir), timeout=900)
+"""
+
+
+def _rehearse(place: Path, address: str) -> list[str]:
+    (place / "rehearsed.yaml").write_text(REHEARSED)
+    return ["grid", "rehearse", str(place / "rehearsed.yaml"), "--address", address, "--workdir", str(place / "work")]
+
+
+in_background("rehearsed", _rehearse)
+
+
+@pytest.fixture
+def rehearsed(background):
+    """The rehearsal of a sound and a diverging run (in the background): (its result, its directory)."""
+    return background.result("rehearsed")
+
+
+def test_a_rehearsal_trains_checkpoints_measures_and_delivers_each_run_then_is_removed(rehearsed, tmp_path,
+                                                                                         monkeypatch):
+    """A sound run and a diverging one (non-finite at step 3 of the 4 rehearsed): the sound
+    one is ok (4 steps, its one checkpoint, an evaluation, MLflow points delivered from the
+    node it trained on), the diverging one FAILED with its reason and log; what they left is
+    kept for the log, the grid's own runs are untouched, and a second rehearsal starts afresh."""
+    result, own = rehearsed
+    grid, workdir = own / "rehearsed.yaml", own / "work"
     assert result.returncode == 2, (result.stdout[-3000:], result.stderr[-3000:])
     lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith(("sound", "diverging"))}
     assert lines["sound"].split()[1] == "ok", lines
