@@ -335,19 +335,23 @@ def _vocabulary(tokenizer: str | None, vocab_size: int) -> int:
 
 def plan_table(grid: Grid, mfu: float, peak_tflops: float, problems=()) -> str:
     """What `grid plan` prints: per run its size, budget, cost (FLOPs, GPU-hours, checkpoint
-    storage; formulas in `sparsity_scaling.costs`), estimated peak memory of a rank, the
+    storage; formulas in `sparsity_scaling.costs`), what measuring its checkpoints costs
+    (evaluation FLOPs and GPU-hours at the same MFU), estimated peak memory of a rank, the
     fields the preflight finds a problem with (`launcher.preflight.Problem`) and its corpus,
     then the totals."""
-    from sparsity_scaling.costs import GB, RunCost
+    from sparsity_scaling.costs import GB, EvaluationCost, RunCost
     from sparsity_scaling.data.pipeline import corpus_tokens
     from sparsity_scaling.formatting import table
 
     res = grid.spec.resources
-    rows, total = [], {"flops": 0.0, "gpu_hours": 0.0, "storage": 0}
+    rows, total = [], {"flops": 0.0, "gpu_hours": 0.0, "storage": 0, "eval_flops": 0.0, "eval_gpu_hours": 0.0}
+    evaluation = grid.spec.evaluation
     for run in grid.runs:
         config = run.config
         m, t = config.model, config.train
         cost = RunCost.of(config, _vocab_size(config), grid.bf16(run), mfu, peak_tflops)
+        measuring = EvaluationCost.of(config, _vocab_size(config), evaluation.eval_tokens, evaluation.last, mfu,
+                                      peak_tflops)
         corpus = corpus_tokens(config.data)
         if corpus is None:
             corpus_text, epochs = f"not prepared ({config.data.source})", "-"
@@ -359,13 +363,17 @@ def plan_table(grid: Grid, mfu: float, peak_tflops: float, problems=()) -> str:
         fields = sorted({p.field for p in problems if p.run == run.name})
         rows.append([run.name, m.activation, m.d_model, m.n_layers, f"{m.width_depth_ratio:.1f}", sci(params),
                      sci(t.tokens), f"{t.tokens / params:.0f}", sci(cost.flops), _amount(cost.gpu_hours),
-                     f"{cost.checkpoints}", _amount(cost.storage_bytes / 1e9), _gigabytes(grid.memory(run).total / GB),
+                     sci(measuring.flops), _amount(measuring.gpu_hours), f"{cost.checkpoints}",
+                     _amount(cost.storage_bytes / 1e9), _gigabytes(grid.memory(run).total / GB),
                      ", ".join(fields) or "ok", corpus_text, epochs])
         total["flops"] += cost.flops
         total["gpu_hours"] += cost.gpu_hours
         total["storage"] += cost.storage_bytes
+        total["eval_flops"] += measuring.flops
+        total["eval_gpu_hours"] += measuring.gpu_hours
     headers = ["run", "activation", "d_model", "layers", "w/d", "params", "tokens", "tok/param", "FLOPs",
-               "GPU-h", "ckpts", "storage GB", "peak GB/rank", "preflight", "corpus tokens", "epochs"]
+               "GPU-h", "eval FLOPs", "eval GPU-h", "ckpts", "storage GB", "peak GB/rank", "preflight",
+               "corpus tokens", "epochs"]
     return "\n".join([
         f"grid {grid.name}: {len(grid.runs)} runs, each {res.workers} workers "
         f"(tp {res.tp} x dp {res.dp}; {res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU per worker); "
@@ -373,5 +381,8 @@ def plan_table(grid: Grid, mfu: float, peak_tflops: float, problems=()) -> str:
         table(headers, rows),
         f"total: {sci(total['flops'])} FLOPs, {_amount(total['gpu_hours'])} GPU-hours at MFU {mfu:g} of "
         f"{peak_tflops:g} TFLOP/s, {_amount(total['storage'] / 1e9)} GB of checkpoints "
-        f"(weights of every checkpoint, engine state of the newest checkpoint.keep_engine)",
+        f"(weights of every checkpoint, engine state of the newest checkpoint.keep_engine); "
+        f"measuring them: {sci(total['eval_flops'])} FLOPs, {_amount(total['eval_gpu_hours'])} GPU-hours "
+        f"(PPL-{evaluation.p:g}% at every checkpoint over {evaluation.eval_tokens:,} tokens, the stabilising "
+        f"strategy over the last {evaluation.last})",
     ])

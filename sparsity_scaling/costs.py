@@ -9,6 +9,17 @@ input embedding is a lookup), plus 12 L d T for attention scores and their weigh
     training FLOPs = D (6 (N_non_embedding + V d) + 12 L d T)
     GPU-hours      = FLOPs / (MFU x peak FLOP/s) / 3600
 
+Evaluation (`EvaluationCost`): a forward pass costs a third of a trained token's FLOPs.
+Each checkpoint's PPL-p% search is counted at EVAL_FORWARD_PASSES forward passes over the
+evaluation tokens (the dense pass, three or four sparse ones, the threshold searches: 4.6 to
+5.8 measured by `tools/bench/ppl_p_speed.py` on the README's models; up to 8.4 where the PPL
+ratio is flat and noisy near the target); the stabilising strategy searches once more over
+the `last` newest (EVAL_FORWARD_PASSES for each of them) and then measures every checkpoint
+at its CETT (a sparse pass for those it holds, a dense and a sparse pass for the others):
+
+    evaluation forward passes = C x F + last x (F + 1) + (C - last) x 2      (C checkpoints, F = 6)
+    evaluation FLOPs          = passes x eval_tokens x training FLOPs per token / 3
+
 Checkpoint storage: every checkpoint keeps its fp32 weights (4 bytes per parameter); only
 the newest `checkpoint.keep_engine` also keep DeepSpeed's state: the module weights (fp32, or
 bf16 on GPUs) plus AdamW's fp32 moments (8 bytes) and, in bf16, its fp32 master copy (4).
@@ -72,6 +83,27 @@ class RunCost:
         engines = min(config.checkpoint.keep_engine, len(schedule))
         storage = len(schedule) * 4 * params + engines * engine_bytes_per_param(bf16) * params
         return cls(tokens, flops, flops / (mfu * peak_tflops * 1e12) / 3600, len(schedule), storage)
+
+
+EVAL_FORWARD_PASSES = 6.0  # a PPL-p% search, in forward passes over the evaluation tokens (see above)
+
+
+@dataclass(frozen=True)
+class EvaluationCost:
+    """What measuring a run costs beside its training (formula in the module docstring)."""
+
+    forward_passes: float  # over the evaluation tokens, all jobs of the run together
+    flops: float
+    gpu_hours: float
+
+    @classmethod
+    def of(cls, config: RunConfig, vocab_size: int, eval_tokens: int, last: int, mfu: float = DEFAULT_MFU,
+           peak_tflops: float = H100_BF16_PEAK_TFLOPS) -> "EvaluationCost":
+        checkpoints = len(checkpoint_tokens(config))
+        kept = min(last, checkpoints)
+        passes = checkpoints * EVAL_FORWARD_PASSES + kept * (EVAL_FORWARD_PASSES + 1) + (checkpoints - kept) * 2
+        flops = passes * eval_tokens * flops_per_token(config, vocab_size) / 3
+        return cls(passes, flops, flops / (mfu * peak_tflops * 1e12) / 3600)
 
 
 def ffn_flop_fraction(activation_ratio: float, relu_family: bool) -> float:

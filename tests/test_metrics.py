@@ -114,7 +114,7 @@ def test_cett_thresholds_and_ppl_p_match_brute_force(micro_run, tokens_file):
     result = out["result"]
     assert result["ppl_ratio"] == pytest.approx(1.01, abs=2e-3)
     assert abs(result["activation_ratio"] - out["exact_activation"]) <= 1e-3
-    assert result["forward_passes"] <= 15
+    assert result["forward_passes"] <= 6  # the dense pass, three or four sparse ones, the threshold searches
     assert result["forward_passes"] == pytest.approx(out["counted_passes"], abs=1e-3)  # rounded to 3 places
     assert len(result["thresholds"]) == len(result["layer_activation_ratios"]) == 2
     assert result["converged"] is True
@@ -586,7 +586,7 @@ def _critical_checks(checkpoint, tokens_path, tp, full_scan):
              "max-p": lambda x, site, power: MaxP(site=site, p=x),
              "topk": lambda x, site, power: TopK(site=site, k=int(x)),
              "fat": lambda x, site, power: FixedThreshold(site=site, eps=x),
-             "cett": lambda x, site, power: ev.cett_rule(x)}
+             "cett": lambda x, site, power: ev.cett_rule(x, fresh=True)}
     ranges = {"topk": (0, 160), "fat": (0.0, float(peak))}
     out = []
     for rule, site, power, tolerance in CRITICAL_CASES:
@@ -702,3 +702,78 @@ def test_checkpoints_that_cannot_be_measured_are_left_out_and_named_under_exclud
         series[name] = json.loads(out.read_text())
     check(series["all"], series["measurable"])
     assert series["all"]["token_passed"] == [c.tokens for c in checkpoints[1:-1]]
+
+
+def _load_counting_initialisation(checkpoint):
+    from sparsity_scaling.hf import load_target
+    from sparsity_scaling.hf.load import read_weights
+    from sparsity_scaling.parallel import full_state_dict, init_parallel
+
+    init_parallel(1)
+    calls = []
+    normal = torch.nn.init.normal_
+    torch.nn.init.normal_ = lambda tensor, *args, **kwargs: calls.append(tensor.numel()) or normal(tensor, *args, **kwargs)
+    try:
+        model = load_target(checkpoint=checkpoint)
+    finally:
+        torch.nn.init.normal_ = normal
+    _, _, state = read_weights(checkpoint)
+    loaded = full_state_dict(model)
+    return {"initialised": sum(calls), "equal": all(torch.equal(loaded[k], state[k]) for k in state),
+            "names": sorted(loaded) == sorted(state)}
+
+
+def test_loading_a_checkpoint_for_evaluation_skips_the_random_initialisation(micro_run):
+    """A checkpoint's model is built with its weights unset and then given every one of
+    them: the initialisation (a normal draw per weight, on the CPU) would be thrown away."""
+    checkpoint = RunDir(micro_run).checkpoints()[-1].path
+    out = run_ranks(1, _load_counting_initialisation, checkpoint)[0]
+    assert out["initialised"] == 0
+    assert out["names"] and out["equal"]
+
+
+def _tf32_seen_by_cett_products() -> list:
+    """Whether TF32 was on at each of a CETT search's products, called inside a GPU pass."""
+    from sparsity_scaling.metrics import cett as cett_module
+    from sparsity_scaling.metrics.cett import CETTSearch
+    from sparsity_scaling.metrics.measure import pass_precision
+    from sparsity_scaling.parallel import init_parallel
+
+    class FFN:
+        layer, local_neurons, neuron_offset = 0, 6, 0
+
+        def output_weight(self):
+            return torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+
+    class Target:
+        ffns = [FFN()]
+
+        def parameters(self):
+            return iter([torch.nn.Parameter(torch.zeros(1))])
+
+    init_parallel(1)
+    seen, sum_tp = [], cett_module.sum_tp
+    cett_module.sum_tp = lambda t: seen.append(torch.backends.cuda.matmul.allow_tf32) or sum_tp(t)
+    with pass_precision(torch.device("cuda", 0)):
+        search = CETTSearch(Target(), {0: torch.rand(32, 6, generator=torch.Generator().manual_seed(1))})
+        search.cett(0, 0.5)
+    return seen
+
+
+def test_forward_passes_multiply_in_tf32_on_a_gpu_and_the_cett_sums_in_full_fp32():
+    """The decision, not the GPU: inside a pass on a CUDA device TF32 is on; the CETT
+    products run with it off even when called from inside one; on the CPU nothing changes."""
+    from sparsity_scaling.metrics.measure import pass_precision
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32  # a property of torch's cuBLAS module: set and restored by hand
+    matmul.allow_tf32 = False
+    try:
+        with pass_precision(torch.device("cuda", 0)):
+            assert matmul.allow_tf32 is True
+        assert matmul.allow_tf32 is False
+        with pass_precision(torch.device("cpu")):
+            assert matmul.allow_tf32 is False
+    finally:
+        matmul.allow_tf32 = before
+    assert run_ranks(1, _tf32_seen_by_cett_products)[0] == [False, False]  # the FFN output norms, the residual

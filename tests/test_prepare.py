@@ -499,6 +499,14 @@ def test_grid_plan_tells_the_cost_and_the_corpus_before_anything_runs():
     flops = tokens * (6 * (config.model.non_embedding_params() + 16384 * 1792) + 12 * 32 * 1792 * 4096)
     assert sci(flops) in row
     assert f"{flops / (0.5 * 1000e12) / 3600:,.0f}" in row
+    # measuring it: a forward pass is a third of a trained token; 28 checkpoints x 6 passes, the
+    # stabilising search over the last 5 (6 each, then 1 each), the other 23 once (dense + sparse)
+    forward = 2 * (config.model.non_embedding_params() + 16384 * 1792) + 4 * 32 * 1792 * 4096
+    evaluation = (28 * 6 + 5 * 7 + 23 * 2) * 1048576 * forward
+    assert f"{sci(evaluation)}  " in row and f"{evaluation / (0.5 * 1000e12) / 3600:.2g}  " in row
+    for column in ("eval FLOPs", "eval GPU-h"):
+        assert column in header
+    assert "measuring them: " in result.stdout and "over the last 5" in result.stdout
     assert "not prepared (/shared/corpora/pretrain_train)" in row
     assert "GPU-hours at MFU 0.5 of 1000 TFLOP/s" in result.stdout
 

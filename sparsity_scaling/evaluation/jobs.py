@@ -178,7 +178,7 @@ def measure_member(member: SeriesMember, cett: float, metric: MetricSettings, da
     init_parallel(tp)
     evaluator = evaluator or load_evaluator(member.model, data, metric, tp)
     with evaluator.loaded() as ev:
-        rule = ev.cett_rule(cett)
+        rule = ev.cett_rule(cett, fresh=True)  # the same whether this evaluator searched before or not
         result = ev.result("ppl-p-stabilised", rule, ev.measure(rule))
     record = result.to_dict()
     record["eval_tokens"] = record.pop("tokens")  # "tokens" is the training-token count here

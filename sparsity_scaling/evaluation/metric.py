@@ -57,5 +57,5 @@ def _critical(settings: MetricSettings, evaluator: Evaluator) -> SparsityResult:
         width = evaluator.width(site)
         return critical(evaluator, lambda x: TopK(site=site, k=int(x)), 0, width, False, tol, integer=True)
     if settings.rule == "cett":
-        return critical(evaluator, evaluator.cett_rule, 0.0, 1.0, True, tol)
+        return critical(evaluator, lambda c: evaluator.cett_rule(c, fresh=True), 0.0, 1.0, True, tol)
     return critical(evaluator, lambda x: FixedThreshold(site=site, eps=x), 0.0, evaluator.peak(site), True, tol)

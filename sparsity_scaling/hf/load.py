@@ -46,9 +46,9 @@ def load_minicpm(checkpoint: str | Path) -> MiniCPM:
         if getattr(config.model, field) % tp:
             raise UserError(f"{ck.path}: TP size {tp} does not divide model.{field} "
                             f"{getattr(config.model, field)}")
-    model = MiniCPM(config.model, ck.manifest.get("vocab_size", config.data.vocab_size))
+    model = MiniCPM(config.model, ck.manifest.get("vocab_size", config.data.vocab_size), initialize=False)
     try:
-        load_full_state_dict(model, state)
+        load_full_state_dict(model, state)  # every weight, or refused
     except UserError as error:
         raise UserError(f"{ck.path}: {error}") from None
     return model.to(device()).eval()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -65,6 +67,34 @@ def check_vocab(data: EvalData, target: SparsityTarget) -> None:
         )
 
 
+@contextmanager
+def pass_precision(device: torch.device) -> Iterator[None]:
+    """Forward passes on a CUDA device multiply in TF32 (fp32 inputs and sums, a 10-bit
+    mantissa in the products: several times fp32's rate on tensor cores); the perplexity is
+    summed in fp64 all the same. The CETT sums and thresholds run outside it, in full fp32
+    (`full_precision`). On the CPU nothing changes."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@contextmanager
+def full_precision() -> Iterator[None]:
+    """fp32 matrix products in full precision (no TF32), whatever the caller set."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 @torch.no_grad()
 def loss_pass(target: SparsityTarget, data: EvalData, probe: Probe | None = None) -> float:
     """Mean token loss over all ranks' data, with `probe` set on every FFN if given."""
@@ -78,17 +108,19 @@ def loss_pass(target: SparsityTarget, data: EvalData, probe: Probe | None = None
             total[0] += losses.double().sum().item()
             total[1] += losses.numel()
 
-    if probe is None:
-        run()
-    else:
-        with target.probing(probe):
+    with pass_precision(device):
+        if probe is None:
             run()
+        else:
+            with target.probing(probe):
+                run()
     sum_dp(total)
     return (total[0] / total[1]).item()
 
 
 class CalibrationRecorder(Probe):
-    """Keeps every `stride`-th token's activations per layer (local neurons, fp32, CPU)."""
+    """Keeps every `stride`-th token's activations per layer (local neurons, fp32) on the
+    model's device, where the threshold searches run: no copy to the host inside the pass."""
 
     def __init__(self, stride: int):
         self.stride = stride
@@ -96,7 +128,7 @@ class CalibrationRecorder(Probe):
 
     def on_activation(self, ffn, trace):
         a = trace.activation.detach().float().reshape(-1, trace.activation.shape[-1])
-        self.parts.setdefault(trace.layer, []).append(a[:: self.stride].cpu())
+        self.parts.setdefault(trace.layer, []).append(a[:: self.stride].clone())
         return None
 
     def activations(self) -> dict[int, torch.Tensor]:
@@ -161,7 +193,8 @@ def sparse_pass(target: SparsityTarget, data: EvalData, rule) -> SparsePass:
     probe = SparsifyingProbe(rule)
     loss = loss_pass(target, data, probe)
     layers = [ffn.layer for ffn in target.ffns]  # every FFN, also an MoE expert no token was routed to
-    counts = torch.tensor([[probe.active.get(k, 0), probe.total.get(k, 0)] for k in layers], dtype=torch.float64)
+    kept = probe.active
+    counts = torch.tensor([[kept.get(k, 0), probe.total.get(k, 0)] for k in layers], dtype=torch.float64)
     tokens = torch.tensor([probe.seen.get(k, 0) for k in layers], dtype=torch.float64)
     if rule.site != "input":  # neurons are split across TP ranks; input features are not
         sum_tp(counts)

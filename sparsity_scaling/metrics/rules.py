@@ -162,12 +162,21 @@ class SparsifyingProbe(Probe):
 
     def __init__(self, rule: Rule):
         self.rule = rule
-        self.active: dict[int, int] = {}
+        self._active: dict[int, torch.Tensor] = {}  # on the model's device: no host synchronisation per layer
         self.total: dict[int, int] = {}
         self.seen: dict[int, int] = {}  # tokens each FFN saw
 
+    @property
+    def active(self) -> dict[int, int]:
+        """Active entries per layer (read after the pass: one host synchronisation)."""
+        if not self._active:
+            return {}
+        counts = torch.stack(list(self._active.values())).tolist()
+        return dict(zip(self._active, (int(c) for c in counts)))
+
     def _count(self, layer: int, mask: torch.Tensor) -> None:
-        self.active[layer] = self.active.get(layer, 0) + int(mask.sum())
+        kept = mask.sum()
+        self._active[layer] = self._active[layer] + kept if layer in self._active else kept
         self.total[layer] = self.total.get(layer, 0) + mask.numel()
         self.seen[layer] = self.seen.get(layer, 0) + mask.numel() // max(1, mask.shape[-1])
 

@@ -46,6 +46,9 @@ class Evaluator:
         self.passes += 1
         return sparse_pass(self.target, self.data, rule)
 
+    def ppl_ratio(self, sparse: SparsePass) -> float:
+        return sparse.ppl / self.dense.ppl
+
     def width(self, site: str) -> int:
         """Scores a rule at `site` ranks per token and layer: all d_f neurons of every TP rank
         (top-k ranks the gathered neurons), or the d_model features of the FFN input."""
@@ -71,8 +74,10 @@ class Evaluator:
         """This evaluator with its model in memory (it always is; see `ReloadingEvaluator`)."""
         yield self
 
-    def cett_rule(self, value: float) -> PerNeuronThreshold:
-        eps = self.cett.thresholds(value)
+    def cett_rule(self, value: float, fresh: bool = False) -> PerNeuronThreshold:
+        """The CETT thresholds for `value`; `fresh`: independent of earlier searches
+        (`CETTSearch.thresholds`), as a model measured at a given CETT must be."""
+        eps = self.cett.thresholds(value, fresh)
         return PerNeuronThreshold(
             thresholds=self.cett.neuron_thresholds(eps), cett=value, layer_eps=[eps[k] for k in sorted(eps)]
         )
@@ -196,65 +201,124 @@ class Solution:
         return None if self.converged else unconverged_warning(what, self.activation_gap)
 
 
+DEFAULT_START = 0.1  # a search's first CETT when nothing better is known
 UNCHANGED_RATIO = 1e-6  # a PPL ratio within this of 1 with every neuron masked: the FFNs do nothing
 
 
 def solve_ppl_ratio(measure: Callable[[float], Point], target: float, act_tol: float = 1e-3,
-                    ratio_tol: float = 1e-6, max_steps: int = 16, start: float = 0.1,
+                    ratio_tol: float = 1e-6, max_steps: int = 16, start: float | None = None, power: float = 2.0,
                     known: Sequence[Point] = (), on_step: Callable[[int, Point], None] | None = None) -> Solution:
     """Find the CETT value whose PPL ratio is `target`.
 
-    PPL ratio and activation ratio are monotone in CETT. Bracket the target by doubling,
-    then interpolate in log PPL ratio (regula falsi, kept off the bracket's ends); stop when
-    the bracket's activation ratios differ by at most act_tol, so the reported activation
-    ratio is within act_tol of the one at the exact CETT. Points measured before (`known`,
-    e.g. by a search for another p) narrow the starting bracket and cost nothing.
-    `on_step(step, point)` hears of each measurement (a job's progress report). After
-    `max_steps` measurements it stops where it is, and says it did not converge.
+    PPL ratio and activation ratio are monotone in CETT, and log(PPL ratio) grows about as
+    a power of CETT (near its square: a small change of the FFN outputs raises the loss
+    quadratically). So each step is a secant in (log CETT, log log PPL ratio): from `start`
+    (default DEFAULT_START), then from one point with `power` as the exponent, then through the two points nearest
+    the target, kept inside the bracket once there is one (where a secant left the same end
+    in place twice, that end's distance to the target counts half, as in the Illinois
+    method, so the bracket shrinks from both sides whatever the curve; before there is a
+    bracket, the least step doubles while the measurements stay on one side). It stops when the bracket's
+    activation ratios differ by at most act_tol (the exact CETT's activation ratio lies
+    between them), or when, by the slope of a bracket whose PPL ratios are less than
+    target - 1 apart, the nearer end's activation ratio is within act_tol / 2 of the exact
+    CETT's, or when a point is within ratio_tol of the
+    target. Points measured before (`known`, e.g. by a search for another p) narrow the
+    first steps and cost nothing. `on_step(step,
+    point)` hears of each measurement (a job's progress report). After `max_steps`
+    measurements it stops where it is, and says it did not converge.
     """
+    points: list[Point] = [p for p in known if p.x > 0]
     lo, hi = Point(0.0, 1.0, 1.0), None
+    side, same = None, 0  # the last measurement's side of the target (True: below), and how many in a row
 
-    def narrow(point: Point) -> None:
-        nonlocal lo, hi
-        if point.ratio <= target:
-            lo = point if point.x > lo.x else lo
-        elif hi is None or point.x < hi.x:
-            hi = point
+    def bracket() -> tuple[Point, Point | None]:
+        below = [p for p in points if p.ratio <= target]
+        above = [p for p in points if p.ratio > target]
+        return (max(below, key=lambda p: p.x, default=Point(0.0, 1.0, 1.0)),
+                min(above, key=lambda p: p.x, default=None))
 
-    def converged(point: Point | None) -> bool:
-        return (point is not None and abs(point.ratio - target) <= ratio_tol) or (
-            hi is not None and lo.activation - hi.activation <= act_tol)
+    def converged() -> bool:
+        if any(abs(p.ratio - target) <= ratio_tol for p in points):
+            return True
+        if hi is None or lo.x == 0.0:
+            return False
+        if lo.activation - hi.activation <= act_tol:
+            return True
+        if hi.ratio - lo.ratio > target - 1:  # too wide a bracket for its slope to say anything
+            return False
+        near = min((lo, hi), key=lambda p: abs(p.ratio - target))
+        slope = (lo.activation - hi.activation) / (hi.ratio - lo.ratio)
+        return abs(near.ratio - target) * slope <= act_tol / 2
 
-    for point in known:
-        narrow(point)
-    last = min(known, key=lambda p: abs(p.ratio - target)) if known else None
     for step in range(1, max_steps + 1):
-        if converged(last):
+        lo, hi = bracket()
+        if converged():
             break
-        if hi is None:
-            if lo.x >= 1.0:
-                if abs(lo.ratio - 1) <= UNCHANGED_RATIO:
-                    raise UserError(
-                        f"masking every FFN neuron leaves the perplexity unchanged (PPL ratio {lo.ratio:.7f}): "
-                        "the model's output does not depend on its FFNs (an output layer of zeros, or FFN "
-                        "weights not loaded?)"
-                    )
+        if hi is None and lo.x >= 1.0:
+            if abs(lo.ratio - 1) <= UNCHANGED_RATIO:
                 raise UserError(
-                    f"the PPL ratio stays at {lo.ratio:.5f} < {target:.5f} even with every "
-                    f"neuron below threshold; the validation set is too small to move the perplexity"
+                    f"masking every FFN neuron leaves the perplexity unchanged (PPL ratio {lo.ratio:.7f}): "
+                    "the model's output does not depend on its FFNs (an output layer of zeros, or FFN "
+                    "weights not loaded?)"
                 )
-            x = start if lo.x == 0.0 else min(1.0, 2 * lo.x)
-        else:
-            fraction = math.log(target / lo.ratio) / math.log(hi.ratio / lo.ratio)
-            fraction = min(max(fraction, 0.05), 0.95)  # keep shrinking the bracket from both sides
-            x = lo.x + fraction * (hi.x - lo.x)
+            raise UserError(
+                f"the PPL ratio stays at {lo.ratio:.5f} < {target:.5f} even with every "
+                f"neuron below threshold; the validation set is too small to move the perplexity"
+            )
+        x = _next_cett(points, lo, hi, target, start or DEFAULT_START, power, same)
         last = measure(x)
-        narrow(last)
+        points.append(last)
+        same = same + 1 if (last.ratio <= target) == side else 1
+        side = last.ratio <= target
         if on_step is not None:
             on_step(step, last)
+    lo, hi = bracket()
     candidates = [p for p in (lo, hi) if p is not None]
     best = min(candidates, key=lambda p: abs(p.ratio - target))
-    return Solution(best, converged(last), None if hi is None else lo.activation - hi.activation)
+    return Solution(best, converged(), None if hi is None else lo.activation - hi.activation)
+
+
+def _next_cett(points: Sequence[Point], lo: Point, hi: Point | None, target: float, start: float,
+               power: float, same: int = 0) -> float:
+    """The next CETT to measure: a secant in (log CETT, log log PPL ratio) from the bracket's
+    end(s), strictly inside the bracket or beyond its one end. `same`: how many of the last
+    measurements fell on the side of the target the last one did (Illinois halves the end
+    they left in place; without a bracket, the least step doubles with each)."""
+    if not points:
+        return start
+    goal = math.log(math.log(target))
+    least = 0.01 * 2 ** max(same - 1, 0)  # in log CETT: a flat, noisy curve is crossed, not crept along
+
+    def v(p: Point) -> float:
+        return math.log(math.log(p.ratio)) - goal
+
+    def slope(ends: Sequence[Point]) -> float:  # measured between two points, within [power / 2, 2 power]
+        usable = [p for p in ends if p.ratio > 1.0]
+        if len(usable) == 2 and usable[0].x != usable[1].x:
+            measured = (v(usable[1]) - v(usable[0])) / (math.log(usable[1].x) - math.log(usable[0].x))
+            return min(max(measured, power / 2), 2 * power)  # a flat stretch of a noisy curve is not its slope
+        return power
+
+    if hi is None:  # every point below the target: beyond the largest CETT
+        if lo.ratio <= 1.0:
+            return min(1.0, 4 * lo.x)
+        step = -v(lo) / slope(sorted(points, key=lambda p: p.x)[-2:])
+        return min(1.0, 8 * lo.x, lo.x * math.exp(max(step, least)))
+    if lo.x == 0.0:  # every point above: below the smallest
+        step = -v(hi) / slope(sorted(points, key=lambda p: p.x)[:2])
+        return hi.x * math.exp(min(step, -least))
+    if lo.ratio <= 1.0:  # no log log at the lower end: linear in the PPL ratio
+        x = lo.x + (target - lo.ratio) / (hi.ratio - lo.ratio) * (hi.x - lo.x)
+    else:  # regula falsi between the ends (Illinois: a stale end counts half)
+        v_lo, v_hi = v(lo), v(hi)
+        if same >= 2:  # the last two replaced the same end: the other one counts half
+            if points[-1].ratio <= target:
+                v_hi /= 2
+            else:
+                v_lo /= 2
+        x = math.exp(math.log(lo.x) - v_lo * (math.log(hi.x) - math.log(lo.x)) / (v_hi - v_lo))
+    margin = 0.01 * (hi.x - lo.x)  # strictly inside: the bracket shrinks at every step
+    return min(max(x, lo.x + margin), hi.x - margin)
 
 
 def ppl_p(evaluator: Evaluator, p: float, measured: dict | None = None,
@@ -269,7 +333,7 @@ def ppl_p(evaluator: Evaluator, p: float, measured: dict | None = None,
 
     def point(c: float) -> Point:
         sparse = measured[c][1]
-        return Point(c, sparse.ppl / evaluator.dense.ppl, sparse.activation_ratio)
+        return Point(c, evaluator.ppl_ratio(sparse), sparse.activation_ratio)
 
     def measure(c: float) -> Point:
         rule = evaluator.cett_rule(c)

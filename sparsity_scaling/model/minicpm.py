@@ -40,7 +40,10 @@ def padded_vocab_size(vocab_size: int) -> int:
     return math.ceil(vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-def _normal(std: float):
+def _normal(std: float | None):
+    """Megatron's init method: a normal draw, or nothing (std None: the weights will be loaded)."""
+    if std is None:
+        return lambda weight: weight
     return lambda weight: torch.nn.init.normal_(weight, mean=0.0, std=std)
 
 
@@ -70,7 +73,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, std: float):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, std: float | None):
         super().__init__()
         d = cfg.d_model
         self.head_dim = cfg.head_dim
@@ -100,7 +103,7 @@ class Attention(torch.nn.Module):
 class FFN(torch.nn.Module):
     """Gated FFN; neuron i outputs W_out[:, i] * a_i. Exposes a probe (see probe.py)."""
 
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, std: float, layer: int):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, std: float | None, layer: int):
         super().__init__()
         self.layer = layer
         self.act = ACTIVATIONS[cfg.activation]
@@ -140,7 +143,7 @@ def _or(replacement, original):
 
 
 class Block(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, std: float, layer: int):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, std: float | None, layer: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg, mp, std)
@@ -154,20 +157,22 @@ class Block(torch.nn.Module):
 
 
 class MiniCPM(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, params_dtype=torch.float32):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, params_dtype=torch.float32, initialize: bool = True):
+        """`initialize=False` leaves the weights unset, for a caller that loads every one of
+        them (a checkpoint): the random initialisation would be thrown away."""
         super().__init__()
         self.cfg = cfg
         self.vocab_size = padded_vocab_size(vocab_size)
         mp = ModelParallelConfig(
             tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
             use_cpu_initialization=True,  # TP-invariant init, and it runs on CPU
-            perform_initialization=True,
+            perform_initialization=True,  # also without `initialize`: it marks the weights' TP sharding
             params_dtype=params_dtype,
         )
         self.width_mult = cfg.d_model / cfg.dim_model_base
-        hidden_std = cfg.init_std / math.sqrt(self.width_mult)  # muP: init shrinks with width
+        hidden_std = cfg.init_std / math.sqrt(self.width_mult) if initialize else None  # muP: shrinks with width
         self.embed = VocabParallelEmbedding(
-            self.vocab_size, cfg.d_model, init_method=_normal(cfg.init_std), config=mp
+            self.vocab_size, cfg.d_model, init_method=_normal(cfg.init_std if initialize else None), config=mp
         )
         self.layers = torch.nn.ModuleList(Block(cfg, mp, hidden_std, i) for i in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
