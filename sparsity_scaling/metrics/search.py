@@ -202,6 +202,7 @@ class Solution:
 
 
 DEFAULT_START = 0.1  # a search's first CETT when nothing better is known
+NEAR_RATIO = 0.02  # a slope's stop also needs the PPL ratio within this share of p% of the target
 UNCHANGED_RATIO = 1e-6  # a PPL ratio within this of 1 with every neuron masked: the FFNs do nothing
 
 
@@ -219,9 +220,9 @@ def solve_ppl_ratio(measure: Callable[[float], Point], target: float, act_tol: f
     method, so the bracket shrinks from both sides whatever the curve; before there is a
     bracket, the least step doubles while the measurements stay on one side). It stops when the bracket's
     activation ratios differ by at most act_tol (the exact CETT's activation ratio lies
-    between them), or when, by the slope of a bracket whose PPL ratios are less than
-    target - 1 apart, the nearer end's activation ratio is within act_tol / 2 of the exact
-    CETT's, or when a point is within ratio_tol of the
+    between them), or when the nearer end's PPL ratio is within NEAR_RATIO x p% of the
+    target and, by the slope of a bracket whose PPL ratios are less than p% apart, its
+    activation ratio within act_tol / 2 of the exact CETT's, or when a point is within ratio_tol of the
     target. Points measured before (`known`, e.g. by a search for another p) narrow the
     first steps and cost nothing. `on_step(step,
     point)` hears of each measurement (a job's progress report). After `max_steps`
@@ -248,7 +249,8 @@ def solve_ppl_ratio(measure: Callable[[float], Point], target: float, act_tol: f
             return False
         near = min((lo, hi), key=lambda p: abs(p.ratio - target))
         slope = (lo.activation - hi.activation) / (hi.ratio - lo.ratio)
-        return abs(near.ratio - target) * slope <= act_tol / 2
+        off = abs(near.ratio - target)
+        return off <= NEAR_RATIO * (target - 1) and off * slope <= act_tol / 2
 
     for step in range(1, max_steps + 1):
         lo, hi = bracket()
