@@ -48,12 +48,13 @@ def _fat_eps(evaluator: Evaluator, quantiles) -> list[float]:
         return []
     if values.numel() > 4_000_000:  # quantiles of an even subsample: the same on every rank
         values = values[:: values.numel() // 4_000_000 + 1]
-    return sorted({float(q) for q in np.quantile(values.double().numpy(), quantiles)})
+    values = values.double().cpu()  # the calibration lives on the model's device
+    return sorted({float(q) for q in np.quantile(values.numpy(), quantiles)})
 
 
 def _row(method: str, param: float | None, sparse, evaluator: Evaluator) -> dict:
     return {"method": method, "param": param, "activation_ratio": sparse.activation_ratio,
-            "ppl_ratio": sparse.ppl / evaluator.dense.ppl}
+            "ppl_ratio": evaluator.ppl_ratio(sparse)}
 
 
 def pareto_points(evaluator: Evaluator, activation: str | None, p_values=P_VALUES,

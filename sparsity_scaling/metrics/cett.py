@@ -162,8 +162,7 @@ def _interpolate(lo: tuple[float, float], hi: tuple[float, float], target: float
     """eps at `target` on the line through two evaluated points in (CETT, log eps): within a
     narrow bracket, continuous and rising in the target, so that a slightly larger CETT
     never gets a smaller threshold because of which points happen to have been evaluated."""
-    fraction = (target - lo[1]) / (hi[1] - lo[1])
-    return math.exp(math.log(lo[0]) + fraction * (math.log(hi[0]) - math.log(lo[0])))
+    return _inside(lo[0], hi[0], (target - lo[1]) / (hi[1] - lo[1]))
 
 
 def _inside(lo: float, hi: float, fraction: float) -> float:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import ContextManager, Iterator
 
 import numpy as np
 import torch
@@ -68,31 +68,27 @@ def check_vocab(data: EvalData, target: SparsityTarget) -> None:
 
 
 @contextmanager
-def pass_precision(device: torch.device) -> Iterator[None]:
+def _tf32(allowed: bool) -> Iterator[None]:
+    """CUDA fp32 matrix products with TF32 allowed or not, restored after."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def pass_precision(device: torch.device) -> ContextManager[None]:
     """Forward passes on a CUDA device multiply in TF32 (fp32 inputs and sums, a 10-bit
     mantissa in the products: several times fp32's rate on tensor cores); the perplexity is
     summed in fp64 all the same. The CETT sums and thresholds run outside it, in full fp32
     (`full_precision`). On the CPU nothing changes."""
-    if device.type != "cuda":
-        yield
-        return
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+    return _tf32(True) if device.type == "cuda" else nullcontext()
 
 
-@contextmanager
-def full_precision() -> Iterator[None]:
+def full_precision() -> ContextManager[None]:
     """fp32 matrix products in full precision (no TF32), whatever the caller set."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+    return _tf32(False)
 
 
 @torch.no_grad()

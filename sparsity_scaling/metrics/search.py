@@ -95,7 +95,7 @@ class Evaluator:
             layer_activation_ratios=sparse.layer_ratios(),
             dense_ppl=self.dense.ppl,
             sparse_ppl=sparse.ppl,
-            ppl_ratio=sparse.ppl / self.dense.ppl,
+            ppl_ratio=self.ppl_ratio(sparse),
             tokens=self.data.tokens,
             forward_passes=round(self.forward_passes(), 3),
             seconds=round(time.time() - self.started, 3),
@@ -207,26 +207,27 @@ UNCHANGED_RATIO = 1e-6  # a PPL ratio within this of 1 with every neuron masked:
 
 
 def solve_ppl_ratio(measure: Callable[[float], Point], target: float, act_tol: float = 1e-3,
-                    ratio_tol: float = 1e-6, max_steps: int = 16, start: float | None = None, power: float = 2.0,
+                    ratio_tol: float = 1e-6, max_steps: int = 16, start: float = DEFAULT_START, power: float = 2.0,
                     known: Sequence[Point] = (), on_step: Callable[[int, Point], None] | None = None) -> Solution:
     """Find the CETT value whose PPL ratio is `target`.
 
     PPL ratio and activation ratio are monotone in CETT, and log(PPL ratio) grows about as
     a power of CETT (near its square: a small change of the FFN outputs raises the loss
-    quadratically). So each step is a secant in (log CETT, log log PPL ratio): from `start`
-    (default DEFAULT_START), then from one point with `power` as the exponent, then through the two points nearest
+    quadratically). So each step is a secant in (log CETT, log log PPL ratio): from `start`,
+    then from one point with `power` as the exponent, then through the two points nearest
     the target, kept inside the bracket once there is one (where a secant left the same end
     in place twice, that end's distance to the target counts half, as in the Illinois
     method, so the bracket shrinks from both sides whatever the curve; before there is a
-    bracket, the least step doubles while the measurements stay on one side). It stops when the bracket's
-    activation ratios differ by at most act_tol (the exact CETT's activation ratio lies
-    between them), or when the nearer end's PPL ratio is within NEAR_RATIO x p% of the
-    target and, by the slope of a bracket whose PPL ratios are less than p% apart, its
-    activation ratio within act_tol / 2 of the exact CETT's, or when a point is within ratio_tol of the
-    target. Points measured before (`known`, e.g. by a search for another p) narrow the
-    first steps and cost nothing. `on_step(step,
-    point)` hears of each measurement (a job's progress report). After `max_steps`
-    measurements it stops where it is, and says it did not converge.
+    bracket, the least step doubles while the measurements stay on one side).
+
+    It stops when the bracket's activation ratios differ by at most act_tol (the exact
+    CETT's activation ratio lies between them); or when the nearer end's PPL ratio is within
+    NEAR_RATIO x p% of the target and, by the slope of a bracket whose PPL ratios are less
+    than p% apart, its activation ratio within act_tol / 2 of the exact CETT's; or when a
+    point is within ratio_tol of the target. Points measured before (`known`, e.g. by a
+    search for another p) narrow the first steps and cost nothing. `on_step(step, point)`
+    hears of each measurement (a job's progress report). After `max_steps` measurements it
+    stops where it is, and says it did not converge.
     """
     points: list[Point] = [p for p in known if p.x > 0]
     lo, hi = Point(0.0, 1.0, 1.0), None
@@ -267,7 +268,7 @@ def solve_ppl_ratio(measure: Callable[[float], Point], target: float, act_tol: f
                 f"the PPL ratio stays at {lo.ratio:.5f} < {target:.5f} even with every "
                 f"neuron below threshold; the validation set is too small to move the perplexity"
             )
-        x = _next_cett(points, lo, hi, target, start or DEFAULT_START, power, same)
+        x = _next_cett(points, lo, hi, target, start, power, same)
         last = measure(x)
         points.append(last)
         same = same + 1 if (last.ratio <= target) == side else 1
@@ -368,7 +369,7 @@ def stabilised_cett(evaluators: Sequence[Evaluator], p: float,
         for evaluator in evaluators:
             with evaluator.loaded() as ev:
                 sparse = ev.measure(ev.cett_rule(c))
-            ratios.append(sparse.ppl / ev.dense.ppl)
+            ratios.append(ev.ppl_ratio(sparse))
             acts.append(sparse.activation_ratio)
         return Point(c, sum(ratios) / len(ratios), sum(acts) / len(acts))
 
@@ -394,7 +395,7 @@ def critical(evaluator: Evaluator, make_rule: Callable[[float], Rule], low: floa
                 break
         rule = make_rule(x)
         sparse = evaluator.measure(rule)
-        ok = sparse.ppl / evaluator.dense.ppl <= limit
+        ok = evaluator.ppl_ratio(sparse) <= limit
         if ok and (best is None or sparse.activation_ratio < best[1].activation_ratio):
             best = (rule, sparse)
         if ok:

@@ -57,7 +57,7 @@ def released_thresholds(dense, target, cett: float, candidates: int = 65536) -> 
         norms = a.abs() * w.norm(dim=0)
         flat = norms.flatten()
         top = flat[:: max(flat.numel() // candidates, 1)].quantile(0.99)
-        grid = torch.linspace(float(flat.min()), float(top), candidates)
+        grid = torch.linspace(float(flat.min()), float(top), candidates, device=a.device)
         full = (a @ w.t()).norm(dim=-1)
         left, right = 0, candidates - 1
         while left < right:
