@@ -316,10 +316,14 @@ def sparsity_buys(activation_ratio: float, activation: str | None, speedup: dict
     if not speedup:
         return line + "; decoding not measured (`sparsity-scaling speedup RUN_DIR`)"
     point = min(speedup["points"], key=lambda p: abs(p["activation_ratio"] - activation_ratio))
-    return (line + f"; measured on {speedup['device']} ({speedup['threads']} threads, batch {speedup['batch']}) at "
-            f"{speedup['checkpoint']}, activation ratio {point['activation_ratio']:.4f}: FFN blocks "
-            f"{point['ffn_speedup']:.2f}x (bound {point['flop_bound']:.2f}x), whole model "
-            f"{point['model_speedup']:.2f}x per token")
+    ffn, bound, model = point["ffn_speedup"], point["flop_bound"], point["model_speedup"]
+    line += (f"; measured on {speedup['device']} ({speedup['threads']} threads, batch {speedup['batch']}) at "
+             f"{speedup['checkpoint']}, activation ratio {point['activation_ratio']:.4f}: FFN blocks {ffn:.2f}x "
+             f"(bound {bound:.2f}x: {ffn / bound:.0%} of it), whole model {model:.2f}x per token")
+    if min(ffn, model) < 1:
+        line += ("; too small to gain: at this size sparse decoding is slower than dense (the sparse FFNs' "
+                 "bookkeeping costs more than the products they skip)")
+    return line
 
 
 def build_report(grid: Grid, uri: str, workdir: Workdir, targets: list[float], experiment_id: str,

@@ -11,26 +11,31 @@ A `SparseFFN` holds one FFN's weights (ours, or a Hugging Face gated or plain FF
     input           gate and up (W_in) over the kept input features, down dense
 
 Its output equals the dense FFN with the same mask applied through the probe
-(`rules.SparsifyingProbe`). Weights are laid out so that what is skipped is skipped in
-whole rows: the down projection neuron-major (row i = W_out[:, i]), and at the input site
-the gate and up projections feature-major (row j = what input feature j adds to every
-neuron). A row-gathering sum (`embedding_bag` with per-token bags) then reads only the kept
-rows, one bag per token, so tokens of a small batch each pay for their own neurons;
-selected outputs of gate and up (`index_select` of their rows, then one matmul) are
-computed for the union of the batch's neurons, while they are few enough to pay
-(`GATHER_BELOW`), else densely. Measured at batch 1 at the 0.1B shape (d 768, F 1920, one
-thread, a busy 2-core machine), the gathering sum beat gathering the rows and multiplying
-(31 against 58 us at 5% of the rows, 70 against 85 at 10%). Dense projections keep the
-[outputs, inputs] layout, which the matrix-vector product reads fastest (the neuron-major
-down projection took about 1.9x as long dense), so the baseline is not slowed by the sparse
-layout.
+(`rules.SparsifyingProbe`). What is skipped is skipped in whole rows: the down projection
+is read neuron-major (row i = W_out[:, i]) and, at the input site, gate and up
+feature-major (row j = what input feature j adds to every neuron), each by a row-gathering
+sum (`embedding_bag`) over the kept rows only; the selected outputs of gate and up are
+computed from a copy of their rows, for the union of a batch's neurons while they are few
+enough to pay (`GATHER_BELOW`), else densely. One token (decoding at batch 1) takes a path
+of its own that keeps the kept neurons as an index throughout.
 
-With no rule a `SparseFFN` is the dense FFN in the same plain-PyTorch layout: the baseline
-speedups are measured against (the model's own FFN would add megatron's per-call overhead).
+A dense product for one token runs by rows too where that is faster, which it is on the
+machine this was written on by 2-2.6x (`one_token_by_rows`): the dense baseline that
+speedups are measured against makes the same choice, so it is the fastest dense FFN these
+operations give, not MKL's matrix-vector product at a third of the memory bandwidth.
+Reading scattered rows is slower than streaming a matrix: in a 0.1B-shape decode the 10% of
+up and down rows a gate-site rule keeps (a fifth of the gate's bytes) cost 0.11 ms per
+layer, two thirds of the whole gate's 0.17 ms, which is why sparse FFNs stay below their
+FLOP bound.
+
+With no rule a `SparseFFN` is the dense FFN in the same plain-PyTorch operations: the
+baseline speedups are measured against (the model's own FFN would add megatron's per-call
+overhead).
 """
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -104,12 +109,63 @@ def check_computable(rule: Rule | None, gated: bool) -> None:
 # of them (0.1B shape, batch 1, one thread).
 GATHER_BELOW = 0.25
 
+# How a dense product for one token runs on a CPU: by rows, as a sum of the rows of the
+# weight's transpose (`embedding_bag`: fbgemm's kernel, which read a 0.1B-shape projection at
+# 44 GB/s on the 2-core AMD EPYC this was written on, against 17 GB/s for MKL's
+# matrix-vector product there), or by `F.linear`. Unless told, the faster of the two, timed
+# once per shape and thread count on copies of the weight larger together than any cache, as
+# decoding reads them. The dense baseline and the sparse FFNs' dense parts make the same
+# choice, so a speedup is never measured against a needlessly slow dense product.
+_timed_by_rows: dict[tuple, bool] = {}
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows=None) -> torch.Tensor:
-    """x @ weight.T (+ bias), for all rows or only `rows`."""
-    if rows is None:
-        return F.linear(x, weight, bias)
-    return F.linear(x, weight.index_select(0, rows), None if bias is None else bias.index_select(0, rows))
+
+def one_token_by_rows(weight: torch.Tensor) -> bool:
+    """Whether a one-token dense product with `weight` [outputs, inputs] is faster by rows here."""
+    if weight.device.type != "cpu":
+        return False
+    key = (tuple(weight.shape), weight.dtype, torch.get_num_threads())
+    if key not in _timed_by_rows:
+        copies = [weight.clone() for _ in range(max(2, -(-(64 << 20) // (weight.numel() * weight.element_size()))))]
+        tables, x = [_Rows(w, None) for w in copies], torch.randn(1, weight.shape[1], dtype=weight.dtype)
+        by_rows = _fastest(lambda: [table.dense(x[0]) for table in tables])
+        _timed_by_rows[key] = by_rows < _fastest(lambda: [F.linear(x, w) for w in copies])
+    return _timed_by_rows[key]
+
+
+def _fastest(run: Callable[[], object], rounds: int = 5) -> float:
+    """Seconds of run's fastest round, after one to warm up."""
+    run()
+    seconds = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    return min(seconds)
+
+
+class _Rows:
+    """A projection's weight [outputs, inputs] as its transpose, row j = what input j adds to
+    every output, read with a row-gathering sum (`embedding_bag`): only the rows of the
+    inputs given. A dense product reads all of them in as many bags as threads (one bag runs
+    on one thread), summed."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.table, self.bias = weight.t().contiguous(), bias
+        self.every = torch.arange(self.table.shape[0], device=weight.device)
+        self.threads = torch.get_num_threads()
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """weight @ x (+ bias), x [inputs]."""
+        return self.over(self.every, x)
+
+    def over(self, inputs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """sum over j of values[j] * row inputs[j] (+ bias): the product with a vector that is
+        `values` at `inputs` and 0 elsewhere. In one bag per thread, of at least 64 rows."""
+        bags = max(1, min(self.threads, len(inputs) // 64))
+        offsets = torch.arange(bags, device=inputs.device) * -(-len(inputs) // bags)
+        out = F.embedding_bag(inputs, self.table, offsets, mode="sum", per_sample_weights=values)
+        out = out[0] if bags == 1 else out.sum(0)
+        return out if self.bias is None else out + self.bias
 
 
 def _rows_worth_gathering(needed: torch.Tensor) -> torch.Tensor | None:
@@ -145,7 +201,7 @@ class SparseFFN(torch.nn.Module):
     counting off. `recorded`, when a list, collects the inputs it is given.
     """
 
-    def __init__(self, weights: FFNWeights, rule: Rule | None = None):
+    def __init__(self, weights: FFNWeights, rule: Rule | None = None, by_rows: bool | None = None):
         super().__init__()
         check_computable(rule, weights.gated)
         self.w, self.rule = weights, rule
@@ -153,11 +209,17 @@ class SparseFFN(torch.nn.Module):
         self.relu_family = weights.relu_family
         self.neurons, self.width = weights.up.shape
         self.projections = 3 if weights.gated else 2
-        if self.site == "input":  # feature-major: row j = what input feature j adds to each neuron
-            self.up_by_feature = weights.up.t().contiguous()
-            self.gate_by_feature = weights.gate.t().contiguous() if weights.gated else None
-        elif self.site is not None:  # neuron-major: row i = what neuron i writes
-            self.down_by_neuron = weights.down.t().contiguous()
+        # whether one token's dense products run by rows (None: whichever is faster here, timed
+        # on the up projection's shape)
+        self.by_rows = one_token_by_rows(weights.up) if by_rows is None else by_rows
+        projections = ("gate", "up", "down") if weights.gated else ("up", "down")
+        if self.by_rows:  # every dense product of one token reads rows
+            read_by_rows = projections
+        elif self.site == "input":  # gate and up over the kept input features
+            read_by_rows = projections[:-1]
+        else:  # down over the kept neurons
+            read_by_rows = () if self.site is None else ("down",)
+        self.rows = {name: _Rows(*self._weight(name)) for name in read_by_rows}
         self.recorded: list[torch.Tensor] | None = None
         self.counting = True
         self.reset_counts()
@@ -187,6 +249,29 @@ class SparseFFN(torch.nn.Module):
         self.tokens += x.shape[0]
         return x
 
+    def _weight(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w = self.w
+        return {"gate": (w.gate, w.gate_bias), "up": (w.up, w.up_bias), "down": (w.down, w.down_bias)}[name]
+
+    def _dense(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """Projection `name` of x [n, inputs], all of it."""
+        if x.shape[0] == 1 and self.by_rows:
+            return self.rows[name].dense(x[0])[None]
+        return F.linear(x, *self._weight(name))
+
+    def _selected(self, x: torch.Tensor, name: str, rows: torch.Tensor | None) -> torch.Tensor:
+        """Outputs `rows` of projection `name` (None: all): those rows of its weight copied
+        (by `embedding_bag`, one row per bag, which copied the up rows of a 0.1B-shape decode
+        about 15% faster than `index_select`), then multiplied."""
+        if rows is None:
+            return self._dense(x, name)
+        weight, bias = self._weight(name)
+        weight = F.embedding_bag(rows, weight, torch.arange(len(rows), device=rows.device), mode="sum")
+        bias = None if bias is None else bias.index_select(0, rows)
+        if x.shape[0] != 1:
+            return F.linear(x, weight, bias)
+        return (torch.mv(weight, x[0]) if bias is None else torch.addmv(bias, weight, x[0]))[None]
+
     # ------------------------------------------------------------------ the computation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -196,9 +281,7 @@ class SparseFFN(torch.nn.Module):
         if self.site == "input":
             out = self._down_dense(self._gated_from_features(x))
         elif self.site is None:
-            w = self.w
-            a = self.w.act(F.linear(x, w.gate, w.gate_bias)) * F.linear(x, w.up, w.up_bias)
-            out = self._down_dense(a)
+            out = self._down_dense(self.w.act(self._dense(x, "gate")) * self._dense(x, "up"))
         else:
             out = self._gated_kept(x)
         return out.reshape(*shape[:-1], -1)
@@ -206,14 +289,13 @@ class SparseFFN(torch.nn.Module):
     def project_in(self, x: torch.Tensor) -> torch.Tensor:
         """A plain FFN's first projection W_in x: over the kept input features at the input site."""
         shape, x = x.shape, self._record(x)
-        w = self.w
         if self.site == "input":
             keep = self._keep(x.abs())
-            h = _gather_sum(keep, x, self.up_by_feature, w.up_bias)
+            h = _gather_sum(keep, x, self.rows["up"].table, self.w.up_bias)
             if self.counting:
                 self.macs += int(keep.sum()) * self.neurons
         else:
-            h = F.linear(x, w.up, w.up_bias)
+            h = self._dense(x, "up")
             self.macs += h.numel() * self.width
         return h.reshape(*shape[:-1], -1)
 
@@ -229,23 +311,31 @@ class SparseFFN(torch.nn.Module):
     def _gated_from_features(self, x: torch.Tensor) -> torch.Tensor:
         """a = act(W_gate x) * (W_up x), both over the kept input features."""
         w, keep = self.w, self._keep(x.abs())
-        gate = _gather_sum(keep, x, self.gate_by_feature, w.gate_bias)
-        up = _gather_sum(keep, x, self.up_by_feature, w.up_bias)
         if self.counting:
             self.macs += 2 * int(keep.sum()) * self.neurons
+        if x.shape[0] == 1:  # decoding at batch 1: the kept features as an index
+            features = keep[0].nonzero().view(-1)
+            values = x[0].index_select(0, features)
+            return (w.act(self.rows["gate"].over(features, values)) * self.rows["up"].over(features, values))[None]
+        gate = _gather_sum(keep, x, self.rows["gate"].table, w.gate_bias)
+        up = _gather_sum(keep, x, self.rows["up"].table, w.up_bias)
         return w.act(gate) * up
 
     def _gated_kept(self, x: torch.Tensor) -> torch.Tensor:
         """The intermediate, gate or up site of a gated FFN: see the module's table."""
         w, n = self.w, x.shape[0]
+        if n == 1 and self.site in ("gate", "up"):
+            out = self._one_token_kept(x)
+            if out is not None:
+                return out
         if self.site == "up":
-            up = F.linear(x, w.up, w.up_bias)
+            up = self._dense(x, "up")
             keep = self._keep(up.abs())
             rows = _rows_worth_gathering(keep)
-            gate = w.act(_linear(x, w.gate, w.gate_bias, rows))
+            gate = w.act(self._selected(x, "gate", rows))
             a = (gate if rows is None else _scatter(rows, gate, self.neurons)) * up
         else:
-            gate = w.act(F.linear(x, w.gate, w.gate_bias))
+            gate = w.act(self._dense(x, "gate"))
             if self.site == "gate":
                 keep = self._keep(gate.abs())
                 rows = _rows_worth_gathering(keep)
@@ -253,7 +343,7 @@ class SparseFFN(torch.nn.Module):
                 rows = _rows_worth_gathering(gate != 0)
             else:
                 rows = None
-            up = _linear(x, w.up, w.up_bias, rows)
+            up = self._selected(x, "up", rows)
             up = up if rows is None else _scatter(rows, up, self.neurons)
             a = gate * up
             if self.site == "intermediate":
@@ -262,16 +352,35 @@ class SparseFFN(torch.nn.Module):
         self.macs += n * (self.neurons + computed) * self.width
         return self._down_kept(keep, a)
 
+    def _one_token_kept(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The gate or up site for one token (decoding at batch 1), as `_gated_kept` computes
+        it but with the kept neurons as an index throughout: no masks, scatters or per-token
+        bags (with them a 0.1B-shape decode at r = 0.1 took 5% longer). None where the kept
+        neurons are too many to be worth gathering."""
+        by_gate = self.site == "gate"
+        scored, other = ("gate", "up") if by_gate else ("up", "gate")
+        first = self._dense(x, scored)[0]
+        if by_gate:
+            first = self.w.act(first)
+        rows = self._keep(first.abs()).nonzero().view(-1)
+        if len(rows) >= GATHER_BELOW * self.neurons:
+            return None
+        second = self._selected(x, other, rows)[0]
+        if not by_gate:
+            second = self.w.act(second)
+        self.macs += (self.neurons + 2 * len(rows)) * self.width
+        return self.rows["down"].over(rows, first.index_select(0, rows) * second)[None]
+
     def _down_kept(self, keep: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """W_out over each token's kept neurons (those whose activation is not 0)."""
         keep = keep & (a != 0)
         if self.counting:
             self.macs += int(keep.sum()) * self.width
-        return _gather_sum(keep, a, self.down_by_neuron, self.w.down_bias)
+        return _gather_sum(keep, a, self.rows["down"].table, self.w.down_bias)
 
     def _down_dense(self, a: torch.Tensor) -> torch.Tensor:
         self.macs += a.shape[0] * self.neurons * self.width
-        return F.linear(a, self.w.down, self.w.down_bias)
+        return self._dense(a, "down")
 
 
 class _Stage(torch.nn.Module):
@@ -294,9 +403,10 @@ def _places(ffn: FFN | HFFFN, sparse: SparseFFN) -> list[tuple[torch.nn.Module, 
     return [(ffn.entry, _Stage(sparse.project_in)), (ffn.down, _Stage(sparse.project_out))]
 
 
-def sparse_modules(ffns, rule: Rule | None) -> list[SparseFFN]:
-    """A `SparseFFN` under `rule` (None: dense, in the same layout) for each FFN."""
-    return [SparseFFN(ffn_weights(ffn), rule) for ffn in ffns]
+def sparse_modules(ffns, rule: Rule | None, by_rows: bool | None = None) -> list[SparseFFN]:
+    """A `SparseFFN` under `rule` (None: dense, in the same layout) for each FFN; `by_rows`
+    as `SparseFFN` takes it."""
+    return [SparseFFN(ffn_weights(ffn), rule, by_rows) for ffn in ffns]
 
 
 @contextmanager

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO
 from launcher.grid import load_grid
-from launcher.report import RunResult, build_report, findings
+from launcher.report import RunResult, build_report, findings, sparsity_buys
 from launcher.workdir import Workdir
 
 TOKENS = [int(t) for t in np.geomspace(2.5e5, 3e6, 14)]
@@ -100,12 +100,21 @@ def test_report_says_what_the_sparsity_buys(report, results):
     relu, silu = results["relu"].last("activation_ratio"), results["silu"].last("activation_ratio")
     relu_line = data["runs"]["relu"]["sparsity_buys"]
     assert f"at activation ratio {relu:.4f} the sparse FFNs do at least {(1 + 2 * relu) / 3:.2f}" in relu_line
-    assert "activation ratio 0.0600: FFN blocks 2.10x (bound 2.70x), whole model 1.40x per token" in relu_line
+    assert "activation ratio 0.0600: FFN blocks 2.10x (bound 2.70x: 78% of it), whole model 1.40x per token" in relu_line
+    assert "too small" not in relu_line
     silu_line = data["runs"]["silu"]["sparsity_buys"]
     assert f"exactly {(2 + silu) / 3:.2f} of the dense FFN FLOPs: at most {3 / (2 + silu):.2f}x" in silu_line
     assert "not measured" in silu_line
     assert f"**relu**: {relu_line}" in text and f"**silu**: {silu_line}" in text
     assert re.search(r"^\| relu \| 0\.06 \| falls below 0\.06 \| .* \| 2\.68x \|$", text, re.M)
+
+
+def test_a_model_too_small_to_gain_is_said_to_be():
+    """The demo's tiny ReLU run: sparse FFN blocks slower than dense ones."""
+    point = {"activation_ratio": 0.051, "ffn_speedup": 0.46, "flop_bound": 2.19, "model_speedup": 0.79}
+    record = {"device": "cpu", "threads": 1, "batch": 1, "checkpoint": "checkpoint-3000000", "points": [point]}
+    line = sparsity_buys(0.05, "relu", record)
+    assert "FFN blocks 0.46x (bound 2.19x: 21% of it), whole model 0.79x per token; too small to gain" in line
 
 
 def test_report_states_the_findings_the_numbers_support(report):

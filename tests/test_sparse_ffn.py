@@ -29,6 +29,10 @@ def _ours(activation: str):
 def _hf(cls, config):
     torch.manual_seed(0)
     target = HFCausalLM(cls(config), cls.__name__)
+    with torch.no_grad():  # Hugging Face starts biases at 0, which would hide one left out
+        for name, parameter in target.model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.02)
     return target, target.model, lambda tokens: target.model(input_ids=tokens, use_cache=False).logits
 
 
@@ -71,29 +75,46 @@ def _rules(target, logits_of, tokens, gated: bool) -> list:
             *(FixedThreshold(site=site, eps=cut[site]) for site in sites)]
 
 
+@pytest.mark.parametrize("by_rows", [True, False], ids=["by-rows", "linear"])
 @pytest.mark.parametrize("gather", [1.0, 0.0], ids=["gathered", "dense"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_sparse_ffns_equal_the_probes_masked_dense_ffns(name, gather, monkeypatch, world_of_one):
-    """Whether the needed rows of gate and up are gathered or all computed."""
+def test_sparse_ffns_equal_the_probes_masked_dense_ffns(name, gather, by_rows, monkeypatch, world_of_one):
+    """Whether the needed rows of gate and up are gathered or all computed, and whether a
+    token decoded alone is multiplied by rows or by `F.linear`."""
     monkeypatch.setattr(sparse_ffn, "GATHER_BELOW", gather)
     target, module, logits_of = MODELS[name]()
     tokens = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
     gated = ffn_weights(target.ffns[0]).gated
     with torch.no_grad():
         dense = logits_of(tokens)
-        with installed(module, target.ffns, sparse_modules(target.ffns, None)):
+        with installed(module, target.ffns, sparse_modules(target.ffns, None, by_rows)) as baseline:
+            for s in baseline:
+                s.recorded = []
             assert torch.allclose(logits_of(tokens), dense, atol=1e-5)
+        _one_token_at_a_time_is_the_same(baseline, "dense")
         for rule in _rules(target, logits_of, tokens, gated):
             with target.probing(SparsifyingProbe(rule)) as probe:
                 masked = logits_of(tokens)
-            with installed(module, target.ffns, sparse_modules(target.ffns, rule)) as sparse:
+            with installed(module, target.ffns, sparse_modules(target.ffns, rule, by_rows)) as sparse:
+                for s in sparse:
+                    s.recorded = []
                 computed = logits_of(tokens)
             assert torch.allclose(computed, masked, atol=1e-5), (rule.name, rule.site)
             assert not torch.allclose(computed, dense, atol=1e-3)  # the rule did mask something
             assert [s.kept for s in sparse] == [probe.active[f.layer] for f in target.ffns]
             assert [s.scored for s in sparse] == [probe.total[f.layer] for f in target.ffns]
             assert all(s.macs < s.dense_macs for s in sparse), (rule.name, rule.site)
+            _one_token_at_a_time_is_the_same(sparse, (rule.name, rule.site))
         assert torch.equal(logits_of(tokens), dense)  # the model's own FFNs are back
+
+
+def _one_token_at_a_time_is_the_same(modules: list[SparseFFN], what) -> None:
+    """Each module's recorded inputs, given one token at a time (decoding at batch 1), give
+    what they give together."""
+    for s in modules:
+        x, s.recorded = torch.cat(s.recorded).reshape(-1, D), None
+        one_by_one = torch.cat([s(x[i : i + 1]) for i in range(len(x))])
+        assert torch.allclose(one_by_one, s(x), atol=1e-5), what
 
 
 def test_relu_intermediate_site_computes_up_only_where_the_gate_is_positive(monkeypatch, world_of_one):
@@ -115,3 +136,15 @@ def test_a_plain_ffn_has_no_gate_or_up_site():
     for site in ("gate", "up"):
         with pytest.raises(SettingError, match="plain FFN"):
             SparseFFN(ffn_weights(target.ffns[0]), FixedThreshold(site=site, eps=0.1))
+
+
+def test_one_token_products_by_rows_only_where_they_are_timed_faster(monkeypatch):
+    """On a CPU the choice is timed (and kept per shape); elsewhere (a GPU's cuBLAS) it is
+    F.linear, untimed."""
+    assert not sparse_ffn.one_token_by_rows(torch.empty(48, 32, device="meta"))
+    timed = []
+    monkeypatch.setattr(sparse_ffn, "_timed_by_rows", {})
+    monkeypatch.setattr(sparse_ffn, "_fastest", lambda run: timed.append(run) or len(timed))  # rows timed first
+    weight = torch.randn(48, 32)
+    assert sparse_ffn.one_token_by_rows(weight) and sparse_ffn.one_token_by_rows(weight)
+    assert len(timed) == 2  # both ways, once

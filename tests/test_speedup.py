@@ -116,6 +116,16 @@ def test_threads_and_batch_are_the_ones_asked_for(thresholds_run):
     assert ratio != first / counted and ratio != with_prompt / all_counted
 
 
+def test_dense_products_run_the_way_asked_for(micro_run, tmp_path):
+    """--dense rows and --dense linear, whichever this machine would have chosen itself."""
+    run = _run_copy(micro_run, tmp_path)
+    for dense in ("rows", "linear"):
+        out = tmp_path / f"{dense}.json"
+        assert main(["speedup", str(run), "--metric", "fat", "--value", "0.05", "--dense", dense,
+                     "--json", str(out), *FAST]) == 0
+        assert [p["dense_products"] for p in json.loads(out.read_text())["points"]] == [dense]
+
+
 def _timed(micro_run, tmp_path, capsys, monkeypatch, slowed: str) -> str:
     """The command's progress lines when `slowed` FFNs (dense or sparse) are slowed by other
     work on the machine: here, each of their calls waits 50 ms."""

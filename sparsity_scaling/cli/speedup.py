@@ -29,7 +29,8 @@ def _speedup(args) -> None:
     from ..ranks import on_ranks
 
     timing = SpeedupSettings(batch=args.batch, prompt=args.prompt, steps=args.steps, repeats=args.repeats,
-                             device=args.device, threads=args.threads, sweep=_ratios(args.sweep))
+                             device=args.device, threads=args.threads, sweep=_ratios(args.sweep),
+                             dense=args.dense)
     [spec] = parse_models([args.model], [args.thresholds] if args.thresholds else None)
     settings = AnalysisSettings(out=args.out, metric=None if args.thresholds or timing.sweep else metric_settings(args),
                                 data=data_settings(args),
@@ -59,6 +60,9 @@ def add_commands(commands) -> None:
     sp.add_argument("--steps", type=positive_int, default=32, help="tokens decoded and timed per sequence")
     sp.add_argument("--repeats", type=positive_int, default=5, help="timing rounds; each step's fastest counts")
     sp.add_argument("--threads", type=positive_int, help="CPU threads, dense and sparse alike")
+    sp.add_argument("--dense", choices=("fastest", "rows", "linear"), default="fastest",
+                    help="how a decoded token's dense products run, in the baseline and the sparse FFNs alike: "
+                         "by rows (embedding_bag), by F.linear, or whichever is faster here (default)")
     sp.add_argument("--data", help="validation text: .txt or .jsonl (text field)")
     sp.add_argument("--tokens", help="validation tokens: .npy int array (sequences, length)")
     measurement_arguments(sp, tp=False)

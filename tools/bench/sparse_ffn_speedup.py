@@ -2,15 +2,18 @@
 
 A model of a config's shape (default the 0.1B scale: d_h 768, d_f 1920, 16 layers, ReLU),
 random weights, run as a Llama with Hugging Face's KV-cache decoding at batch 1. For each
-activation ratio, per-layer thresholds that keep that share of |a| on random tokens (the
-sweep of `sparsity-scaling speedup`), at the intermediate site (PPL-p%'s: gate dense, up for
-positive gates, down for kept neurons) and at the gate site (CATS': up and down for kept
-neurons). Each point prints the FFN-block and whole-model speedups measured in the same
-process, dense and sparse timed in alternation with the same thread count, beside the
-FLOP-ratio bound (1 / the FFN multiply-adds done as a share of dense).
+ratio, per-layer thresholds that keep that share on random tokens, at the intermediate site
+(PPL-p%'s, the sweep of `sparsity-scaling speedup`: gate dense, up for positive gates, down
+for kept neurons), the gate site (CATS': up and down for kept neurons) or the input site
+(TEAL's: gate and up over the kept input features, down dense). Each point prints the
+FFN-block and whole-model speedups measured in the same process, dense and sparse timed in
+alternation with the same thread count, beside the FLOP-ratio bound (1 / the FFN
+multiply-adds done as a share of dense), how one token's dense products ran (`--dense`:
+by rows, by F.linear, or the faster here) and the FFN blocks' share of a dense step.
 
     python tools/bench/sparse_ffn_speedup.py [--config configs/models/0.1b.yaml] [--threads 1]
-        [--ratios 0.5,0.3,0.2,0.1,0.05] [--sites intermediate,gate] [--steps 32] [--repeats 5]
+        [--ratios 0.5,0.3,0.2,0.1,0.05] [--sites intermediate,gate,input] [--steps 32] [--repeats 5]
+        [--dense fastest|rows|linear]
     python tools/bench/sparse_ffn_speedup.py --checkpoint RUN_OR_CHECKPOINT   # a trained model: its own
         PPL-1% thresholds, then the sweep (thresholds cannot keep more than the non-zero activations)
 """
@@ -52,6 +55,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dense", default="fastest", choices=("fastest", "rows", "linear"),
+                        help="how one token's dense products run (baseline and sparse alike)")
     args = parser.parse_args(argv)
 
     from sparsity_scaling.analysis.models import parse_model
@@ -64,7 +69,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     ratios = tuple(float(r) for r in args.ratios.split(","))
-    timing = SpeedupSettings(steps=args.steps, repeats=args.repeats, threads=args.threads)
+    timing = SpeedupSettings(steps=args.steps, repeats=args.repeats, threads=args.threads, dense=args.dense)
     if args.checkpoint:
         spec = parse_model(args.checkpoint)
         settings = AnalysisSettings(out="analysis", metric=MetricSettings())  # nothing is written
@@ -83,30 +88,36 @@ def main(argv=None) -> int:
     for site in args.sites.split(","):
         if site == "intermediate":
             rules = ratio_rules(target, dense.calibration, ratios)
-        else:  # per-layer thresholds on the gate's |act(W_gate x)| at the same quantiles
-            gates = {}
-            with torch.no_grad(), target.probing(_GateRecorder(gates)):
+        else:  # per-layer thresholds on |act(W_gate x)| or on |x| at the same quantiles
+            scores = {}
+            with torch.no_grad(), target.probing(_ScoreRecorder(site, scores)):
                 target.model(input_ids=tokens[:2])
-            rules = [PerNeuronThreshold(site="gate", thresholds={
-                layer: g.quantile(1 - ratio).clamp_min(1e-30) for layer, g in gates.items()}) for ratio in ratios]
+            rules = [PerNeuronThreshold(site=site, thresholds={
+                layer: s.quantile(1 - ratio).clamp_min(1e-30) for layer, s in scores.items()}) for ratio in ratios]
         record = {"model": args.config, "device": "cpu", "threads": torch.get_num_threads(), "batch": 1,
                   "points": [{"label": f"{site} {ratio:g}", **measure(target, rule, tokens[:1], timing)}
                              for ratio, rule in zip(ratios, rules)]}
         print(speedup_table(record), flush=True)
+        share = sum(p["ffn_ms_dense"] for p in record["points"]) / sum(p["model_ms_dense"] for p in record["points"])
+        print(f"FFN blocks: {share:.0%} of a dense decoding step", flush=True)
     return 0
 
 
-class _GateRecorder:
-    """The |act(W_gate x)| of each layer in the last forward pass."""
+class _ScoreRecorder:
+    """What a rule at the gate site (|act(W_gate x)|) or the input site (|x|) scores in each
+    layer, in the last forward pass."""
 
-    def __init__(self, into: dict):
-        self.into = into
+    def __init__(self, site: str, into: dict):
+        self.site, self.into = site, into
 
     def on_input(self, ffn, x):
+        if self.site == "input":
+            self.into[ffn.layer] = x.abs().flatten().float()
         return None
 
     def on_activation(self, ffn, trace):
-        self.into[trace.layer] = trace.gate.abs().flatten().float()
+        if self.site == "gate":
+            self.into[trace.layer] = trace.gate.abs().flatten().float()
         return None
 
 
