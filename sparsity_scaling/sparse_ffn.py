@@ -152,6 +152,7 @@ class _Rows:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.table, self.bias = weight.t().contiguous(), bias
         self.every = torch.arange(self.table.shape[0], device=weight.device)
+        self.one_bag = torch.zeros(1, dtype=torch.long, device=weight.device)
         self.threads = torch.get_num_threads()
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,9 +163,11 @@ class _Rows:
         """sum over j of values[j] * row inputs[j] (+ bias): the product with a vector that is
         `values` at `inputs` and 0 elsewhere. In one bag per thread, of at least 64 rows."""
         bags = max(1, min(self.threads, len(inputs) // 64))
-        offsets = torch.arange(bags, device=inputs.device) * -(-len(inputs) // bags)
-        out = F.embedding_bag(inputs, self.table, offsets, mode="sum", per_sample_weights=values)
-        out = out[0] if bags == 1 else out.sum(0)
+        if bags == 1:
+            out = F.embedding_bag(inputs, self.table, self.one_bag, mode="sum", per_sample_weights=values)[0]
+        else:
+            offsets = torch.arange(bags, device=inputs.device) * -(-len(inputs) // bags)
+            out = F.embedding_bag(inputs, self.table, offsets, mode="sum", per_sample_weights=values).sum(0)
         return out if self.bias is None else out + self.bias
 
 
