@@ -36,6 +36,36 @@ def _count(value: Any) -> Any:
 Count = Annotated[int, BeforeValidator(_count)]
 
 
+class Identity:
+    """How a field takes part in a run's identity (`RunConfig.hash`), as a mark in its
+    annotation: `Annotated[int, NOT_IDENTITY]`. A field without a mark is part of it."""
+
+    def __init__(self, rule: str):
+        self.rule = rule
+
+    def __repr__(self) -> str:
+        return f"Identity({self.rule!r})"
+
+
+NOT_IDENTITY = Identity("never")
+"""Changes nothing a run trains (storage, the epoch guard, recomputation, what may be skipped)."""
+WHEN_SET = Identity("when set")
+"""Part of the identity only when it differs from its default: how a field added after runs
+existed joins, so that their directories keep their hashes."""
+
+
+def _identity(section: BaseModel) -> dict:
+    """A section's fields as they enter the run's hash, by their `Identity` marks."""
+    kept = {}
+    for name, field in type(section).model_fields.items():
+        rule = next((m.rule for m in field.metadata if isinstance(m, Identity)), "always")
+        value = getattr(section, name)
+        if rule == "never" or (rule == "when set" and value == field.default):
+            continue
+        kept[name] = section.model_dump(mode="json", include={name})[name]
+    return kept
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -105,8 +135,8 @@ class DataConfig(_Section):
     tokenizer: Optional[str] = None  # sentencepiece .model or Hugging Face tokenizer directory
     train_prefix: Optional[str] = None  # a Megatron .bin/.idx prefix prepared elsewhere
     valid_prefix: Optional[str] = None
-    blend: Optional[list[BlendPart]] = None  # megatron-core's blended-dataset semantics
-    max_epochs: float = 1.0  # the epoch guard: train.tokens may be at most this many epochs
+    blend: Annotated[Optional[list[BlendPart]], WHEN_SET] = None  # megatron-core's blended-dataset semantics
+    max_epochs: Annotated[float, NOT_IDENTITY] = 1.0  # the epoch guard: train.tokens may be at most this many epochs
     seq_len: int = 256
     val_fraction: float = 0.05
     val_tokens: Count = 65536
@@ -159,11 +189,11 @@ class TrainConfig(_Section):
     mup_lr_scaling: bool = True
     zero_stage: Literal[0, 1, 2] = 0  # bf16 trains with at least 1 (`zero_stage_for`)
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
-    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
-    decay_data: Optional[list[BlendPart]] = None  # the decay stage's data: `data prepare` outputs (data.tokenizer's)
+    activation_checkpointing: Annotated[bool, NOT_IDENTITY] = False  # recompute each block in backward: less memory, ~1/3 more compute
+    decay_data: Annotated[Optional[list[BlendPart]], WHEN_SET] = None  # the decay stage's data: `data prepare` outputs (data.tokenizer's)
     seed: int = 1234
     log_every: int = 10  # steps
-    skip_nonfinite_steps: int = 0  # steps with a non-finite loss or gradient norm skipped (no update) before failing
+    skip_nonfinite_steps: Annotated[int, NOT_IDENTITY] = 0  # steps with a non-finite loss or gradient norm skipped (no update) before failing
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -199,7 +229,7 @@ class CheckpointConfig(_Section):
     count: int = 16
     final_count: int = 5
     final_fraction: float = 0.1
-    keep_engine: int = 2  # checkpoints that keep their DeepSpeed state (the newest); all keep weights
+    keep_engine: Annotated[int, NOT_IDENTITY] = 2  # checkpoints that keep their DeepSpeed state (the newest); all keep weights
 
     @model_validator(mode="after")
     def _check(self) -> "CheckpointConfig":
@@ -244,15 +274,17 @@ class RunConfig(_Section):
         return self
 
     def hash(self) -> str:
-        """Identity of a run: the same config always trains the same model. Settings that
-        do not change the model (storage retention, the epoch guard, recomputing activations)
-        are not part of it, nor is `train.skip_nonfinite_steps`: it changes no step that
-        trains, it only decides whether a run may go on past a non-finite one, so a run that
-        stopped there can be resumed with steps to skip."""
-        exclude = {"checkpoint": {"keep_engine"},
-                   "train": {"activation_checkpointing", "skip_nonfinite_steps"} | ({"decay_data"} if self.train.decay_data is None else set()),
-                   "data": {"max_epochs"} | ({"blend"} if self.data.blend is None else set())}
-        text = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True)
+        """Identity of a run: the same config always trains the same model. Each field says
+        whether it is part of it (`Identity`): unmarked fields are; `NOT_IDENTITY` ones
+        change nothing a run trains (storage retention, the epoch guard, recomputing
+        activations, and `train.skip_nonfinite_steps`, which only decides whether a run may
+        go on past a non-finite step, so a run that stopped there can be resumed with steps to
+        skip); `WHEN_SET` ones count only away from their default. Some unmarked fields do
+        not change the model either (`model.name`, `data.cache_dir`, `train.log_every`):
+        they were hashed from the start, and leaving them out now would change the hash of
+        every run directory made since. A new field must be `WHEN_SET` or `NOT_IDENTITY`
+        for the same reason; `tests/test_config.py` pins the shipped configs' hashes."""
+        text = json.dumps({name: _identity(getattr(self, name)) for name in type(self).model_fields}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

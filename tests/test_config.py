@@ -96,3 +96,52 @@ def test_checkpoints_are_log_spaced_with_a_dense_final_stretch():
     assert max(ratios) / min(ratios) < 1.5  # geometric spacing
     assert len([t for t in tokens if t > 0.9 * 1048576]) >= 5
     assert math.isclose(ratios[0], 2.0, rel_tol=0.05)
+
+
+# The shipped configs' run hashes, and a few variants of micro's, as the code computed them
+# before fields declared their part in a run's identity (commit fd5d2d2): a run directory made
+# then must still be claimed by the same config.
+SHIPPED_HASHES = {"0.1b": "8b18b23ffef11601", "0.2b": "9ec05e4009350590", "0.4b": "74be5fab0164185b",
+                  "0.8b": "086fb53452fcef4b", "1.2b": "734d8b94c6da169b", "2.4b": "00fa30fc178b06d6",
+                  "micro": "719dc57a168ed86e", "tiny": "e44cd7216db0b1cd"}
+MICRO_VARIANTS = [
+    (["checkpoint.keep_engine=5"], "719dc57a168ed86e"),
+    (["train.activation_checkpointing=true"], "719dc57a168ed86e"),
+    (["train.skip_nonfinite_steps=3"], "719dc57a168ed86e"),
+    (["data.max_epochs=3"], "719dc57a168ed86e"),
+    (["data.blend=[{prefix: a/b, weight: 1.0}]", "data.tokenizer=t.model", "data.corpus=null"], "31846e6699ac9224"),
+    (["train.decay_data=[{prefix: c/d, weight: 2.0}]", "data.tokenizer=t.model"], "1cd7d2485c1ab29d"),
+    (["data.cache_dir=/x"], "d847911ce46ea1da"),
+    (["train.log_every=5"], "cb5264947d323906"),
+    (["model.name=other"], "1537f95ffd4fbf0d"),
+    (["train.lr=0.02"], "ec1dc196f03c4025"),
+]
+
+
+def test_every_shipped_config_keeps_its_run_hash():
+    assert {path.stem: load_config(path).hash() for path in sorted(MODELS.glob("*.yaml"))} == SHIPPED_HASHES
+
+
+@pytest.mark.parametrize("overrides, expected", MICRO_VARIANTS, ids=[" ".join(o)[:40] for o, _ in MICRO_VARIANTS])
+def test_settings_enter_the_run_hash_as_they_did(overrides, expected):
+    assert load_config(MODELS / "micro.yaml", overrides).hash() == expected
+
+
+def test_a_field_added_when_set_orphans_no_run_and_an_unmarked_one_would():
+    """What the golden hashes guard against: a new field with a default, unmarked, changes
+    the hash of every existing run; marked `WHEN_SET`, only of runs that set it."""
+    from typing import Annotated
+
+    from sparsity_scaling.config import WHEN_SET, TrainConfig
+
+    class Marked(TrainConfig):
+        new_knob: Annotated[float, WHEN_SET] = 0.5
+
+    class Unmarked(TrainConfig):
+        new_knob: float = 0.5
+
+    config = load_config(MODELS / "micro.yaml")
+    with_field = {cls: config.model_copy(update={"train": cls(**config.train.model_dump())}) for cls in (Marked, Unmarked)}
+    assert with_field[Marked].hash() == config.hash() != with_field[Unmarked].hash()
+    moved = config.model_copy(update={"train": Marked(**config.train.model_dump(), new_knob=0.7)})
+    assert moved.hash() != config.hash()
