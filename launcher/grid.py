@@ -166,6 +166,13 @@ class RunSpec:
     base: str
     overrides: tuple[str, ...]
 
+    @property
+    def pair_key(self) -> str:
+        """The same for two runs whose configs differ in `model.activation` alone: the
+        config's hash with the activation set to one value (the report's ReLU/SiLU pairs)."""
+        model = self.config.model.model_copy(update={"activation": "relu"})
+        return self.config.model_copy(update={"model": model}).hash()
+
     def tags(self, grid: str) -> dict[str, str]:
         model = self.config.model
         return {

@@ -144,18 +144,17 @@ def _direction_finding(claim: str, runs: list[RunResult], sign: int) -> tuple[st
     return claim, verdict, "; ".join(evidence)
 
 
-def findings(results: dict[str, RunResult]) -> list[tuple[str, str, str]]:
-    """(claim, verdict, evidence) for each of the paper's findings the grid can test."""
+def findings(results: dict[str, RunResult], pair_keys: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(claim, verdict, evidence) for each of the paper's findings the grid can test.
+    `pair_keys` (run name -> `RunSpec.pair_key`) pair a ReLU and a SiLU run whose configs
+    differ in nothing else: not their MLflow tags, which an axis on the learning rate or the
+    data would leave equal across pairs."""
     relu = [r for r in results.values() if r.tags.get("activation") == "relu"]
     silu = [r for r in results.values() if r.tags.get("activation") == "silu"]
-
-    def shape(run):  # runs that differ only in activation share these
-        return run.tags.get("scale"), run.tags.get("params"), run.tags.get("width_depth_ratio")
-
-    pairs = [(r, s) for r in relu for s in silu if shape(r) == shape(s)]
+    pairs = [(r, s) for r in relu for s in silu if pair_keys[r.name] == pair_keys[s.name]]
     claim = "ReLU models are sparser (lower activation ratio) than SiLU models of the same shape"
     if not pairs:
-        out = [(claim, "not tested", "the grid has no ReLU/SiLU pair of the same shape")]
+        out = [(claim, "not tested", "the grid has no ReLU/SiLU pair that differs in the activation alone")]
     else:
         evidence = [f"{r.name} {r.last('activation_ratio'):.4f} vs {s.name} {s.last('activation_ratio'):.4f} "
                     f"(ratio {r.last('activation_ratio') / s.last('activation_ratio'):.2f})" for r, s in pairs]
@@ -334,7 +333,7 @@ def build_report(grid: Grid, uri: str, workdir: Workdir, targets: list[float], e
 
     print(f"report: fitting the laws of {len(results)} runs (bootstrap)", flush=True)
     fits = fit_runs(results)
-    found = findings(results)
+    found = findings(results, {spec.name: spec.pair_key for spec in grid.runs})
     doc = Document(f"Sparsity report: grid `{grid.name}`")
     doc.paragraph(f"{len(results)} runs of `{grid.path.name}`, read from MLflow experiment `{grid.name}` "
                   f"(id {experiment_id}, parent run `{parent_id}`) at {uri} on {time.strftime('%Y-%m-%d %H:%M')}. "

@@ -49,6 +49,9 @@ def _run(name, activation, law, seed=0):
     return RunResult(name, f"id-{name}", tags, metrics, pareto)
 
 
+SAME_BUT_ACTIVATION = {"relu": "same", "silu": "same"}  # the two runs' configs differ in the activation alone
+
+
 def _report(tmp_path, results, targets=(0.06, 0.25)):
     grid = load_grid(REPO / "configs" / "grids" / "demo.yaml")
     return build_report(grid, "http://127.0.0.1:1", Workdir(tmp_path), list(targets), "1", "parent", results)
@@ -131,12 +134,12 @@ def test_report_states_the_findings_the_numbers_support(report):
     assert "**reproduced**: ReLU models are sparser" in text
     # swap the laws: every finding now contradicts the paper, and the report says so
     swapped = {"relu": _run("relu", "relu", _silu), "silu": _run("silu", "silu", _relu)}
-    assert [f[1] for f in findings(swapped)][:3] == ["not reproduced", "not reproduced", "not reproduced"]
+    assert [f[1] for f in findings(swapped, SAME_BUT_ACTIVATION)][:3] == ["not reproduced", "not reproduced", "not reproduced"]
     for run in swapped.values():  # Top-k now keeps fewer neurons than PPL-1% at +1% perplexity
         run.pareto["points"] = [r for r in run.pareto["points"] if r["method"] == "ppl-p"] + [
             {"method": "topk", "param": 2, "activation_ratio": 0.001, "ppl_ratio": 1.005},
             {"method": "topk", "param": 3, "activation_ratio": 0.002, "ppl_ratio": 1.02}]
-    assert findings(swapped)[3][1] == "not reproduced"
+    assert findings(swapped, SAME_BUT_ACTIVATION)[3][1] == "not reproduced"
 
 
 def test_report_fits_the_laws_and_predicts_budgets_from_the_curves(report, results):
@@ -228,3 +231,30 @@ def test_the_activation_figure_marks_where_the_decay_starts_and_whose_data_switc
     assert decay_marks(decay, {"code_only"}) == {"decay": start}
     demo = load_grid(REPO / "configs" / "grids" / "demo.yaml")
     assert decay_marks(demo, {"relu", "silu"}) == {"decay": decay_start_tokens(demo.runs[0].config)}
+
+
+def test_relu_and_silu_runs_pair_by_their_configs_not_their_tags(tmp_path):
+    """A grid with a learning-rate axis: every run has the same shape tags, yet each ReLU
+    run is compared with the SiLU run at its own learning rate only."""
+    (tmp_path / "lr.yaml").write_text(f"""name: lr
+base: {REPO / "configs" / "models" / "tiny.yaml"}
+axes:
+  - product:
+      model.activation: [relu, silu]
+      train.lr: [0.01, 0.005]
+overrides: {{train.tokens: 3e6, train.batch_tokens: 4096, checkpoint.first_tokens: 2.5e5}}
+""")
+    grid = load_grid(tmp_path / "lr.yaml")
+    ratio = {("relu", 0.01): 0.05, ("silu", 0.01): 0.3, ("relu", 0.005): 0.4, ("silu", 0.005): 0.5}
+    results = {}
+    for spec in grid.runs:
+        value = ratio[spec.config.model.activation, spec.config.train.lr]
+        results[spec.name] = RunResult(spec.name, spec.name, spec.tags(grid.name),
+                                       {"activation_ratio": [(t, value) for t in TOKENS]}, None)
+    claim, verdict, evidence = findings(results, {spec.name: spec.pair_key for spec in grid.runs})[0]
+    assert verdict == "reproduced"  # tags alone would also set ReLU at 0.005 (0.4) against SiLU at 0.01 (0.3)
+    assert evidence.count(" vs ") == 2 and "0.4000 vs " in evidence
+    for spec in grid.runs:
+        if spec.config.model.activation == "relu":
+            [partner] = [s for s in grid.runs if s.name != spec.name and s.pair_key == spec.pair_key]
+            assert partner.config.model.activation == "silu" and partner.config.train.lr == spec.config.train.lr
