@@ -5,6 +5,7 @@ only rundir.py names a run's files."""
 from __future__ import annotations
 
 import ast
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,25 @@ LAYERS = [
     ["launcher"],
     ["sparsity_scaling.cli"],
 ]
-RUN_FILES = {"run.json", "config.yaml", "data.json", "metrics.jsonl", "manifest.json", "model.pt",
-             "sparsity.json", "speedup.json", "downstream.json", "pareto.json", "pareto.png", "activation_curve.png", "mlflow_run.json",
-             "mlflow_cursor.json", "mlflow.lock"}
+def _run_files() -> set[str]:
+    """Every file name `RunDir` and `Checkpoint` give a run: their path properties (read on a
+    run that does not exist) and their name constants; not its folders (`checkpoints`, `jobs`
+    are JSON keys too), nor `tokenizer.model`, which is also what sentencepiece writes and
+    what a prepared corpus and a model directory hold."""
+    from sparsity_scaling import rundir
+
+    run, names = rundir.RunDir(Path("/nonexistent/run")), {rundir.MANIFEST}
+    for name, member in inspect.getmembers(rundir.RunDir):
+        if isinstance(member, property):
+            value = getattr(run, name)
+            if isinstance(value, Path) and value.parent == run.path:
+                names.add(value.name)
+    for cls in (rundir.RunDir, rundir.Checkpoint):
+        names |= {v for k, v in vars(cls).items() if k.isupper() and isinstance(v, str) and "." in v}
+    return {name for name in names if "." in name} - {"tokenizer.model"}
+
+
+RUN_FILES = _run_files()
 NOT_RUN_FILES = {("launcher.report", "pareto.png")}  # the report's own picture, in WORKDIR/report_files/
 
 
