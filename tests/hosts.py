@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from conftest import REPO
+from helpers import REPO
 
 SUBNET = "10.213.0"  # in 10.0.0.0/8, used by no network of this machine: only these namespaces see it
 RAY_PORT = 6379  # each namespace has its own ports: no clash with any other Ray on the machine

@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy.stats import wasserstein_distance
 
-from conftest import mlflow_run_dir, run_here
+from helpers import mlflow_run_dir, run_here
 from distributed import run_ranks
 from sparsity_scaling.model import Probe
 from sparsity_scaling.rundir import RunDir

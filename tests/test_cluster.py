@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 
-from conftest import GRID, REPO, trajectory
+from helpers import GRID, REPO, trajectory
 from sparsity_scaling.rundir import RunDir
 
 

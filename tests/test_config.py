@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import REPO, run_cli, run_here
+from helpers import REPO, run_cli, run_here
 from distributed import run_ranks
 from sparsity_scaling.config import checkpoint_tokens, load_config
 from sparsity_scaling.errors import UserError

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import MICRO, REPO, run_cli
+from helpers import MICRO, REPO, run_cli
 from sparsity_scaling.rundir import RunDir
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

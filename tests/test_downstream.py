@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import mlflow_run_dir
+from helpers import mlflow_run_dir
 from sparsity_scaling.cli import main
 
 TASKS = "sparsity_smoke"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GRID, MICRO, REPO
+from helpers import GRID, MICRO, REPO
 from launcher.tracking import client, tracking
 from launcher.workdir import Workdir
 from sparsity_scaling.errors import UserError

@@ -17,7 +17,7 @@ import sentencepiece as spm
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import REPO
+from helpers import REPO
 from sparsity_scaling.cli import main
 from sparsity_scaling.data.corpus import file_documents
 from sparsity_scaling.evaluation.inputs import tokenize_documents

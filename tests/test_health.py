@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MICRO, REPO, in_background, mlflow_history, run_cli, run_here
+from helpers import MICRO, REPO, in_background, mlflow_history, run_cli, run_here
 
 from sparsity_scaling.errors import UserError
 from sparsity_scaling.rundir import RunDir
@@ -440,7 +440,7 @@ def test_a_failed_run_that_finishes_on_a_resubmit_is_finished_in_mlflow_without_
     a run that failed (FAILED, tag `failure`) and then finishes when the grid is resubmitted
     is FINISHED, and the reason of the failed attempt no longer stands. (That a resubmit
     resumes a run from its newest checkpoint is the node-loss tests' and test_train's.)"""
-    from conftest import mlflow_run_dir
+    from helpers import mlflow_run_dir
 
     from launcher.tracking import mark_outcome
 
@@ -459,7 +459,7 @@ def test_gradient_norms_spikes_and_skipped_steps_show_in_grid_status_and_mlflow(
     checkpoint that could not be measured: `grid status` shows the newest norm and spike
     count in its columns and notes the skipped step and the checkpoint; MLflow gets every
     point's `grad_norm` (none for the skipped step), `loss_spikes` and `skipped_steps`."""
-    from conftest import mlflow_run_dir
+    from helpers import mlflow_run_dir
 
     from launcher.tracking import sync_run
     from sparsity_scaling.cli.program import main

@@ -13,7 +13,7 @@ from transformers import (
     GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
 )
 
-from conftest import MICRO
+from helpers import MICRO
 from distributed import run_ranks
 from sparsity_scaling.errors import UserError
 from sparsity_scaling.hf import HFCausalLM, export_llama, load_target

@@ -17,7 +17,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import mlflow_history
+from helpers import mlflow_history
 from hosts import host_cluster, why_not
 from sparsity_scaling.rundir import RunDir
 from test_cluster import _grid, check_moved, lose_training_then_evaluation, submit_argv
@@ -156,7 +156,7 @@ def test_a_resubmit_points_the_runs_at_the_store_s_current_address(tmp_path):
     """A run recorded with an address the store is no longer served at (an earlier submit's
     loopback server) is pointed at the current one when that holds its MLflow run, and
     left alone when it does not (a run of another store)."""
-    from conftest import mlflow_run_dir
+    from helpers import mlflow_run_dir
     from launcher.tracking import child_run
 
     mlflow, run_id, run_dir = mlflow_run_dir(tmp_path)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GRID, REPO, mlflow_history, run_cli, run_here
+from helpers import GRID, REPO, mlflow_history, run_cli, run_here
 from sparsity_scaling.parallel import free_port
 from sparsity_scaling.rundir import RunDir
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from helpers import REPO
 
 # ARCHITECTURE.md's layers, bottom to top: module prefixes of each.
 LAYERS = [
@@ -149,3 +149,11 @@ def test_the_launcher_and_the_settings_do_not_import_torch_at_import_time():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_tests_take_helpers_from_helpers_not_from_conftest():
+    """conftest.py holds fixtures; a test importing from it couples to pytest's loading of it."""
+    importing = [f.name for f in sorted((REPO / "tests").glob("*.py"))
+                 if any(isinstance(node, ast.ImportFrom) and node.module == "conftest"
+                        for node in ast.walk(ast.parse(f.read_text())))]
+    assert importing == []

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import mlflow_run_dir, run_cli, run_here
+from helpers import mlflow_run_dir, run_cli, run_here
 from distributed import run_ranks
 from sparsity_scaling.rundir import RunDir
 

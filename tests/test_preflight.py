@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import REPO, run_cli, run_here
+from helpers import REPO, run_cli, run_here
 from launcher.grid import load_grid
 from launcher.preflight import ClusterFacts, Node, NodeProblem, check_grid
 from sparsity_scaling.config import load_config

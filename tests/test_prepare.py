@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import MICRO, REPO, run_cli, run_here
+from helpers import MICRO, REPO, run_cli, run_here
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from sparsity_scaling.config import DataConfig, load_config

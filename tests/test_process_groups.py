@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import MICRO
+from helpers import MICRO
 from distributed import run_ranks
 
 from sparsity_scaling.config import TrainConfig

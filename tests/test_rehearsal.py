@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import MICRO, in_background
+from helpers import MICRO, in_background
 from sparsity_scaling.rundir import RunDir
 
 REHEARSED = f"""name: rehearsed

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from launcher.grid import load_grid
 from launcher.report import RunResult, build_report, findings, sparsity_buys
 from launcher.workdir import Workdir

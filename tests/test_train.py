@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MICRO, REPO, run_cli, run_here
+from helpers import MICRO, REPO, run_cli, run_here
 
 from sparsity_scaling.files import sha256_file
 from sparsity_scaling.rundir import RunDir
