@@ -125,7 +125,8 @@ def one_token_by_rows(weight: torch.Tensor) -> bool:
         return False
     key = (tuple(weight.shape), weight.dtype, torch.get_num_threads())
     if key not in _timed_by_rows:
-        copies = [weight.clone() for _ in range(max(2, -(-(64 << 20) // (weight.numel() * weight.element_size()))))]
+        bytes_each = weight.numel() * weight.element_size()
+        copies = [weight.clone() for _ in range(min(1024, max(2, -(-(64 << 20) // bytes_each))))]
         tables, x = [_Rows(w, None) for w in copies], torch.randn(1, weight.shape[1], dtype=weight.dtype)
         by_rows = _fastest(lambda: [table.dense(x[0]) for table in tables])
         _timed_by_rows[key] = by_rows < _fastest(lambda: [F.linear(x, w) for w in copies])
