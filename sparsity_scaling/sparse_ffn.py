@@ -171,24 +171,22 @@ class _Rows:
             out = F.embedding_bag(inputs, self.table, offsets, mode="sum", per_sample_weights=values).sum(0)
         return out if self.bias is None else out + self.bias
 
+    def per_token(self, keep: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """For each token t: sum over kept j of values[t, j] * row j (+ bias), one bag per
+        token, so tokens of a small batch each pay for their own rows. keep, values [n, inputs]."""
+        if keep.shape[0] == 1:
+            inputs = keep[0].nonzero().view(-1)
+            return self.over(inputs, values[0].index_select(0, inputs))[None]
+        token, index = keep.nonzero(as_tuple=True)
+        offsets = F.pad(keep.sum(1).cumsum(0)[:-1], (1, 0))  # where each token's bag starts
+        out = F.embedding_bag(index, self.table, offsets, mode="sum", per_sample_weights=values[token, index])
+        return out if self.bias is None else out + self.bias
+
 
 def _rows_worth_gathering(needed: torch.Tensor) -> torch.Tensor | None:
     """The rows any token needs (needed [n, rows]), or None where computing all is cheaper."""
     rows = needed.any(0).nonzero().squeeze(1)
     return rows if len(rows) < GATHER_BELOW * needed.shape[1] else None
-
-
-def _gather_sum(keep: torch.Tensor, values: torch.Tensor, table: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:
-    """For each token t: sum over kept j of values[t, j] * table[j] (+ bias), reading only
-    the kept rows of `table`. keep, values [n, k]; table [k, d] -> [n, d]."""
-    token, index = keep.nonzero(as_tuple=True)
-    if keep.shape[0] == 1:
-        offsets = index.new_zeros(1)
-    else:  # where each token's bag starts
-        offsets = F.pad(keep.sum(1).cumsum(0)[:-1], (1, 0))
-    out = F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=values[token, index])
-    return out if bias is None else out + bias
 
 
 def _scatter(rows: torch.Tensor, values: torch.Tensor, width: int) -> torch.Tensor:
@@ -295,7 +293,7 @@ class SparseFFN(torch.nn.Module):
         shape, x = x.shape, self._record(x)
         if self.site == "input":
             keep = self._keep(x.abs())
-            h = _gather_sum(keep, x, self.rows["up"].table, self.w.up_bias)
+            h = self.rows["up"].per_token(keep, x)
             if self.counting:
                 self.macs += int(keep.sum()) * self.neurons
         else:
@@ -317,12 +315,12 @@ class SparseFFN(torch.nn.Module):
         w, keep = self.w, self._keep(x.abs())
         if self.counting:
             self.macs += 2 * int(keep.sum()) * self.neurons
-        if x.shape[0] == 1:  # decoding at batch 1: the kept features as an index
+        if x.shape[0] == 1:  # decoding at batch 1: the kept features found once for both
             features = keep[0].nonzero().view(-1)
             values = x[0].index_select(0, features)
             return (w.act(self.rows["gate"].over(features, values)) * self.rows["up"].over(features, values))[None]
-        gate = _gather_sum(keep, x, self.rows["gate"].table, w.gate_bias)
-        up = _gather_sum(keep, x, self.rows["up"].table, w.up_bias)
+        gate = self.rows["gate"].per_token(keep, x)
+        up = self.rows["up"].per_token(keep, x)
         return w.act(gate) * up
 
     def _gated_kept(self, x: torch.Tensor) -> torch.Tensor:
@@ -380,7 +378,7 @@ class SparseFFN(torch.nn.Module):
         keep = keep & (a != 0)
         if self.counting:
             self.macs += int(keep.sum()) * self.width
-        return _gather_sum(keep, a, self.rows["down"].table, self.w.down_bias)
+        return self.rows["down"].per_token(keep, a)
 
     def _down_dense(self, a: torch.Tensor) -> torch.Tensor:
         self.macs += a.shape[0] * self.neurons * self.width
